@@ -1,0 +1,248 @@
+"""Text corpora: where raw text comes from, streamed document by document, with a stable checksum.
+
+The checksum names the token cache, so a changed corpus can never reuse stale token ids.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from llm.io import atomic_open
+
+log = logging.getLogger(__name__)
+
+_READ_BLOCK = 1 << 20
+
+
+def _sha256_file(path: Path, h: Any | None = None) -> Any:
+    h = h if h is not None else hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_READ_BLOCK), b""):
+            h.update(block)
+    return h
+
+
+def read_utf8(path: str | os.PathLike[str]) -> str:
+    """Read a UTF-8 file; a bad byte raises ValueError naming the file and the byte offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid UTF-8: byte {data[e.start]:#04x} at byte offset {e.start} "
+            f"({e.reason}). Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it."
+        ) from e
+
+
+class Corpus:
+    """Base class: a named source of text documents with a content checksum."""
+
+    name: str = "corpus"
+    path: Path
+
+    def iter_documents(self) -> Iterator[str]:
+        """Yield the documents in a fixed order (end-of-text is inserted between them)."""
+        raise NotImplementedError
+
+    def checksum(self) -> str:
+        """Hex sha256 identifying the content; it keys the token cache."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={str(self.path)!r})"
+
+
+class TinyShakespeare(Corpus):
+    """Karpathy's tiny shakespeare (1.1 MB): downloaded once to ``path``, sha256 checked."""
+
+    URL = (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    )
+    SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "data/tinyshakespeare/input.txt",
+        url: str = URL,
+        sha256: str = SHA256,
+    ) -> None:
+        self.path = Path(path)
+        self.url = url
+        self.sha256 = sha256
+        self.name = "tinyshakespeare"
+
+    def ensure(self) -> Path:
+        """Download the file when absent; verify its sha256 either way."""
+        if not self.path.exists():
+            self._download()
+        digest = _sha256_file(self.path).hexdigest()
+        if digest != self.sha256:
+            raise ValueError(
+                f"{self.path} has sha256 {digest}, expected {self.sha256}: the file is corrupt "
+                f"or not tiny shakespeare. Delete it to re-download from {self.url}."
+            )
+        return self.path
+
+    def _download(self) -> None:
+        log.info("downloading %s -> %s", self.url, self.path)
+        try:
+            with urllib.request.urlopen(self.url, timeout=60) as r:
+                data = r.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise RuntimeError(
+                f"could not download tiny shakespeare ({e}). Offline? Put the file at "
+                f"{self.path.resolve()} (download it from {self.url})."
+            ) from e
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.sha256:
+            raise ValueError(
+                f"downloaded {self.url} has sha256 {digest}, expected {self.sha256}; "
+                f"nothing was written to {self.path}."
+            )
+        with atomic_open(self.path, "wb") as f:
+            f.write(data)
+
+    def iter_documents(self) -> Iterator[str]:
+        yield read_utf8(self.ensure())
+
+    def checksum(self) -> str:
+        self.ensure()
+        return self.sha256
+
+
+class TextFiles(Corpus):
+    """Local UTF-8 text: a file, a folder (recursive, by ``pattern``) or a glob; a file = a doc."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        pattern: str | Sequence[str] = ("*.txt", "*.md"),
+        name: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.pattern = [pattern] if isinstance(pattern, str) else list(pattern)
+        self.name = name or self.path.stem or "text_files"
+
+    def files(self) -> list[Path]:
+        """The matching files, sorted so the order (and the checksum) is stable."""
+        p = str(self.path)
+        if self.path.is_file():
+            found = [self.path]
+        elif self.path.is_dir():
+            found = {f for pat in self.pattern for f in self.path.rglob(pat) if f.is_file()}
+        elif glob.has_magic(p):
+            found = {Path(f) for f in glob.glob(p, recursive=True) if Path(f).is_file()}
+        else:
+            found = []
+        files = sorted(found)
+        if not files:
+            what = f"matching {self.pattern} " if self.path.is_dir() else ""
+            raise FileNotFoundError(f"no text files {what}found at {self.path}")
+        return files
+
+    def _rel(self, f: Path) -> str:
+        base = self.path if self.path.is_dir() else f.parent
+        return f.relative_to(base).as_posix() if f.is_relative_to(base) else f.name
+
+    def iter_documents(self) -> Iterator[str]:
+        for f in self.files():
+            yield read_utf8(f)
+
+    def checksum(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files():
+            h.update(self._rel(f).encode("utf-8") + b"\0")
+            h.update(str(f.stat().st_size).encode() + b"\0")
+            _sha256_file(f, h)
+        return h.hexdigest()
+
+
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class HFDataset(Corpus):
+    """A Hugging Face dataset (hub id or local .jsonl/.json/.parquet/.csv file); a row = a doc."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        split: str = "train",
+        text_column: str = "text",
+        streaming: bool = True,
+        data_files: Any = None,
+    ) -> None:
+        self.path = Path(path)
+        self.hf_path = str(path)
+        self.config_name = name
+        self.split = split
+        self.text_column = text_column
+        self.streaming = streaming
+        self.data_files = data_files
+        self.name = f"{self.path.stem if self.is_local else self.hf_path}:{split}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.path.suffix.lower() in _LOCAL_BUILDERS and self.path.is_file()
+
+    def _load(self) -> Any:
+        import datasets
+
+        if self.is_local:
+            builder = _LOCAL_BUILDERS[self.path.suffix.lower()]
+            return datasets.load_dataset(
+                builder, data_files=str(self.path), split=self.split, streaming=self.streaming
+            )
+        return datasets.load_dataset(
+            self.hf_path,
+            self.config_name,
+            split=self.split,
+            streaming=self.streaming,
+            data_files=self.data_files,
+        )
+
+    def iter_documents(self) -> Iterator[str]:
+        ds = self._load()
+        columns = getattr(ds, "column_names", None)
+        if columns is not None and self.text_column not in columns:
+            raise KeyError(self._missing(columns))
+        for row in ds:
+            if self.text_column not in row:
+                raise KeyError(self._missing(list(row)))
+            text = row[self.text_column]
+            if text:
+                yield str(text)
+
+    def _missing(self, columns: Sequence[str]) -> str:
+        return (
+            f"dataset {self.hf_path} has no text column {self.text_column!r}; "
+            f"its columns are {list(columns)}. Set text_column to one of them."
+        )
+
+    def checksum(self) -> str:
+        h = hashlib.sha256()
+        key = {"split": self.split, "text_column": self.text_column, "name": self.config_name}
+        if self.is_local:
+            _sha256_file(self.path, h)
+        else:
+            ds = self._load()
+            fingerprint = getattr(ds, "_fingerprint", None)
+            key["path"] = self.hf_path
+            key["data_files"] = str(self.data_files)
+            key["fingerprint"] = fingerprint
+            if fingerprint is None:  # streaming: fall back to the builder's config and version
+                info = getattr(ds, "info", None)
+                key["info"] = repr(
+                    (getattr(info, "config_name", None), str(getattr(info, "version", None)))
+                )
+        h.update(json.dumps(key, sort_keys=True).encode("utf-8"))
+        return h.hexdigest()

@@ -1,0 +1,115 @@
+"""LightningDataModule: corpus + tokenizer -> token cache -> sliding-window train/val loaders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from llm.data.cache import cache_folder, ensure_token_cache, load_token_cache
+from llm.data.corpus import Corpus
+from llm.data.dataset import SlidingWindowDataset
+
+
+class TextDataModule(L.LightningDataModule):
+    """Build (once) and serve a token cache of ``corpus`` for next-token prediction.
+
+    ``corpus`` is a Corpus or a factory (Hydra ``_partial_: true``) called as ``corpus(path=path)``
+    when ``path`` is given, else ``corpus()``. Training windows move by ``stride`` (default
+    ``block_size``); validation always uses non-overlapping windows (stride = block_size) so that
+    evaluation stays cheap and every val token is scored once.
+    """
+
+    def __init__(
+        self,
+        corpus: Any,
+        tokenizer: Any,
+        block_size: int,
+        stride: int | None = None,
+        batch_size: int = 12,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        cache_dir: str | os.PathLike[str] = "data/cache",
+        pin_memory: bool | None = None,
+        path: str | os.PathLike[str] | None = None,
+        seed: int = 1337,
+    ) -> None:
+        super().__init__()
+        if isinstance(corpus, Corpus) or not callable(corpus):
+            self.corpus = corpus
+        else:
+            self.corpus = corpus(path=path) if path is not None else corpus()
+        if block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {block_size}")
+        if stride is not None and stride <= 0:
+            raise ValueError(f"stride must be a positive integer, got {stride}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        self.tokenizer = tokenizer
+        self.block_size = int(block_size)
+        self.stride = int(stride) if stride is not None else self.block_size
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.val_fraction = float(val_fraction)
+        self.cache_dir = Path(cache_dir)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.seed = int(seed)
+        self.cache_path: Path | None = None
+        self.cache_built: bool | None = None
+        self.meta: dict[str, Any] | None = None
+        self.train_dataset: SlidingWindowDataset | None = None
+        self.val_dataset: SlidingWindowDataset | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+    def prepare_data(self) -> None:
+        """Build the token cache (cheap when cached); afterwards ``self.tokenizer`` is fitted."""
+        self.cache_path, self.cache_built = ensure_token_cache(
+            self.corpus, self.tokenizer, self.cache_dir, self.val_fraction
+        )
+        from llm.tokenizers import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.cache_path / "tokenizer.json")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Memory-map the cache on every process (DDP ranks that skipped prepare_data too)."""
+        if self.train_dataset is not None:
+            return
+        folder = self.cache_path or cache_folder(self.corpus, self.tokenizer, self.cache_dir)
+        train, val, self.meta, self.tokenizer = load_token_cache(folder)
+        self.cache_path = folder
+        self.train_dataset = self._dataset("train", train, self.stride)
+        self.val_dataset = self._dataset("val", val, self.block_size)
+
+    def _dataset(self, split: str, tokens: Any, stride: int) -> SlidingWindowDataset:
+        try:
+            return SlidingWindowDataset(tokens, self.block_size, stride)
+        except ValueError as e:
+            raise ValueError(f"{split} split of {self.cache_path}: {e}") from e
+
+    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call prepare_data() and setup() before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)

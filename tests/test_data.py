@@ -1,0 +1,382 @@
+"""Corpora, token cache, DataModule and the prepare CLI, on small local data (no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+
+from llm.data import (  # noqa: E402
+    HFDataset,
+    TextDataModule,
+    TextFiles,
+    TinyShakespeare,
+    build_token_cache,
+    ensure_token_cache,
+    load_token_cache,
+    split_text,
+)
+from llm.data import corpus as corpus_mod  # noqa: E402
+from llm.tokenizers import CharTokenizer, TiktokenTokenizer  # noqa: E402
+
+VERDICT = Path(os.environ.get("LLM_TEST_VERDICT", SHARED / "data/the-verdict/the-verdict.txt"))
+SHAKESPEARE = SHARED / "data/tinyshakespeare/input.txt"
+needs_verdict = pytest.mark.skipif(not VERDICT.is_file(), reason=f"{VERDICT} missing")
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> TiktokenTokenizer:
+    return TiktokenTokenizer(name="gpt2")
+
+
+@pytest.fixture
+def verdict(tmp_path: Path) -> Path:
+    if not VERDICT.is_file():
+        pytest.skip(f"{VERDICT} missing")
+    dst = tmp_path / "verdict" / "the-verdict.txt"
+    dst.parent.mkdir()
+    dst.write_bytes(VERDICT.read_bytes())
+    return dst
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def test_text_files_single_folder_glob(tmp_path: Path) -> None:
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.txt").write_text("bee", encoding="utf-8")
+    (tmp_path / "d" / "sub" / "a.md").write_text("ay", encoding="utf-8")
+    (tmp_path / "d" / "skip.csv").write_text("no", encoding="utf-8")
+    assert list(TextFiles(tmp_path / "d" / "b.txt").iter_documents()) == ["bee"]
+    assert list(TextFiles(tmp_path / "d").iter_documents()) == ["bee", "ay"]
+    assert list(TextFiles(tmp_path / "d", pattern="*.md").iter_documents()) == ["ay"]
+    assert list(TextFiles(str(tmp_path / "d" / "**" / "*.md")).iter_documents()) == ["ay"]
+
+
+def test_text_files_checksum_stable_and_content_sensitive(tmp_path: Path) -> None:
+    f = tmp_path / "a.txt"
+    f.write_text("hello", encoding="utf-8")
+    c1, c2 = TextFiles(f).checksum(), TextFiles(f).checksum()
+    assert c1 == c2 and len(c1) == 64
+    f.write_text("hellp", encoding="utf-8")
+    assert TextFiles(f).checksum() != c1
+
+
+def test_text_files_no_match_names_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        TextFiles(tmp_path / "nothing-here").files()
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty_dir"):
+        TextFiles(tmp_path / "empty_dir").files()
+
+
+def test_non_utf8_names_file_and_offset(tmp_path: Path) -> None:
+    f = tmp_path / "latin1.txt"
+    f.write_bytes(b"caf" + "é au lait".encode("latin-1"))
+    with pytest.raises(ValueError) as e:
+        list(TextFiles(f).iter_documents())
+    assert "latin1.txt" in str(e.value) and "byte offset 3" in str(e.value)
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path: Path, gpt2: TiktokenTokenizer) -> None:
+    f = tmp_path / "empty.txt"
+    f.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty"):
+        build_token_cache(TextFiles(f), gpt2, tmp_path / "cache")
+
+
+def _fake_urlopen(data: bytes | None):
+    class Response:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self) -> bytes:
+            return data
+
+    def urlopen(url, timeout=None):
+        if data is None:
+            raise urllib.error.URLError("network is unreachable")
+        return Response()
+
+    return urlopen
+
+
+def test_tinyshakespeare_offline_error_says_where(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", _fake_urlopen(None))
+    path = tmp_path / "ts" / "input.txt"
+    with pytest.raises(RuntimeError) as e:
+        TinyShakespeare(path).checksum()
+    assert str(path.resolve()) in str(e.value) and TinyShakespeare.URL in str(e.value)
+    assert not path.exists()
+
+
+def test_tinyshakespeare_checksum_mismatch(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", _fake_urlopen(b"not shakespeare"))
+    path = tmp_path / "input.txt"
+    with pytest.raises(ValueError, match="sha256"):
+        TinyShakespeare(path).checksum()
+    assert not path.exists() and not list(tmp_path.iterdir())  # nothing, not even a tmp file
+    path.write_text("corrupt", encoding="utf-8")  # a wrong file already there is refused too
+    with pytest.raises(ValueError, match="sha256"):
+        list(TinyShakespeare(path).iter_documents())
+
+
+def test_tinyshakespeare_download_writes_file(tmp_path: Path, monkeypatch) -> None:
+    data = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", _fake_urlopen(data))
+    sha = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "deep" / "input.txt"
+    corpus = TinyShakespeare(path, sha256=sha)
+    assert list(corpus.iter_documents()) == [data.decode()]
+    assert path.read_bytes() == data and corpus.checksum() == sha
+
+
+def test_hf_dataset_local_jsonl_and_parquet(tmp_path: Path) -> None:
+    rows = [{"text": "first doc", "id": 1}, {"text": "second doc", "id": 2}]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    import datasets
+
+    parquet = tmp_path / "d.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    for path in (jsonl, parquet):
+        c = HFDataset(path)
+        assert list(c.iter_documents()) == ["first doc", "second doc"]
+        assert c.checksum() == HFDataset(path).checksum()
+        assert c.checksum() != HFDataset(path, split="train", text_column="id").checksum()
+    with pytest.raises(KeyError) as e:
+        list(HFDataset(jsonl, text_column="body").iter_documents())
+    assert "'body'" in str(e.value) and "text" in str(e.value) and "id" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- token cache
+
+
+@needs_verdict
+def test_split_text_keeps_gpt2_ids(gpt2: TiktokenTokenizer) -> None:
+    text = VERDICT.read_text(encoding="utf-8")
+    pieces = list(split_text(text, max_chars=1000))
+    assert len(pieces) > 15 and "".join(pieces) == text
+    assert all(len(p) <= 1000 for p in pieces)
+    assert [i for p in pieces for i in gpt2.encode(p)] == gpt2.encode(text)
+
+
+def test_cache_verdict_gpt2(verdict: Path, tmp_path: Path, gpt2: TiktokenTokenizer) -> None:
+    corpus = TextFiles(verdict)
+    folder, built = ensure_token_cache(corpus, gpt2, tmp_path / "cache", val_fraction=0.1)
+    assert built and folder.name.startswith(corpus.checksum()[:12])
+    assert folder.name.endswith(gpt2.identity())
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["total"] == 5145 and meta["dtype"] == "uint16" and meta["vocab_size"] == 50257
+    assert meta["tokens"] == {"train": int(5145 * 0.9), "val": 5145 - int(5145 * 0.9)}
+    assert meta["corpus"]["checksum"] == corpus.checksum() and meta["val_fraction"] == 0.1
+    train, val, meta2, tok = load_token_cache(folder)
+    assert meta2 == meta and train.dtype == np.uint16
+    stream = gpt2.encode(verdict.read_text(encoding="utf-8"))
+    assert train.tolist() + val.tolist() == stream  # val is the tail of the stream
+    assert tok.decode(val.tolist()) == gpt2.decode(stream[len(train) :])
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "meta.json",
+        "tokenizer.json",
+        "train.bin",
+        "val.bin",
+    ]
+    # second run: reused, nothing rewritten
+    mtime = (folder / "train.bin").stat().st_mtime_ns
+    assert ensure_token_cache(corpus, gpt2, tmp_path / "cache") == (folder, False)
+    assert (folder / "train.bin").stat().st_mtime_ns == mtime
+    # a changed corpus gets a new folder
+    verdict.write_text(verdict.read_text(encoding="utf-8") + "\nThe end.", encoding="utf-8")
+    folder2 = build_token_cache(TextFiles(verdict), gpt2, tmp_path / "cache")
+    assert folder2 != folder and folder.exists()
+
+
+def test_cache_char_tokenizer_fitted_and_eot_between_docs(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "1.txt").write_text("abc\n", encoding="utf-8")
+    (tmp_path / "docs" / "2.txt").write_text("cab", encoding="utf-8")
+    tok = CharTokenizer()
+    identity = tok.identity()
+    folder = build_token_cache(TextFiles(tmp_path / "docs"), tok, tmp_path / "cache", 0.25)
+    assert folder.name.endswith(identity)  # named by the config, fixed before fitting
+    train, val, meta, fitted = load_token_cache(folder)
+    assert fitted.eot_id is not None and meta["vocab_size"] == fitted.vocab_size
+    ids = train.tolist() + val.tolist()
+    assert len(ids) == 8 and ids[4] == fitted.eot_id  # "abc\n" <eot> "cab"
+    assert fitted.decode(ids[:4]) == "abc\n" and fitted.decode(ids[5:]) == "cab"
+    assert meta["tokens"] == {"train": 6, "val": 2}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_val", "bad_meta", "bad_tokenizer"])
+def test_damaged_cache_is_rebuilt(
+    damage: str, verdict: Path, tmp_path: Path, gpt2: TiktokenTokenizer, caplog
+) -> None:
+    corpus = TextFiles(verdict)
+    folder = build_token_cache(corpus, gpt2, tmp_path / "cache")
+    good = (folder / "train.bin").read_bytes(), (folder / "val.bin").read_bytes()
+    if damage == "truncate":  # as a run killed while writing would leave it
+        with open(folder / "train.bin", "r+b") as f:
+            f.truncate(1000)
+    elif damage == "delete_val":
+        (folder / "val.bin").unlink()
+    elif damage == "bad_meta":
+        (folder / "meta.json").write_text("{not json", encoding="utf-8")
+    else:
+        (folder / "tokenizer.json").write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="not usable"):
+        load_token_cache(folder)
+    with caplog.at_level("WARNING"):
+        again, built = ensure_token_cache(corpus, gpt2, tmp_path / "cache")
+    assert built and again == folder and "rebuilding" in caplog.text
+    assert ((folder / "train.bin").read_bytes(), (folder / "val.bin").read_bytes()) == good
+    assert load_token_cache(folder)[2]["total"] == 5145
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no tmp files left
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tiny shakespeare not available")
+def test_tinyshakespeare_gpt2_count(tmp_path: Path, gpt2: TiktokenTokenizer) -> None:
+    path = tmp_path / "input.txt"
+    path.write_bytes(SHAKESPEARE.read_bytes())
+    folder = build_token_cache(TinyShakespeare(path), gpt2, tmp_path / "cache")
+    train, val, meta, _ = load_token_cache(folder)
+    assert meta["total"] == len(train) + len(val) == 338_025  # the 1 MB chunking changes nothing
+
+
+# ----------------------------------------------------------------------------- datamodule
+
+
+def test_datamodule_batches(verdict: Path, tmp_path: Path, gpt2: TiktokenTokenizer) -> None:
+    from functools import partial
+
+    dm = TextDataModule(
+        partial(TextFiles),
+        gpt2,
+        block_size=4,
+        stride=1,
+        batch_size=8,
+        path=verdict,
+        cache_dir=tmp_path / "cache",
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.vocab_size == 50257
+    stream = gpt2.encode(verdict.read_text(encoding="utf-8"))
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == y.shape == (8, 4) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+        starts = [i for i in range(len(stream) - 4) if stream[i : i + 4] == row_x]
+        assert any(stream[s + 1 : s + 5] == row_y for s in starts)
+    assert len(dm.train_dataset) == int(5145 * 0.9) - 4  # stride 1: every position
+    vx, vy = next(iter(dm.val_dataloader()))  # val: non-overlapping, in order, from the tail
+    n_train = int(5145 * 0.9)
+    assert vx[0].tolist() == stream[n_train : n_train + 4]
+    assert vx[1].tolist() == stream[n_train + 4 : n_train + 8]
+    assert vy[0].tolist() == stream[n_train + 1 : n_train + 5]
+    # shuffling is seeded: the same seed gives the same first batch
+    assert torch.equal(next(iter(dm.train_dataloader()))[0], x)
+
+
+def test_datamodule_char_tokenizer_is_fitted_after_prepare(tmp_path: Path) -> None:
+    f = tmp_path / "t.txt"
+    f.write_text("hello world\n" * 20, encoding="utf-8")
+    dm = TextDataModule(TextFiles(f), CharTokenizer(), block_size=8, cache_dir=tmp_path / "c")
+    dm.prepare_data()
+    dm.setup("fit")
+    assert not dm.tokenizer.needs_fit and dm.vocab_size >= len(set("hello world\n"))
+    dm2 = TextDataModule(TextFiles(f), CharTokenizer(), block_size=8, cache_dir=tmp_path / "c")
+    dm2.setup("fit")  # a DDP rank that skipped prepare_data finds the same cache
+    assert dm2.cache_path == dm.cache_path and len(dm2.train_dataset) == len(dm.train_dataset)
+
+
+def test_datamodule_corpus_too_short(tmp_path: Path, gpt2: TiktokenTokenizer) -> None:
+    f = tmp_path / "short.txt"
+    f.write_text("Just a few words here, nothing more.", encoding="utf-8")
+    dm = TextDataModule(TextFiles(f), gpt2, block_size=64, cache_dir=tmp_path / "c")
+    dm.prepare_data()
+    with pytest.raises(ValueError, match=r"train split.*needs at least 65.*smaller block_size"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(("block_size", "stride"), [(0, None), (-1, None), (8, 0), (8, -2)])
+def test_datamodule_bad_sizes(block_size: int, stride: int | None, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        TextDataModule(TextFiles(tmp_path), None, block_size=block_size, stride=stride)
+
+
+def test_hydra_config_instantiates(verdict: Path, tmp_path: Path, gpt2: TiktokenTokenizer) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "prepare",
+            overrides=[
+                "data=text_files",
+                f"data.path={verdict}",
+                f"paths.data_dir={tmp_path}",
+                "model.block_size=16",
+            ],
+        )
+    dm = instantiate(cfg.data, tokenizer=gpt2)
+    assert isinstance(dm.corpus, TextFiles) and dm.block_size == 16 and dm.stride == 16
+    assert Path(dm.cache_dir) == tmp_path / "cache"
+
+
+# ----------------------------------------------------------------------------- prepare CLI
+
+
+def _prepare(*overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "llm.prepare", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tiny shakespeare not available")
+def test_prepare_cli_builds_reuses_and_repairs(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from llm.prepare import prepare
+
+    data_dir = tmp_path / "data"
+    (data_dir / "tinyshakespeare").mkdir(parents=True)
+    (data_dir / "tinyshakespeare" / "input.txt").write_bytes(SHAKESPEARE.read_bytes())
+    args = ("data=tinyshakespeare", "tokenizer=gpt2", f"paths.data_dir={data_dir}")
+    r = _prepare(*args)
+    assert r.returncode == 0, r.stderr
+    assert "token cache built" in r.stdout and "338,025 tokens" in r.stdout
+    assert "uint16" in r.stdout and "train.bin" in r.stdout
+    (folder,) = (data_dir / "cache").iterdir()
+    good = (folder / "train.bin").read_bytes()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("prepare", overrides=list(args))
+    stats = prepare(cfg)  # in-process: a second run reuses the cache
+    assert stats["status"] == "reused" and stats["total_tokens"] == 338_025
+    assert stats["train_tokens"] == int(338_025 * 0.9)
+    with open(folder / "train.bin", "r+b") as f:  # a killed run
+        f.truncate(len(good) // 3)
+    r = _prepare(*args)
+    assert r.returncode == 0 and "token cache built" in r.stdout, r.stderr
+    assert (folder / "train.bin").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written elsewhere
