@@ -1,0 +1,63 @@
+"""Token embeddings plus the three positional encodings a GPTConfig can choose."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
+    """The fixed table of "Attention Is All You Need": sin on even dims, cos on odd dims."""
+    pos = torch.arange(n_pos, dtype=torch.float32).unsqueeze(1)
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])
+    return table
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer): rotates q and k so scores depend on offsets only."""
+
+    def __init__(self, head_size: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
+        # Non-persistent: derived from the config, so never part of a checkpoint.
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """x: (B, n_head, T, hs); positions start at `offset` (the KV-cache length)."""
+        T = x.size(-2)
+        cos = self.cos[offset : offset + T].to(x.dtype)
+        sin = self.sin[offset : offset + T].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Embeddings(nn.Module):
+    """Token embedding + additive positions (learned or sinusoidal); rope adds nothing here."""
+
+    def __init__(
+        self, vocab_size: int, n_embd: int, block_size: int, pos_encoding: str, dropout: float
+    ) -> None:
+        super().__init__()
+        self.pos_encoding = pos_encoding
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        if pos_encoding == "learned":
+            self.wpe = nn.Embedding(block_size, n_embd)
+        elif pos_encoding == "sinusoidal":
+            self.register_buffer("pe", sinusoidal_table(block_size, n_embd), persistent=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, idx: Tensor, offset: int = 0) -> Tensor:
+        x = self.wte(idx)
+        pos = torch.arange(offset, offset + idx.size(1), device=idx.device)
+        if self.pos_encoding == "learned":
+            x = x + self.wpe(pos)
+        elif self.pos_encoding == "sinusoidal":
+            x = x + self.pe[pos].to(x.dtype)
+        return self.drop(x)

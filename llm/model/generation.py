@@ -1,0 +1,120 @@
+"""Autoregressive sampling: KV cache, temperature, top-k and nucleus (top-p) filtering."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from llm.model.gpt import GPT
+
+
+class LayerKVCache:
+    """Keys and values of the tokens seen so far, so each step only runs the new token."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.size(-2)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v: (B, n_head, T_new, hs); returns the full (B, n_head, T_past + T_new, hs)."""
+        if self.k is not None and self.v is not None:
+            k, v = torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache(list):
+    """One LayerKVCache per transformer block."""
+
+    def __init__(self, n_layer: int) -> None:
+        super().__init__(LayerKVCache() for _ in range(n_layer))
+
+    @property
+    def length(self) -> int:
+        return self[0].length if self else 0
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Set to -inf every logit outside the top-k and outside the smallest top-p nucleus."""
+    if top_k is not None:
+        if top_k <= 0:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token if the tokens before it already cover top_p; the first one always stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """logits: (B, V) -> (B, 1) token ids; temperature 0 means greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> Tensor:
+    """Extend idx (B, T) by up to max_new_tokens tokens; see GPT.generate."""
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    block_size = model.config.block_size
+    was_training = model.training
+    model.eval()
+    try:
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache: KVCache | None = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = model(idx[:, -block_size:])
+            elif cache is None or cache.length >= block_size:
+                # (Re)prefill: learned positions cannot go past block_size, so past it we crop
+                # the context like nanoGPT does, which keeps cached == uncached exactly.
+                cache = KVCache(model.config.n_layer)
+                logits, _ = model(idx[:, -block_size:], cache=cache)
+            else:
+                logits, _ = model(idx[:, -1:], cache=cache)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if stop_token is not None:
+                nxt = nxt.masked_fill(done.unsqueeze(1), stop_token)  # finished rows keep padding
+                done |= nxt.squeeze(1) == stop_token
+            idx = torch.cat((idx, nxt), dim=1)
+            if stop_token is not None and bool(done.all()):
+                break
+    finally:
+        model.train(was_training)
+    return idx

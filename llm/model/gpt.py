@@ -1,0 +1,174 @@
+"""The GPT language model: embeddings, a stack of blocks, a final LayerNorm and the LM head."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm.model.block import Block
+from llm.model.config import GPTConfig
+from llm.model.embeddings import Embeddings, RotaryEmbedding
+from llm.model.generation import KVCache, generate
+
+
+class GPT(nn.Module):
+    """GPT-2 architecture (nanoGPT layout) with a choice of positional encoding."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = Embeddings(
+            config.vocab_size, config.n_embd, config.block_size, config.pos_encoding, config.dropout
+        )
+        rope = (
+            RotaryEmbedding(config.head_size, config.block_size)
+            if config.pos_encoding == "rope"
+            else None
+        )
+        self.h = nn.ModuleList(Block(config, rope) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # Input and output embeddings share one matrix: fewer parameters, and it helps LMs
+            # (Press & Wolf 2017).
+            self.lm_head.weight = self.embed.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer)
+        # so the residual variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _check_input(self, idx: Tensor, offset: int = 0) -> None:
+        length = offset + idx.size(1)
+        if length > self.config.block_size:
+            raise ValueError(
+                f"sequence length {length} exceeds block_size {self.config.block_size}; "
+                f"crop the input to its last {self.config.block_size} tokens"
+            )
+        if torch.compiler.is_compiling() or idx.numel() == 0:
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = hi if hi >= self.config.vocab_size else lo
+            raise ValueError(
+                f"token id {bad} is out of range for vocab_size {self.config.vocab_size} "
+                f"(ids must be in [0, {self.config.vocab_size - 1}]; max id in batch is {hi}); "
+                "does the tokenizer match the model?"
+            )
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """idx, targets: (B, T) -> logits (B, T, vocab), mean cross-entropy ignoring -100."""
+        offset = cache.length if cache is not None else 0
+        self._check_input(idx, offset)
+        x = self.embed(idx, offset)
+        for i, block in enumerate(self.h):
+            x = block(x, cache[i] if cache is not None else None)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+            )
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx: Tensor, layer: int) -> Tensor:
+        """Attention weights (B, n_head, T, T) of one layer, for plots and sanity checks."""
+        if not -self.config.n_layer <= layer < self.config.n_layer:
+            raise IndexError(f"layer {layer} out of range for n_layer={self.config.n_layer}")
+        self._check_input(idx)
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.embed(idx)
+            layer %= self.config.n_layer
+            for block in self.h[:layer]:
+                x = block(x)
+            return self.h[layer].attn.attention_weights(self.h[layer].ln_1(x))
+        finally:
+            self.train(was_training)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, tied weights counted once.
+
+        non_embedding drops position embeddings (and the token embedding when untied, since
+        it is then a pure lookup); this is the N of the 6N FLOPs rule.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields shared ones once
+        if non_embedding:
+            if self.config.pos_encoding == "learned":
+                n -= self.embed.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.embed.wte.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM estimate nanoGPT uses."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (
+            c.head_size * c.block_size
+        )
+
+    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float) -> float:
+        """Model FLOPs utilization: achieved training FLOP/s over the hardware peak."""
+        return self.flops_per_token() * tokens_per_sec / peak_flops
+
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Sample up to max_new_tokens after idx (B, T); returns (B, T + new).
+
+        temperature 0 is greedy; seed (or generator) makes sampling reproducible; generation
+        stops early once every row has produced stop_token (finished rows are padded with it).
+        """
+        return generate(
+            self,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_token=stop_token,
+            use_cache=use_cache,
+            generator=generator,
+            seed=seed,
+        )
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, **overrides: Any) -> GPT:
+        """Load GPT-2 weights from a Hugging Face checkpoint directory or hub name."""
+        from llm.model.hf import load_gpt2
+
+        return load_gpt2(cls, name_or_dir, **overrides)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a Hugging Face GPT-2 checkpoint (config.json + model.safetensors)."""
+        from llm.model.hf import save_gpt2
+
+        return save_gpt2(self, directory)
