@@ -1,0 +1,145 @@
+"""Pretrain a GPT: `python -m llm.train [experiment=...] [key=value ...]`.
+
+`train(cfg)` does the work and is what tests call; `main` is the Hydra entry point and
+returns the best validation loss so sweepers (Optuna) can minimise it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from llm.training.module import GPTLitModule
+
+
+def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a `name: {_target_: ...}` mapping, skipping nulls."""
+    if not cfg:
+        return []
+    return [
+        hydra.utils.instantiate(c)
+        for c in cfg.values()
+        if isinstance(c, DictConfig) and "_target_" in c
+    ]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}/"))
+        elif isinstance(v, list | tuple):
+            out[key] = str(v)
+        elif v is None or isinstance(v, bool | int | float | str):
+            out[key] = "None" if v is None else v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail fast, before any data is tokenized, on settings that cannot train."""
+    max_steps = cfg.trainer.get("max_steps")
+    if max_steps is None or int(max_steps) <= 0:
+        raise ValueError(
+            f"trainer.max_steps must be > 0 (got {max_steps}): pretraining is step-based, "
+            "e.g. trainer.max_steps=2000"
+        )
+    data_bs = cfg.get("data", {}).get("block_size")
+    if data_bs is not None and int(data_bs) > int(cfg.model.block_size):
+        raise ValueError(
+            f"data.block_size={data_bs} > model.block_size={cfg.model.block_size}: the model "
+            "cannot attend over longer sequences than its position table; lower data.block_size "
+            "or raise model.block_size"
+        )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit a GPT as configured; returns best val loss, checkpoint paths and the trainer."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    tokenizer = hydra.utils.instantiate(cfg.tokenizer)
+    dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
+    dm.prepare_data()
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model_cfg, dict)
+    model_cfg.pop("_target_", None)
+    model_cfg["vocab_size"] = int(dm.vocab_size)
+    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
+    assert isinstance(optim_cfg, dict)
+    cb_cfg = cfg.get("callbacks") or {}
+    sample = cb_cfg.get("sample_text")
+    module = GPTLitModule(
+        model=model_cfg,
+        tokenizer=dm.tokenizer.to_dict(),
+        optim=optim_cfg,
+        compile=bool(cfg.get("compile", False)),
+        sample=(
+            {k: v for k, v in OmegaConf.to_container(sample).items() if k != "_target_"}
+            if sample
+            else None
+        ),
+    )
+
+    loggers = _instantiate_dict(cfg.get("logger"))
+    callbacks = _instantiate_dict(cb_cfg)
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses both at once
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+
+    best = _best_val_loss(trainer)
+    if loggers and trainer.is_global_zero:
+        params = _flatten(
+            {
+                "model": model_cfg,
+                "optim": optim_cfg,
+                "data": {
+                    k: v
+                    for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+                    if k != "_target_"
+                },
+                "tokenizer": str(cfg.tokenizer.get("_target_")),
+                "seed": int(cfg.seed),
+                "max_steps": int(cfg.trainer.max_steps),
+            }
+        )
+        for logger in loggers:
+            logger.log_hyperparams(params, {"hp/best_val_loss": best})
+            logger.finalize("success")
+    ckpt = trainer.checkpoint_callback
+    return {
+        "best_val_loss": best,
+        "best_model_path": getattr(ckpt, "best_model_path", "") or None,
+        "last_model_path": getattr(ckpt, "last_model_path", "") or None,
+        "trainer": trainer,
+        "module": module,
+    }
+
+
+def _best_val_loss(trainer: L.Trainer) -> float:
+    ckpt = trainer.checkpoint_callback
+    score = getattr(ckpt, "best_model_score", None)
+    if score is None:
+        score = trainer.callback_metrics.get("val/loss")
+    return float(score) if score is not None else math.nan
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; the return value is what `--multirun` sweepers optimise."""
+    return train(cfg)["best_val_loss"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""LightningModule that pretrains a `GPT` with next-token cross-entropy.
+
+Everything passed to `__init__` is plain Python (dicts, lists, numbers, strings) and is
+saved with `save_hyperparameters`, so a checkpoint rebuilds model *and* tokenizer on its
+own and loads with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor
+
+from llm.model import GPT, GPTConfig
+from llm.training.optim import build_optimizer, cosine_schedule
+
+DEFAULT_OPTIM: dict[str, Any] = {
+    "lr": 6e-4,
+    "min_lr": 6e-5,
+    "weight_decay": 0.1,
+    "betas": [0.9, 0.95],
+    "eps": 1e-8,
+    "warmup_steps": 100,
+    "decay_steps": None,  # None: decay until trainer.max_steps
+    "fused": None,
+}
+
+
+def plain(obj: Any) -> Any:
+    """OmegaConf containers and tuples -> dicts/lists, so checkpoints stay weights_only-safe."""
+    if isinstance(obj, DictConfig | ListConfig):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    return obj
+
+
+class GPTLitModule(L.LightningModule):
+    """GPT + optimizer/schedule + loss logging; the tokenizer rides along for sampling.
+
+    Args:
+        model: `GPTConfig` fields, `vocab_size` included (a Hydra `_target_` is dropped).
+        tokenizer: the fitted tokenizer's `to_dict()`, so a checkpoint can encode/decode.
+        optim: lr, min_lr, weight_decay, betas, eps, warmup_steps, decay_steps (None:
+            `trainer.max_steps`), fused; missing keys take `DEFAULT_OPTIM`.
+        compile: wrap the model in `torch.compile` (the wrapper is not part of state_dict).
+        sample: the sampling settings used during training, recorded for later generation.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        tokenizer: dict[str, Any] | None = None,
+        optim: dict[str, Any] | None = None,
+        compile: bool = False,
+        sample: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        hparams = {
+            "model": plain(model),
+            "tokenizer": plain(tokenizer),
+            "optim": {**DEFAULT_OPTIM, **(plain(optim) or {})},
+            "compile": bool(compile),
+            "sample": plain(sample),
+        }
+        hparams["model"].pop("_target_", None)
+        hparams["optim"].pop("_target_", None)
+        # logger=False: the tokenizer state can be large; llm.train logs a flat summary instead
+        self.save_hyperparameters(hparams, logger=False)
+        self.config = GPTConfig(**hparams["model"])
+        self.model = GPT(self.config)
+        self.tokenizer = None
+        if hparams["tokenizer"]:
+            from llm.tokenizers import tokenizer_from_dict
+
+            self.tokenizer = tokenizer_from_dict(hparams["tokenizer"])
+        self._val_losses: list[Tensor] = []
+        self._last_step_time: float | None = None
+        self._peak_flops: float | None = None
+        self._compiled: Any = None
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        fwd = self._compiled if self._compiled is not None else self.model
+        return fwd(idx, targets)
+
+    def setup(self, stage: str) -> None:
+        """Compile once per process; stored outside `_modules` so state_dict keys stay clean."""
+        if self.hparams["compile"] and self._compiled is None:
+            self.__dict__["_compiled"] = torch.compile(self.model)
+
+    # -- training -----------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._last_step_time = None
+        if self.device.type == "cuda":
+            try:
+                from lightning.fabric.utilities.throughput import get_available_flops
+
+                dtype = torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32
+                self._peak_flops = get_available_flops(self.device, dtype)
+            except Exception:  # unknown GPU: no MFU, tokens/s is still logged
+                self._peak_flops = None
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        _, loss = self(x, y)
+        assert loss is not None
+        if not torch.isfinite(loss.detach()).item():
+            raise RuntimeError(
+                f"training loss is {loss.item()} at global step {self.global_step} "
+                "(try a lower lr, gradient clipping, or bf16 instead of fp16)"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if opt is not None:
+            self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self._log_throughput(x.numel() * self.trainer.world_size)
+        return loss
+
+    def _log_throughput(self, tokens: int) -> None:
+        """Tokens/s from wall time between consecutive steps (includes backward + update)."""
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            dt = max(now - self._last_step_time, 1e-9)
+            tps = tokens / dt
+            self.log("train/tokens_per_sec", tps, on_step=True, on_epoch=False)
+            if self._peak_flops:
+                mfu = self.model.estimate_mfu(tps / self.trainer.world_size, self._peak_flops)
+                self.log("train/mfu", mfu, on_step=True, on_epoch=False)
+        self._last_step_time = now
+
+    # -- validation ---------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_losses = []
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        _, loss = self(x, y)
+        assert loss is not None
+        self._val_losses.append(loss.detach().float())
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_losses:
+            return
+        mean = torch.stack(self._val_losses).mean()
+        mean = self.all_gather(mean).float().mean()  # same value on every rank
+        # already identical on every rank; sync_dist only silences Lightning's DDP warning
+        self.log("val/loss", mean, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(mean.clamp(max=50.0)), sync_dist=True)
+        self._val_losses = []
+        self._last_step_time = None  # do not count validation time as a training step
+
+    # -- optimizer ----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.hparams["optim"]
+        opt = build_optimizer(
+            self.model,
+            lr=o["lr"],
+            weight_decay=o["weight_decay"],
+            betas=o["betas"],
+            eps=o["eps"],
+            fused=o.get("fused"),
+        )
+        decay = o.get("decay_steps") or o.get("max_steps") or self.trainer.max_steps
+        if decay is None or decay <= 0:
+            decay = max(int(o["warmup_steps"]), 1)
+        sched = cosine_schedule(opt, o["lr"], o["min_lr"], int(o["warmup_steps"]), int(decay))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
