@@ -1,0 +1,168 @@
+"""Sampling and evaluation of a trained checkpoint: functions, CLIs and loading errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One tiny char model trained for a few steps, shared by every test (keeps the file fast)."""
+    pytest.importorskip("llm.tokenizers")
+    from hydra import compose, initialize_config_dir
+
+    from llm.train import train
+
+    tmp = tmp_path_factory.mktemp("gen_eval")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    overrides = [
+        "model=tiny",
+        "tokenizer=char",
+        "data=text_files",
+        f"data.path={corpus}",
+        "data.batch_size=8",
+        "data.stride=16",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+        "optim.warmup_steps=2",
+        "trainer.enable_progress_bar=false",
+        "~logger",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        "callbacks.lr_monitor=null",
+        f"paths.data_dir={tmp / 'data'}",
+        f"paths.log_dir={tmp / 'logs'}",
+        f"output_dir={tmp / 'run'}",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    result = train(cfg)
+    return {"ckpt": Path(result["last_model_path"]), "corpus": corpus, "data_dir": tmp / "data"}
+
+
+def _datamodule(module: Any, trained: dict[str, Any], **kw: Any) -> Any:
+    from llm.data import TextDataModule, TextFiles
+    from llm.tokenizers import tokenizer_from_dict
+
+    return TextDataModule(
+        corpus=TextFiles,
+        path=trained["corpus"],
+        tokenizer=tokenizer_from_dict(module.hparams["tokenizer"]),
+        block_size=module.config.block_size,
+        batch_size=8,
+        cache_dir=trained["data_dir"] / "cache",
+        **kw,
+    )
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_generate_text_is_seeded_and_prompt_prefixed(trained: dict[str, Any]) -> None:
+    from llm.checkpoint import load_checkpoint
+    from llm.generate import generate_text
+
+    module = load_checkpoint(trained["ckpt"])
+    a = generate_text(module, "First", 20, temperature=0.8, top_k=10, top_p=None, seed=7)
+    b = generate_text(module, "First", 20, temperature=0.8, top_k=10, top_p=None, seed=7)
+    assert a == b and a.startswith("First")
+    assert len(module.tokenizer.encode(a)) == len(module.tokenizer.encode("First")) + 20
+    greedy = generate_text(module, "First", 20, temperature=0.0, top_k=None, top_p=None, seed=None)
+    assert greedy.startswith("First")
+
+
+def test_generate_cli_prints_prompt_and_continuation(trained: dict[str, Any]) -> None:
+    proc = _run(
+        "llm.generate", f"ckpt_path={trained['ckpt']}", "prompt=Before", "max_new_tokens=20"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("Before")
+    assert len(proc.stdout.rstrip("\n")) >= len("Before")
+
+
+def test_evaluate_metrics_are_consistent(trained: dict[str, Any]) -> None:
+    from llm.checkpoint import load_checkpoint
+    from llm.evaluate import evaluate
+
+    module = load_checkpoint(trained["ckpt"])
+    metrics = evaluate(module, _datamodule(module, trained), limit_batches=3)
+    loss = metrics["val_loss"]
+    assert math.isfinite(loss) and loss > 0
+    assert metrics["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert metrics["bpc"] == pytest.approx(loss / math.log(2), rel=1e-5)
+
+
+def test_evaluate_rejects_a_different_tokenizer(trained: dict[str, Any]) -> None:
+    from llm.checkpoint import load_checkpoint
+    from llm.evaluate import evaluate
+
+    module = load_checkpoint(trained["ckpt"])
+    tok = dict(module.hparams["tokenizer"])
+    tok["chars"] = list(reversed(tok["chars"]))  # same alphabet, other ids: a different model
+    module.hparams["tokenizer"] = tok
+    with pytest.raises(ValueError, match="checkpoint's tokenizer differs from the data's"):
+        evaluate(module, _datamodule(module, trained), limit_batches=1)
+
+
+def test_evaluate_cli_prints_metrics(trained: dict[str, Any]) -> None:
+    proc = _run(
+        "llm.evaluate",
+        f"ckpt_path={trained['ckpt']}",
+        "data=text_files",
+        f"data.path={trained['corpus']}",
+        f"paths.data_dir={trained['data_dir']}",
+        "limit_batches=3",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key in ("val_loss:", "perplexity:", "bits_per_char:"):
+        assert key in proc.stdout
+    lines = dict(line.split(": ") for line in proc.stdout.strip().splitlines())
+    loss = float(lines["val_loss"])
+    assert float(lines["bits_per_char"]) == pytest.approx(loss / math.log(2), abs=2e-4)
+
+
+def test_missing_checkpoint_says_where_runs_write(tmp_path: Path) -> None:
+    from llm.checkpoint import load_checkpoint
+
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/last\.ckpt") as err:
+        load_checkpoint(missing)
+    assert str(missing) in str(err.value)
+
+
+def test_corrupt_and_foreign_checkpoints_are_named(tmp_path: Path) -> None:
+    import torch
+
+    from llm.checkpoint import load_checkpoint
+
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x00garbage, not a zip\xff" * 10)
+    with pytest.raises(ValueError, match="cannot read checkpoint") as err:
+        load_checkpoint(bad)
+    assert str(bad) in str(err.value)
+
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, foreign)
+    with pytest.raises(ValueError, match=r"not a llm\.train checkpoint"):
+        load_checkpoint(foreign)
