@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from llm.data.cache import cache_folder, ensure_token_cache, load_token_cache
 from llm.data.corpus import Corpus
 from llm.data.dataset import SlidingWindowDataset
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """Random permutation fixed by ``(seed, epoch)`` that can start part-way through an epoch.
+
+    Lightning calls ``set_epoch`` at the start of every epoch. ``skip`` drops that many leading
+    indices of the *next* iteration only (the samples a resumed run has already consumed).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 1337, skip: int = 0) -> None:
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.skip = max(0, int(skip))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        # the full epoch, skipped part included: Lightning sizes every epoch from this and
+        # counts the resumed epoch's batches from its restored progress
+        return self.num_samples
+
+    def __iter__(self) -> Any:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.num_samples, generator=g).tolist()
+        skip, self.skip = self.skip, 0
+        yield from perm[skip:]
 
 
 class TextDataModule(L.LightningDataModule):
@@ -63,6 +92,7 @@ class TextDataModule(L.LightningDataModule):
         self.meta: dict[str, Any] | None = None
         self.train_dataset: SlidingWindowDataset | None = None
         self.val_dataset: SlidingWindowDataset | None = None
+        self._resume_batches = 0  # train batches of the current epoch a checkpoint consumed
 
     @property
     def vocab_size(self) -> int:
@@ -97,10 +127,18 @@ class TextDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call prepare_data() and setup() before asking for a dataloader")
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = None
+        if shuffle:
+            skip, self._resume_batches = self._resume_batches * self.batch_size, 0
+            if skip >= len(dataset):
+                skip = 0  # the checkpoint ended its epoch: the next one starts from the top
+            if skip and self._world_size() > 1:
+                skip = 0  # Lightning wraps the sampler per rank; resume at the epoch start
+            sampler = ResumableRandomSampler(len(dataset), self.seed, skip=skip)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -108,8 +146,30 @@ class TextDataModule(L.LightningDataModule):
             generator=generator,
         )
 
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: how many train batches of the current epoch were consumed.
+
+        ``processed`` (not ``completed``) so a checkpoint written in ``on_train_batch_end``
+        counts the batch it was written after.
+        """
+        trainer = getattr(self, "trainer", None)
+        batches = 0
+        if trainer is not None:
+            batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return {"train_batches_consumed": batches, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the shuffled train order mid-epoch where the checkpoint left it."""
+        self._resume_batches = int(state_dict.get("train_batches_consumed", 0))
+        # the sampler resumes mid-epoch itself, so Lightning's generic warning does not apply
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")

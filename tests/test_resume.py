@@ -1,0 +1,181 @@
+"""Stopping and resuming: data position, weights and val loss match an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from llm.data.datamodule import ResumableRandomSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
+
+
+def test_resumable_sampler_is_seeded_per_epoch_and_skips() -> None:
+    s = ResumableRandomSampler(20, seed=3)
+    first = list(s)
+    assert sorted(first) == list(range(20)) and first == list(ResumableRandomSampler(20, 3))
+    s.set_epoch(1)
+    assert list(s) != first
+    resumed = ResumableRandomSampler(20, seed=3, skip=8)
+    assert len(resumed) == 20 and list(resumed) == first[8:]
+    assert list(resumed) == first  # the skip applies to the first iteration only
+
+
+def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
+    pytest.importorskip("llm.tokenizers")
+    from hydra import compose, initialize_config_dir
+
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.is_file():
+        corpus.write_text(TEXT * 3, encoding="utf-8")
+    overrides = [
+        "model=tiny",
+        "model.dropout=0.0",
+        "tokenizer=char",
+        "data=text_files",
+        f"data.path={corpus}",
+        "data.batch_size=4",
+        "data.stride=16",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "optim.warmup_steps=2",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        "callbacks.lr_monitor=null",
+        "~logger",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"output_dir={out}",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+# batch 4: stop mid-epoch 0; 160: three batches an epoch, stop mid-epoch 1; 128: stop at the
+# very end of epoch 0 (about 405 train windows)
+@pytest.mark.parametrize("batch", [4, 160, 128])
+def test_resume_matches_uninterrupted_run(tmp_path: Path, batch: int) -> None:
+    from llm.train import train
+
+    bs = f"data.batch_size={batch}"
+    straight = train(_cfg(tmp_path, tmp_path / "straight", 8, bs))
+    first = train(_cfg(tmp_path, tmp_path / "first", 4, bs))
+    last = first["last_model_path"]
+    assert last and Path(last).is_file()
+    resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, bs, f"ckpt_path={last}"))
+
+    assert resumed["trainer"].global_step == straight["trainer"].global_step == 8
+    a = float(straight["trainer"].callback_metrics["val/loss"])
+    b = float(resumed["trainer"].callback_metrics["val/loss"])
+    assert abs(a - b) < 1e-6, (a, b)
+    sa, sb = straight["module"].state_dict(), resumed["module"].state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0)
+
+
+class _SigtermAt(L.Callback):
+    """Sends this process SIGTERM at the end of training step ``step`` (in-process test)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_resume_from_interrupted_checkpoint_matches(tmp_path: Path) -> None:
+    """SIGTERM mid-epoch, between validations: resuming from interrupted.ckpt is exact."""
+    from llm.train import train
+
+    straight = train(_cfg(tmp_path, tmp_path / "straight", 8))
+    kill = [f"+callbacks.zz_kill._target_={__name__}._SigtermAt", "+callbacks.zz_kill.step=5"]
+    stopped = train(_cfg(tmp_path, tmp_path / "stopped", 8, *kill))
+    ckpt = tmp_path / "stopped" / "checkpoints" / "interrupted.ckpt"
+    assert ckpt.is_file()
+    step = stopped["trainer"].global_step
+    assert 5 <= step < 8
+    resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, f"ckpt_path={ckpt}"))
+    assert resumed["trainer"].global_step == 8
+    sa, sb = straight["module"].state_dict(), resumed["module"].state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0)
+    a = float(straight["trainer"].callback_metrics["val/loss"])
+    b = float(resumed["trainer"].callback_metrics["val/loss"])
+    assert abs(a - b) < 1e-6, (a, b)
+
+
+def test_resume_message_replaces_ckpt_path() -> None:
+    from llm.training.callbacks import resume_message
+
+    msg = resume_message("/x/interrupted.ckpt", ["model=tiny", "ckpt_path=/old.ckpt"])
+    assert "python -m llm.train ckpt_path=/x/interrupted.ckpt model=tiny" in msg
+    assert "/old.ckpt" not in msg
+
+
+def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+    pytest.importorskip("llm.tokenizers")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 3, encoding="utf-8")
+    out = tmp_path / "run"
+    overrides = [
+        "model=tiny",
+        "tokenizer=char",
+        "data=text_files",
+        f"data.path={corpus}",
+        "data.batch_size=4",
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"output_dir={out}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm.train", *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "last.ckpt").is_file():
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, output[-3000:]
+    ckpt = out / "checkpoints" / "interrupted.ckpt"
+    assert ckpt.is_file(), output[-3000:]
+    assert f"ckpt_path={ckpt}" in output
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert 3 <= raw["global_step"] < 100000
