@@ -1,11 +1,18 @@
-"""TensorBoard-only callbacks: text samples and attention heat maps during validation.
+"""Training callbacks: TensorBoard text samples and attention heat maps during validation,
+and a graceful stop (checkpoint + resume command) on SIGTERM / Ctrl-C.
 
-They watch training qualitatively (does the model start to spell? do heads specialise?)
-and do nothing unless the trainer's logger is a `TensorBoardLogger`.
+The TensorBoard ones watch training qualitatively (does the model start to spell? do heads
+specialise?) and do nothing unless the trainer's logger is a `TensorBoardLogger`.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -136,3 +143,86 @@ def heatmap_figure(maps: torch.Tensor, labels: list[str] | None = None) -> Any:
             ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+class GracefulShutdown(L.Callback):
+    """SIGTERM or a first Ctrl-C: finish the current batch, checkpoint, stop cleanly.
+
+    The checkpoint goes to ``dirpath/filename`` (written to a temporary file, then renamed) and
+    the command to resume from it is printed. A second Ctrl-C interrupts at once (Lightning's
+    own KeyboardInterrupt handling). Handlers are installed for the training run only, and only
+    in the main thread (signal handlers cannot be set elsewhere).
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "interrupted.ckpt") -> None:
+        self.dirpath = dirpath
+        self.filename = filename
+        self.signum: int | None = None
+        self.ckpt_path: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            self._restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\nReceived {signal.Signals(signum).name}: stopping after this batch "
+            "and saving a checkpoint (Ctrl-C again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handler:
+                signal.signal(signum, previous)
+        self._previous = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signum, self.ckpt_path = None, None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handler)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        stop = self.signum is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        path = folder / self.filename
+        tmp = folder / f".{self.filename}.tmp"
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+            self.ckpt_path = str(path)
+            print(resume_message(path), file=sys.stderr, flush=True)
+        trainer.strategy.barrier("graceful_shutdown")
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+
+def resume_message(path: str | os.PathLike[str], argv: list[str] | None = None) -> str:
+    """How to resume from ``path``: this run's command line with ``ckpt_path`` replaced."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("ckpt_path=")]
+    quoted = [shlex.quote(a) for a in [f"ckpt_path={path}", *args]]
+    cmd = " ".join(["python -m llm.train", *quoted])
+    return f"Checkpoint saved to {path}\nResume with: {cmd}"
