@@ -35,27 +35,16 @@ def _offline_error(name: str, e: BaseException) -> RuntimeError:
     )
 
 
-class TiktokenTokenizer(Tokenizer):
-    """Wraps a tiktoken Encoding, loaded lazily so construction and pickling stay cheap."""
+class EncodingBacked(Tokenizer):
+    """Shared by every tokenizer whose encoding is a `tiktoken.Encoding` (pretrained or trained).
 
-    kind = "tiktoken"
+    Subclasses provide the `encoding` property; the Rust object is rebuilt after pickling.
+    """
 
-    def __init__(self, name: str = "gpt2"):
-        names = tiktoken.list_encoding_names()
-        if name not in names:
-            raise ValueError(f"unknown tiktoken encoding {name!r}; available: {', '.join(names)}")
-        self.name = str(name)
-        self._enc: tiktoken.Encoding | None = None
-
-    @property
-    def encoding(self) -> tiktoken.Encoding:
-        """The underlying tiktoken Encoding (loaded on first use)."""
-        if self._enc is None:
-            self._enc = load_encoding(self.name)
-        return self._enc
+    encoding: tiktoken.Encoding
 
     def __getstate__(self) -> dict:
-        # DataLoader workers / DDP spawn pickle the tokenizer; the Rust Encoding is reloaded there.
+        # DataLoader workers / DDP spawn pickle the tokenizer; the Rust Encoding is rebuilt there.
         state = self.__dict__.copy()
         state["_enc"] = None
         return state
@@ -80,6 +69,26 @@ class TiktokenTokenizer(Tokenizer):
     def pieces(self, ids: Sequence[int]) -> list[str]:
         enc = self.encoding
         return [enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace") for i in ids]
+
+
+class TiktokenTokenizer(EncodingBacked):
+    """Wraps a tiktoken Encoding, loaded lazily so construction and pickling stay cheap."""
+
+    kind = "tiktoken"
+
+    def __init__(self, name: str = "gpt2"):
+        names = tiktoken.list_encoding_names()
+        if name not in names:
+            raise ValueError(f"unknown tiktoken encoding {name!r}; available: {', '.join(names)}")
+        self.name = str(name)
+        self._enc: tiktoken.Encoding | None = None
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The underlying tiktoken Encoding (loaded on first use)."""
+        if self._enc is None:
+            self._enc = load_encoding(self.name)
+        return self._enc
 
     @property
     def vocab_size(self) -> int:

@@ -11,10 +11,10 @@ import base64
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 import tiktoken
 
-from llm.tokenizers.base import EOT, Tokenizer, short_hash, special_regex
+from llm.tokenizers.base import EOT, short_hash, special_regex
+from llm.tokenizers.tiktoken_bpe import EncodingBacked
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ GPT4_SPLIT_PATTERN = (
 )
 
 
-class BPETokenizer(Tokenizer):
+class BPETokenizer(EncodingBacked):
     """Byte-level BPE; ids 0..len(ranks)-1 are mergeable tokens, specials follow them."""
 
     kind = "bpe"
@@ -105,33 +105,6 @@ class BPETokenizer(Tokenizer):
                 special_tokens={s: n + i for i, s in enumerate(self._specials)},
             )
         return self._enc
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_enc"] = None  # rebuilt from the ranks in the worker process
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    # ---------------------------------------------------------------- encoding
-    def encode(self, text: str) -> list[int]:
-        return self.encoding.encode(text, allowed_special="all")
-
-    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        return self.encoding.encode_batch(
-            list(texts), num_threads=num_threads, allowed_special="all"
-        )
-
-    def encode_to_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=np.int64)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.encoding.decode([int(i) for i in ids])
-
-    def pieces(self, ids: Sequence[int]) -> list[str]:
-        enc = self.encoding
-        return [enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace") for i in ids]
 
     # -------------------------------------------------------------- properties
     @property
