@@ -39,3 +39,44 @@ def load_checkpoint(
     module = GPTLitModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     module.eval()
     return module
+
+
+# GPTConfig fields that fix parameter shapes; dropout and attn_impl may change on resume
+_SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_encoding")
+
+
+def check_resumable(path: str | os.PathLike[str], module: GPTLitModule) -> None:
+    """Refuse, before Lightning's opaque size-mismatch traceback, to resume another model.
+
+    Resuming needs the same architecture and the same tokenizer (same ids for the same text);
+    the error names every field that differs and what to do about it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path not found: {path} ({_HINT})")
+    try:
+        raw: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+    if not isinstance(hp, dict) or "model" not in hp:
+        raise ValueError(f"{path} is not a llm.train checkpoint (no hyper_parameters.model)")
+    ours = module.hparams["model"]
+    diffs = [
+        f"model.{k}: checkpoint {hp['model'].get(k)!r}, this run {ours.get(k)!r}"
+        for k in _SHAPE_KEYS
+        if hp["model"].get(k) != ours.get(k)
+    ]
+    if hp.get("tokenizer") != module.hparams["tokenizer"]:
+        theirs, mine = hp.get("tokenizer") or {}, module.hparams["tokenizer"] or {}
+        diffs.append(
+            f"tokenizer: checkpoint {theirs.get('kind')!r} ({theirs.get('name', '')}), "
+            f"this run {mine.get('kind')!r} ({mine.get('name', '')}) or a different vocabulary"
+        )
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {path}: it holds a different model or tokenizer:\n  "
+            + "\n  ".join(diffs)
+            + "\nResume with the overrides the checkpoint was trained with (its run folder's "
+            ".hydra/overrides.yaml), or start a new run without ckpt_path"
+        )

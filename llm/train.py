@@ -96,6 +96,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks
     )
+    if cfg.get("ckpt_path"):
+        from llm.checkpoint import check_resumable
+
+        check_resumable(cfg.ckpt_path, module)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
     best = _best_val_loss(trainer)

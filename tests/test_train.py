@@ -92,6 +92,25 @@ def test_module_trains_checkpoints_and_reloads(tmp_path: Path) -> None:
         torch.testing.assert_close(reloaded(x)[0], module(x)[0])
 
 
+class _KnownPeakModule(GPTLitModule):
+    """As on a GPU whose peak FLOPs Lightning knows: here 1 TFLOP/s, so MFU is logged."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._peak_flops = 1e12
+
+
+def test_mfu_is_logged_when_peak_flops_are_known(tmp_path: Path) -> None:
+    tok = _CharTok(TEXT)
+    module = _KnownPeakModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
+    trainer = _trainer(tmp_path, 3, limit_val_batches=0)
+    trainer.fit(module, _loader(tok))
+    m = trainer.callback_metrics
+    tps, mfu = float(m["train/tokens_per_sec"]), float(m["train/mfu"])
+    assert mfu == pytest.approx(module.model.flops_per_token() * tps / 1e12, rel=1e-4)
+    assert "train/tokens_per_sec" in trainer.progress_bar_metrics  # shown in the console too
+
+
 def test_schedule_steps_per_optimizer_step(tmp_path: Path) -> None:
     tok = _CharTok(TEXT)
     module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
@@ -256,8 +275,30 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    assert "hp/best_val_loss" in events.Tags()["scalars"]
-    assert "val/ppl" in events.Tags()["scalars"]
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec"):
+        assert tag in tags["scalars"], tag
+    for tag in ("val/loss", "val/ppl", "hp/best_val_loss", "lr-AdamW/pg1"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 5]  # every 3 steps, 0-based
+    best = min(e.value for e in events.Scalars("val/loss"))
+    assert events.Scalars("hp/best_val_loss")[0].value == pytest.approx(best, abs=1e-6)
+    assert result["best_val_loss"] == pytest.approx(best, abs=1e-6)
+    assert "samples/text/text_summary" in tags["tensors"]  # the text sample of each validation
+    assert len(events.Tensors("samples/text/text_summary")) == 2
+    assert "attention/layer0" in tags["images"]  # the heat maps of each validation
+    assert len(events.Images("attention/layer0")) == 2
+    # the HPARAMS tab: this run's hyperparameters and its best val loss as the metric
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert hp["model/n_layer"].number_value == 2 and hp["model/n_embd"].number_value == 64
+    assert hp["optim/lr"].number_value == pytest.approx(cfg.optim.lr)
+    assert hp["data/batch_size"].number_value == 8 and hp["seed"].number_value == cfg.seed
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    assert [m.name.tag for m in exp.experiment.metric_infos] == ["hp/best_val_loss"]
 
     raw = torch.load(last, map_location="cpu", weights_only=True)
     assert raw["global_step"] == 6
@@ -277,6 +318,16 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
     resumed = train(cfg)
     assert resumed["trainer"].global_step == 9
     assert math.isfinite(resumed["best_val_loss"])
+
+    # resuming another architecture or tokenizer fails before training, naming what differs
+    for override, message in [
+        ("model.n_layer=3", r"model.n_layer: checkpoint 2, this run 3"),
+        ("tokenizer=gpt2", r"model.vocab_size: .*\n  tokenizer: checkpoint 'char'"),
+    ]:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[*resume, override])
+        with pytest.raises(ValueError, match=message):
+            train(cfg)
 
 
 def test_cli_subprocess_run(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import grad_norm
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
@@ -130,11 +131,18 @@ class GPTLitModule(L.LightningModule):
         if self._last_step_time is not None:
             dt = max(now - self._last_step_time, 1e-9)
             tps = tokens / dt
-            self.log("train/tokens_per_sec", tps, on_step=True, on_epoch=False)
+            self.log("train/tokens_per_sec", tps, prog_bar=True, on_step=True, on_epoch=False)
             if self._peak_flops:
                 mfu = self.model.estimate_mfu(tps / self.trainer.world_size, self._peak_flops)
                 self.log("train/mfu", mfu, on_step=True, on_epoch=False)
         self._last_step_time = now
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Total gradient norm before clipping, on logging steps only (it costs a reduction)."""
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            norms = grad_norm(self.model, norm_type=2)
+            if "grad_2.0_norm_total" in norms:
+                self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True)
 
     # -- validation ---------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
