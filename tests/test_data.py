@@ -283,11 +283,19 @@ def test_datamodule_batches(verdict: Path, tmp_path: Path, gpt2: TiktokenTokeniz
         starts = [i for i in range(len(stream) - 4) if stream[i : i + 4] == row_x]
         assert any(stream[s + 1 : s + 5] == row_y for s in starts)
     assert len(dm.train_dataset) == int(5145 * 0.9) - 4  # stride 1: every position
-    vx, vy = next(iter(dm.val_dataloader()))  # val: non-overlapping, in order, from the tail
+    # val: the non-overlapping windows of the tail, in one fixed shuffled order, so that the
+    # first few batches (limit_val_batches) sample the whole split, the same ones every time
     n_train = int(5145 * 0.9)
-    assert vx[0].tolist() == stream[n_train : n_train + 4]
-    assert vx[1].tolist() == stream[n_train + 4 : n_train + 8]
-    assert vy[0].tolist() == stream[n_train + 1 : n_train + 5]
+    tail = [stream[n_train + i : n_train + i + 4] for i in range(0, 5145 - n_train - 4, 4)]
+    rows = [(bx.tolist(), by.tolist()) for bx, by in dm.val_dataloader()]
+    vx = [r for bx, _ in rows for r in bx]
+    assert sorted(vx) == sorted(tail) and vx != tail  # every window once, not in stream order
+    first = next(iter(dm.val_dataloader()))[0]
+    assert first.tolist() == rows[0][0]  # the same order at every evaluation
+    starts = [n_train + 4 * tail.index(w) for w in first.tolist()]
+    assert max(starts) - min(starts) > (5145 - n_train) // 2  # spread over the split
+    for w, st in zip(rows[0][0], starts, strict=True):
+        assert rows[0][1][rows[0][0].index(w)] == stream[st + 1 : st + 5]
     # shuffling is seeded: the same seed gives the same first batch
     assert torch.equal(next(iter(dm.train_dataloader()))[0], x)
 

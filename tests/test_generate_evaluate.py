@@ -3,53 +3,34 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+from _stack import compose_train, run_cli, tiny_overrides, write_corpus
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One tiny char model trained for a few steps, shared by every test (keeps the file fast)."""
-    pytest.importorskip("llm.tokenizers")
-    from hydra import compose, initialize_config_dir
-
     from llm.train import train
 
     tmp = tmp_path_factory.mktemp("gen_eval")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
+    corpus = write_corpus(tmp, repeats=5)
     overrides = [
-        "model=tiny",
-        "tokenizer=char",
-        "data=text_files",
-        f"data.path={corpus}",
-        "data.batch_size=8",
+        *tiny_overrides(tmp, corpus, batch_size=8),
         "data.stride=16",
         "trainer.max_steps=4",
         "trainer.val_check_interval=4",
         "trainer.limit_val_batches=1",
         "optim.warmup_steps=2",
-        "trainer.enable_progress_bar=false",
         "~logger",
         "callbacks.sample_text=null",
         "callbacks.attention=null",
         "callbacks.lr_monitor=null",
-        f"paths.data_dir={tmp / 'data'}",
-        f"paths.log_dir={tmp / 'logs'}",
         f"output_dir={tmp / 'run'}",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    result = train(cfg)
+    result = train(compose_train(overrides))
     return {"ckpt": Path(result["last_model_path"]), "corpus": corpus, "data_dir": tmp / "data"}
 
 
@@ -68,17 +49,6 @@ def _datamodule(module: Any, trained: dict[str, Any], **kw: Any) -> Any:
     )
 
 
-def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_generate_text_is_seeded_and_prompt_prefixed(trained: dict[str, Any]) -> None:
     from llm.checkpoint import load_checkpoint
     from llm.generate import generate_text
@@ -93,7 +63,7 @@ def test_generate_text_is_seeded_and_prompt_prefixed(trained: dict[str, Any]) ->
 
 
 def test_generate_cli_prints_prompt_and_continuation(trained: dict[str, Any]) -> None:
-    proc = _run(
+    proc = run_cli(
         "llm.generate", f"ckpt_path={trained['ckpt']}", "prompt=Before", "max_new_tokens=20"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,7 +96,7 @@ def test_evaluate_rejects_a_different_tokenizer(trained: dict[str, Any]) -> None
 
 
 def test_evaluate_cli_prints_metrics(trained: dict[str, Any]) -> None:
-    proc = _run(
+    proc = run_cli(
         "llm.evaluate",
         f"ckpt_path={trained['ckpt']}",
         "data=text_files",

@@ -7,12 +7,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _stack import ENV, ROOT, compose_train, tiny_overrides, write_corpus
 from omegaconf import DictConfig
 
 from llm.data.datamodule import ResumableRandomSampler
-
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
 
 
 def test_resumable_sampler_is_seeded_per_epoch_and_skips() -> None:
@@ -27,37 +25,26 @@ def test_resumable_sampler_is_seeded_per_epoch_and_skips() -> None:
 
 
 def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
-    pytest.importorskip("llm.tokenizers")
-    from hydra import compose, initialize_config_dir
-
     corpus = tmp_path / "corpus.txt"
     if not corpus.is_file():
-        corpus.write_text(TEXT * 3, encoding="utf-8")
+        write_corpus(tmp_path)
     overrides = [
-        "model=tiny",
+        *tiny_overrides(tmp_path, corpus),
         "model.dropout=0.0",
-        "tokenizer=char",
-        "data=text_files",
-        f"data.path={corpus}",
-        "data.batch_size=4",
         "data.stride=16",
         f"trainer.max_steps={steps}",
         "trainer.val_check_interval=4",
         "trainer.limit_val_batches=2",
         "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
         "optim.warmup_steps=2",
         "callbacks.sample_text=null",
         "callbacks.attention=null",
         "callbacks.lr_monitor=null",
         "~logger",
-        f"paths.data_dir={tmp_path / 'data'}",
         f"output_dir={out}",
         *extra,
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_train(overrides)
 
 
 # batch 4: stop mid-epoch 0; 160: three batches an epoch, stop mid-epoch 1; 128: stop at the
@@ -126,37 +113,25 @@ def test_resume_message_replaces_ckpt_path() -> None:
 
 
 def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
-    pytest.importorskip("llm.tokenizers")
-    import os
     import signal
     import subprocess
     import sys
     import time
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TEXT * 3, encoding="utf-8")
     out = tmp_path / "run"
     overrides = [
-        "model=tiny",
-        "tokenizer=char",
-        "data=text_files",
-        f"data.path={corpus}",
-        "data.batch_size=4",
+        *tiny_overrides(tmp_path, write_corpus(tmp_path)),
         "trainer.max_steps=100000",
         "trainer.val_check_interval=3",
         "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=false",
         "callbacks.sample_text=null",
         "callbacks.attention=null",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"paths.log_dir={tmp_path / 'logs'}",
         f"output_dir={out}",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm.train", *overrides],
         cwd=ROOT,
-        env=env,
+        env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

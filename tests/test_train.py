@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from _stack import ROOT, TEXT, compose_train, run_cli, tiny_overrides
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -16,8 +17,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from llm.training.callbacks import AttentionHeatmapCallback, SampleTextCallback
 from llm.training.module import GPTLitModule
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
 TINY = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 OPTIM = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "decay_steps": 10, "betas": [0.9, 0.99]}
 
@@ -196,36 +195,20 @@ def _verdict(tmp_path: Path) -> Path:
     return path
 
 
-def _needs_stack() -> None:
-    pytest.importorskip("llm.tokenizers")
-    pytest.importorskip("llm.data")
-    for name in ("tokenizer/char.yaml", "data/text_files.yaml", "data/tinyshakespeare.yaml"):
-        if not (ROOT / "conf" / name).is_file():
-            pytest.skip(f"conf/{name} not available")
-
-
 def _overrides(tmp_path: Path, corpus: Path) -> list[str]:
     return [
-        "model=tiny",
-        "tokenizer=char",
-        "data=text_files",
-        f"data.path={corpus}",
-        "data.batch_size=8",
+        *tiny_overrides(tmp_path, corpus, batch_size=8),
         "data.stride=16",
         "trainer.max_steps=6",
         "trainer.val_check_interval=3",
         "trainer.limit_val_batches=2",
         "trainer.log_every_n_steps=1",
         "optim.warmup_steps=2",
-        "trainer.enable_progress_bar=false",
         "callbacks.sample_text.max_new_tokens=8",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"paths.log_dir={tmp_path / 'logs'}",
     ]
 
 
 def test_train_yaml_composes_for_every_experiment_and_trainer() -> None:
-    _needs_stack()
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -254,16 +237,12 @@ def test_validate_rejects_bad_settings() -> None:
 
 
 def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
-    _needs_stack()
-    from hydra import compose, initialize_config_dir
-
     from llm.train import train
 
     out = tmp_path / "run"
     corpus = _verdict(tmp_path)
     overrides = [*_overrides(tmp_path, corpus), f"output_dir={out}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_train(overrides)
     result = train(cfg)
 
     assert math.isfinite(result["best_val_loss"])
@@ -313,9 +292,7 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
     # resume: the step counter, optimizer and schedule continue from the checkpoint
     resume = [*overrides, f"ckpt_path={last}", "trainer.max_steps=9"]
     resume.append(f"output_dir={tmp_path / 'resumed'}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=resume)
-    resumed = train(cfg)
+    resumed = train(compose_train(resume))
     assert resumed["trainer"].global_step == 9
     assert math.isfinite(resumed["best_val_loss"])
 
@@ -324,28 +301,13 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
         ("model.n_layer=3", r"model.n_layer: checkpoint 2, this run 3"),
         ("tokenizer=gpt2", r"model.vocab_size: .*\n  tokenizer: checkpoint 'char'"),
     ]:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=[*resume, override])
         with pytest.raises(ValueError, match=message):
-            train(cfg)
+            train(compose_train([*resume, override]))
 
 
 def test_cli_subprocess_run(tmp_path: Path) -> None:
-    _needs_stack()
-    import os
-    import subprocess
-    import sys
-
     overrides = [*_overrides(tmp_path, _verdict(tmp_path)), "trainer.max_steps=3"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "llm.train", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli("llm.train", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = list((tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))
     assert len(ckpts) == 1

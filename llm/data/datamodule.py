@@ -44,13 +44,33 @@ class ResumableRandomSampler(Sampler[int]):
         yield from perm[skip:]
 
 
+class SpreadSampler(Sampler[int]):
+    """One seeded permutation, the same at every evaluation.
+
+    With ``limit_val_batches`` (nanoGPT's ``eval_iters``) the batches evaluated are then a fixed
+    random sample from the whole validation split, not its first pages: an unbiased estimate
+    of the full val loss, comparable from one evaluation to the next.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 1337) -> None:
+        g = torch.Generator().manual_seed(int(seed))
+        self.order = torch.randperm(int(num_samples), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Any:
+        return iter(self.order)
+
+
 class TextDataModule(L.LightningDataModule):
     """Build (once) and serve a token cache of ``corpus`` for next-token prediction.
 
     ``corpus`` is a Corpus or a factory (Hydra ``_partial_: true``) called as ``corpus(path=path)``
     when ``path`` is given, else ``corpus()``. Training windows move by ``stride`` (default
     ``block_size``); validation always uses non-overlapping windows (stride = block_size) so that
-    evaluation stays cheap and every val token is scored once.
+    evaluation stays cheap and every val token is scored once, in a fixed shuffled order so
+    that a limited number of val batches samples the whole split.
     """
 
     def __init__(
@@ -127,7 +147,7 @@ class TextDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call prepare_data() and setup() before asking for a dataloader")
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        sampler = None
+        sampler: Sampler[int]
         if shuffle:
             skip, self._resume_batches = self._resume_batches * self.batch_size, 0
             if skip >= len(dataset):
@@ -135,6 +155,8 @@ class TextDataModule(L.LightningDataModule):
             if skip and self._world_size() > 1:
                 skip = 0  # Lightning wraps the sampler per rank; resume at the epoch start
             sampler = ResumableRandomSampler(len(dataset), self.seed, skip=skip)
+        else:
+            sampler = SpreadSampler(len(dataset), self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
