@@ -7,6 +7,7 @@ returns the best validation loss so sweepers (Optuna) can minimise it.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import hydra
@@ -14,6 +15,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from llm.training.callbacks import GracefulShutdown
 from llm.training.module import GPTLitModule
 
 
@@ -58,6 +60,31 @@ def validate(cfg: DictConfig) -> None:
             "cannot attend over longer sequences than its position table; lower data.block_size "
             "or raise model.block_size"
         )
+    _check_multirun_strategy(cfg)
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _check_multirun_strategy(cfg: DictConfig) -> None:
+    """Lightning's ddp/fsdp re-run this script per rank, which would re-run the whole sweep."""
+    if not _is_multirun():
+        return
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, DictConfig):
+        strategy = strategy.get("_target_")
+    name = str(strategy or "").lower()
+    if any(k in name for k in ("ddp", "fsdp", "deepspeed")) and "spawn" not in name:
+        raise ValueError(
+            f"trainer.strategy={strategy} cannot run under --multirun: it launches this script "
+            "again for every rank, which would start the sweep again. Sweep with a "
+            "single-process trainer (trainer=cpu or trainer=gpu) or trainer=ddp_cpu "
+            "(ddp_spawn), or run the multi-GPU job without -m"
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -93,6 +120,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_dict(cb_cfg)
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses both at once
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    pruning = None
+    if os.environ.get("LLM_OPTUNA_TRIAL"):  # a trial of `-m hparams_search=...` (llm.sweep)
+        from llm.sweep import pruning_callback_from_env
+
+        pruning = pruning_callback_from_env()
+        callbacks += [pruning] if pruning is not None else []
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks
     )
@@ -121,6 +154,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for logger in loggers:
             logger.log_hyperparams(params, {"hp/best_val_loss": best})
             logger.finalize("success")
+    if pruning is not None:
+        pruning.check_pruned()  # after logging, so pruned trials show in the HPARAMS tab too
+    stopped = any(isinstance(c, GracefulShutdown) and c.signum is not None for c in callbacks)
+    if stopped and (pruning is not None or _is_multirun()):
+        # Ctrl-C/SIGTERM stopped this job cleanly; stop the sweep too, not just this job
+        # (an Optuna trial is then recorded as interrupted, not as a result)
+        raise KeyboardInterrupt("training was interrupted: stopping the sweep")
     ckpt = trainer.checkpoint_callback
     return {
         "best_val_loss": best,

@@ -1,0 +1,378 @@
+"""Summarise a sweep: `python -m llm.report logs/train/multiruns/<date> [--out DIR]`.
+
+Finds every Hydra run folder (one with ``.hydra/config.yaml``) under the given folder, reads its
+TensorBoard scalars and Hydra overrides, and writes ``report.md``, ``report.csv`` and PNG plots
+(val-loss curves; per Optuna study, the objective per trial and the parameter importances).
+Works on a sweep folder, a whole ``logs/`` tree or a single run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from llm.io import atomic_write_bytes, atomic_write_text
+
+# environment variables the llm_optuna sweeper sets in each trial's job (see llm.sweep)
+ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "LLM_OPTUNA_STORAGE", "LLM_OPTUNA_STUDY", "LLM_OPTUNA_TRIAL"
+# a run without a final result whose files changed this recently is taken to be still running
+RUNNING_WINDOW_S = 300.0
+COLUMNS = [
+    "rank",
+    "run",
+    "status",
+    "best_val_loss",
+    "best_step",
+    "last_step",
+    "tokens_per_sec",
+    "trial",
+    "overrides",
+]
+
+
+class ReportError(ValueError):
+    """Bad input to the report (no such folder, no runs in it)."""
+
+
+@dataclass
+class Run:
+    """What the report knows about one Hydra run folder."""
+
+    path: Path
+    name: str
+    overrides: list[str]
+    val_curve: list[tuple[int, float]] = field(default_factory=list)
+    tokens_per_sec: float | None = None
+    last_step: int | None = None
+    status: str = "unknown"
+    trial: int | None = None
+    study: tuple[str, str] | None = None  # (storage URL, study name) of an Optuna trial
+
+    @property
+    def best(self) -> tuple[float, int | None]:
+        """Lowest finite val loss and its step (NaN, None when there is none)."""
+        finite = [(v, s) for s, v in self.val_curve if math.isfinite(v)]
+        if not finite:
+            return math.nan, None
+        value, step = min(finite)
+        return value, step
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every folder under ``root`` (itself included) that holds ``.hydra/config.yaml``."""
+    if not root.is_dir():
+        raise ReportError(f"{root} is not a folder; pass a sweep or logs folder")
+    runs = {p.parent.parent for p in root.rglob("config.yaml") if p.parent.name == ".hydra"}
+    if not runs:
+        raise ReportError(
+            f"No runs under {root}: a run folder has .hydra/config.yaml and tensorboard/ "
+            "(e.g. logs/train/multiruns/<date>/0_optim.lr=0.001). Pass a sweep folder "
+            "(logs/train/multiruns/<date>), a logs folder or a run folder."
+        )
+    return sorted(runs)
+
+
+def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series in a TensorBoard folder (every events file in it, in order)."""
+    if not tb_dir.is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: [(int(e.step), float(e.value)) for e in acc.Scalars(tag)]
+        for tag in acc.Tags().get("scalars", [])
+    }
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    """The run's command-line overrides, minus paths excluded from Hydra's override_dirname."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    overrides = [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    exclude: set[str] = set()
+    if hydra_yaml.is_file():
+        keys = OmegaConf.select(
+            OmegaConf.load(hydra_yaml), "hydra.job.config.override_dirname.exclude_keys"
+        )
+        exclude = {str(k) for k in keys or []}
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in exclude]
+
+
+def _trial_ref(run_dir: Path) -> tuple[str, str, int] | None:
+    """(storage URL, study name, trial number) if the run is a trial of the llm_optuna sweeper."""
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        return None
+    env = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.env_set") or {}
+    if ENV_TRIAL not in env or ENV_STUDY not in env:
+        return None
+    storage = str(env.get(ENV_STORAGE) or "")
+    local = run_dir.parent / "optuna.db"
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
+        storage = f"sqlite:///{local.resolve()}" if local.is_file() else storage  # folder moved
+    return storage, str(env[ENV_STUDY]), int(env[ENV_TRIAL])
+
+
+def _disk_status(run: Run, scalars: dict[str, list[tuple[int, float]]]) -> str:
+    """Status of a run that is not an Optuna trial, from what it left on disk."""
+    if (run.path / "checkpoints" / "interrupted.ckpt").is_file():  # GracefulShutdown's
+        return "interrupted"
+    if "hp/best_val_loss" in scalars:  # train() logs it after fit returns
+        return "completed"
+    newest = max((p.stat().st_mtime for p in run.path.rglob("*") if p.is_file()), default=0.0)
+    return "running" if time.time() - newest < RUNNING_WINDOW_S else "failed"
+
+
+def load_run(run_dir: Path, root: Path) -> Run:
+    """Read one run folder's overrides, scalars and (pre-Optuna) status."""
+    name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
+    run = Run(path=run_dir, name=name, overrides=_overrides(run_dir))
+    scalars = _scalars(run_dir / "tensorboard")
+    run.val_curve = sorted(scalars.get("val/loss", []))
+    steps = [s for tag, series in scalars.items() if not tag.startswith("hp/") for s, _ in series]
+    run.last_step = max(steps, default=None)
+    tps = [v for _, v in scalars.get("train/tokens_per_sec", []) if math.isfinite(v)]
+    run.tokens_per_sec = statistics.median(tps) if tps else None
+    run.status = _disk_status(run, scalars)
+    ref = _trial_ref(run_dir)
+    if ref is not None:
+        run.study, run.trial = (ref[0], ref[1]), ref[2]
+    return run
+
+
+def _load_studies(runs: list[Run]) -> dict[tuple[str, str], Any]:
+    """Load each Optuna study the runs belong to and set their status from its trial states."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    studies: dict[tuple[str, str], Any] = {}
+    for key in sorted({r.study for r in runs if r.study is not None}):
+        try:
+            studies[key] = optuna.load_study(study_name=key[1], storage=key[0])
+        except Exception as e:  # keep the disk-based status; say why
+            print(f"warning: cannot load study {key[1]!r} from {key[0]}: {e}", file=sys.stderr)
+    names = {
+        "COMPLETE": "completed",
+        "PRUNED": "pruned",
+        "FAIL": "failed",
+        "RUNNING": "running",
+        "WAITING": "waiting",
+    }
+    for run in runs:
+        study = studies.get(run.study) if run.study else None
+        if study is None:
+            continue
+        for t in study.get_trials(deepcopy=False):
+            if t.number == run.trial:
+                run.status = names.get(t.state.name, t.state.name.lower())
+                if t.state.name == "FAIL" and t.user_attrs.get("fail_reason") == "interrupted":
+                    run.status = "interrupted"
+    return studies
+
+
+def _sort_key(run: Run) -> tuple[int, float, str]:
+    value = run.best[0]
+    return (0, value, run.name) if math.isfinite(value) else (1, 0.0, run.name)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One dict per run, best val loss first (runs without one last)."""
+    out = []
+    for rank, run in enumerate(sorted(runs, key=_sort_key), start=1):
+        value, step = run.best
+        out.append(
+            {
+                "rank": rank,
+                "run": run.name,
+                "status": run.status,
+                "best_val_loss": value if math.isfinite(value) else None,
+                "best_step": step,
+                "last_step": run.last_step,
+                "tokens_per_sec": run.tokens_per_sec,
+                "trial": run.trial,
+                "overrides": " ".join(run.overrides),
+            }
+        )
+    return out
+
+
+def to_csv(table: list[dict[str, Any]]) -> str:
+    """The table as CSV, full precision, every override."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+    return buf.getvalue()
+
+
+def to_markdown(table: list[dict[str, Any]], root: Path) -> str:
+    """The table as markdown; overrides shared by every run are listed once above it."""
+    lists = [row["overrides"].split() for row in table]
+    common = set(lists[0]).intersection(*lists[1:]) if len(lists) > 1 else set()
+    lines = [f"# Sweep report: {root}", "", f"{len(table)} runs, best val loss first.", ""]
+    if common:
+        shared = " ".join(o for o in lists[0] if o in common)
+        lines += [f"Overrides common to all runs: `{shared}`", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row, overrides in zip(table, lists, strict=True):
+        cells = {**row, "overrides": " ".join(o for o in overrides if o not in common)}
+        lines.append(
+            "| "
+            + " | ".join(
+                _fmt(cells[k], 1 if k == "tokens_per_sec" else 4).replace("|", "\\|")
+                for k in COLUMNS
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _save_fig(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_val_curves(runs: list[Run], path: Path) -> Path | None:
+    """Val loss against step, one line per run."""
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in sorted(runs, key=_sort_key) if r.val_curve]
+    if not curves:
+        return None
+    common = set(curves[0].overrides).intersection(*(r.overrides for r in curves[1:]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in curves:
+        steps, values = zip(*run.val_curve, strict=True)
+        # "3: model=cpu optim.lr=0.001" rather than the whole folder name
+        head = run.name.split("_", 1)[0] if "=" in run.name else run.name
+        label = " ".join([f"{head}:", *(o for o in run.overrides if o not in common)])
+        label = label if len(label) <= 70 else label[:67] + "..."
+        ax.plot(steps, values, marker="o", markersize=3, label=f"{label} ({run.status})")
+    ax.set(xlabel="step", ylabel="val/loss", title="Validation loss")
+    ax.grid(alpha=0.3)
+    if len(curves) <= 20:
+        ax.legend(fontsize=7)
+    return _save_fig(fig, path)
+
+
+def plot_study(study: Any, out: Path) -> list[Path]:
+    """Objective per trial (with the best so far) and parameter importances of one study."""
+    import matplotlib.pyplot as plt
+    import optuna
+    from matplotlib.ticker import MaxNLocator
+    from optuna.trial import TrialState
+
+    written: list[Path] = []
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study.study_name)
+    trials = study.get_trials(deepcopy=False)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if done:
+        ax.scatter([t.number for t in done], [t.value for t in done], label="completed")
+        best, xs, ys = math.inf, [], []
+        minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
+        for t in sorted(done, key=lambda t: t.number):
+            v = t.value if minimize else -t.value
+            best = min(best, v)
+            xs.append(t.number)
+            ys.append(best if minimize else -best)
+        ax.step(xs, ys, where="post", color="C2", label="best so far")
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    if pruned:
+        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+        ax.scatter([t.number for t in pruned], last, marker="x", color="C3", label="pruned (last)")
+    failed = [t.number for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        ax.set_title(f"{study.study_name}: objective per trial (failed: {failed})")
+    else:
+        ax.set_title(f"{study.study_name}: objective per trial")
+    ax.set(xlabel="trial", ylabel="objective (best val loss)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(_save_fig(fig, out / f"optuna_{safe}_history.png"))
+
+    if len(done) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError) as e:  # e.g. a single-valued search space
+            print(f"note: no parameter importances for {study.study_name}: {e}", file=sys.stderr)
+            return written
+        fig, ax = plt.subplots(figsize=(7, 0.6 * len(importances) + 1.5))
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names])
+        ax.set(xlabel="importance (fANOVA)", title=f"{study.study_name}: parameter importances")
+        written.append(_save_fig(fig, out / f"optuna_{safe}_importance.png"))
+    return written
+
+
+def report(root: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Build the report for ``root``; returns the table rows and the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    root = Path(root)
+    out_dir = Path(out) if out is not None else root / "report"
+    runs = [load_run(p, root) for p in find_runs(root)]
+    studies = _load_studies(runs)
+    table = rows(runs)
+    files = [
+        atomic_write_text(out_dir / "report.md", to_markdown(table, root)),
+        atomic_write_text(out_dir / "report.csv", to_csv(table)),
+    ]
+    curve = plot_val_curves(runs, out_dir / "val_loss.png")
+    if curve is not None:
+        files.append(curve)
+    for study in studies.values():
+        files.extend(plot_study(study, out_dir))
+    return {"rows": table, "files": files, "out_dir": out_dir}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; prints the table and where the files went."""
+    parser = argparse.ArgumentParser(
+        prog="python -m llm.report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("folder", help="a sweep folder (logs/train/multiruns/<date>) or logs/")
+    parser.add_argument("--out", default=None, help="where to write (default: <folder>/report)")
+    args = parser.parse_args(argv)
+    try:
+        result = report(args.folder, args.out)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((result["out_dir"] / "report.md").read_text(encoding="utf-8"))
+    print("Wrote:")
+    for path in result["files"]:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

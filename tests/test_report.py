@@ -1,0 +1,125 @@
+"""`python -m llm.report`: run discovery, statuses from disk, ranking and the files it writes.
+
+The runs here are synthetic (Hydra files + TensorBoard events written directly) so every status
+can be produced without training; tests/test_sweep.py reports on real sweeps.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from llm import report
+
+
+def _make_run(
+    root: Path,
+    name: str,
+    overrides: list[str],
+    val: list[tuple[int, float]],
+    *,
+    tps: list[float] = (),  # type: ignore[assignment]
+    finished: bool = False,
+    interrupted: bool = False,
+    age_s: float = 0.0,
+) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"seed": 1}), run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+    hydra = {"hydra": {"job": {"config": {"override_dirname": {"exclude_keys": ["data.path"]}}}}}
+    OmegaConf.save(OmegaConf.create(hydra), run / ".hydra" / "hydra.yaml")
+    writer = SummaryWriter(str(run / "tensorboard"))
+    for i, v in enumerate(tps):
+        writer.add_scalar("train/tokens_per_sec", v, i + 1)
+        writer.add_scalar("train/loss", 4.0, i + 1)
+    for step, v in val:
+        writer.add_scalar("val/loss", v, step)
+    if finished:
+        writer.add_scalar("hp/best_val_loss", min(v for _, v in val), 0)
+    writer.close()
+    if interrupted:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "interrupted.ckpt").write_bytes(b"x")
+    if age_s:
+        old = time.time() - age_s
+        for p in run.rglob("*"):
+            os.utime(p, (old, old))
+    return run
+
+
+def test_folder_without_runs_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert report.main([str(tmp_path)]) == 2
+    assert "No runs under" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    with pytest.raises(report.ReportError):
+        report.find_runs(tmp_path)
+
+
+def test_report_ranks_runs_and_tells_their_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sweep = tmp_path / "sweep"
+    _make_run(
+        sweep,
+        "0_optim.lr=0.001",
+        ["optim.lr=0.001", "model=tiny", "data.path=/x"],
+        [(2, 3.0), (4, 2.5)],
+        tps=[100.0, 200.0, 300.0],
+        finished=True,
+    )
+    _make_run(
+        sweep, "1_optim.lr=0.002", ["optim.lr=0.002", "model=tiny"], [(2, 2.8), (4, 2.9)],
+        finished=True,
+    )  # fmt: skip
+    _make_run(  # stopped by Ctrl-C: GracefulShutdown checkpointed, then train() logged hparams
+        sweep, "2_optim.lr=0.003", ["optim.lr=0.003", "model=tiny"], [(2, 3.5)],
+        interrupted=True, finished=True,
+    )  # fmt: skip
+    _make_run(sweep, "3_optim.lr=0.1", ["optim.lr=0.1", "model=tiny"], [], age_s=3600)
+    _make_run(sweep, "4_optim.lr=0.2", ["optim.lr=0.2", "model=tiny"], [])
+    out = tmp_path / "out"
+
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.csv") in printed and str(out / "val_loss.png") in printed
+
+    with (out / "report.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["status"]) for r in rows] == [
+        ("0_optim.lr=0.001", "completed"),
+        ("1_optim.lr=0.002", "completed"),
+        ("2_optim.lr=0.003", "interrupted"),
+        ("3_optim.lr=0.1", "failed"),
+        ("4_optim.lr=0.2", "running"),
+    ]
+    assert float(rows[0]["best_val_loss"]) == pytest.approx(2.5) and rows[0]["best_step"] == "4"
+    assert float(rows[1]["best_val_loss"]) == pytest.approx(2.8) and rows[1]["best_step"] == "2"
+    assert float(rows[0]["tokens_per_sec"]) == pytest.approx(200.0)
+    assert rows[0]["overrides"] == "optim.lr=0.001 model=tiny"  # data.path is excluded
+    assert rows[3]["best_val_loss"] == "" and rows[3]["rank"] == "4"
+
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "Overrides common to all runs: `model=tiny`" in md
+    assert "| 1 | 0_optim.lr=0.001 | completed | 2.5000 | 4 | 4 | 200.0 |  | optim.lr=0.001 |" in md
+    assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_single_run_folder_is_a_report_of_one(tmp_path: Path) -> None:
+    run = _make_run(tmp_path, "run", ["optim.lr=0.001"], [(5, 1.0)], finished=True)
+    result = report.report(run)
+    assert [(r["run"], r["status"], r["best_step"]) for r in result["rows"]] == [
+        ("run", "completed", 5)
+    ]
+    assert result["out_dir"] == run / "report"

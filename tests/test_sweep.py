@@ -1,0 +1,432 @@
+"""Hyperparameter sweeps: Hydra grid multiruns and the llm_optuna sweeper (search, resume,
+failures, pruning), each checked through the run folders, the study DB and `llm.report`."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 120
+SEARCH = "hparams_search=shakespeare_char_cpu_optuna"
+
+
+def _experiment(tmp_path: Path) -> list[str]:
+    """A tiny-model experiment in a config dir of the test's own, and the overrides to use it.
+
+    Keeping the fixed settings in an experiment keeps grid job folder names short
+    (`0_experiment=sweep_test,optim.lr=0.001`), as a real sweep's would be.
+    """
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "sweep_test.yaml").write_text(
+        f"""# @package _global_
+defaults:
+  - override /model: tiny
+  - override /tokenizer: char
+  - override /data: text_files
+  - override /trainer: cpu
+data:
+  path: {corpus}
+  batch_size: 4
+trainer:
+  max_steps: 4
+  val_check_interval: 2
+  limit_val_batches: 1
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+callbacks:
+  sample_text: null
+  attention: null
+""",
+        encoding="utf-8",
+    )
+    return [
+        "experiment=sweep_test",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+
+
+@pytest.fixture
+def hydra_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Run `python -m llm.train ARGS` in this process (faster than a subprocess)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    import llm.train
+
+    def run(*args: str) -> Any:
+        monkeypatch.setattr(sys, "argv", ["llm.train", *args])
+        # as under `python -m llm.train`: Hydra finds ../conf next to the file, not a package
+        monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")
+        return llm.train.main()
+
+    yield run
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None  # type: ignore[assignment]
+
+
+def _study(sweep: Path, name: str = "shakespeare_char_cpu") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep / 'optuna.db'}")
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
+    from llm import report
+
+    sweep = tmp_path / "sweep"
+    args = [*_experiment(tmp_path), "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm.train", "-m", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [
+        "0_experiment=sweep_test,optim.lr=0.001",
+        "1_experiment=sweep_test,optim.lr=0.002",
+    ]
+    for job in jobs:
+        assert OmegaConf.load(sweep / job / ".hydra" / "config.yaml").trainer.max_steps == 4
+    # TensorBoard on the sweep folder: one run per job, named by its overrides, with HPARAMS
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    tb = EventMultiplexer()
+    tb.AddRunsFromDirectory(str(sweep))
+    tb.Reload()
+    assert sorted(tb.Runs()) == [f"{job}/tensorboard" for job in jobs]
+    hparams = tb.PluginRunToTagToContent("hparams")
+    assert all("_hparams_/session_start_info" in hparams[f"{job}/tensorboard"] for job in jobs)
+
+    assert report.main([str(sweep)]) == 0
+    rows = _csv(sweep / "report" / "report.csv")
+    assert sorted(r["run"] for r in rows) == jobs
+    assert {r["status"] for r in rows} == {"completed"}
+    losses = [float(r["best_val_loss"]) for r in rows]
+    assert losses == sorted(losses) and all(math.isfinite(v) for v in losses)
+    assert all(float(r["tokens_per_sec"]) > 0 and r["best_step"] for r in rows)
+    assert any("optim.lr=0.002" in r["overrides"] for r in rows)
+    assert (sweep / "report" / "val_loss.png").stat().st_size > 0
+    assert "optim.lr=0.001" in (sweep / "report" / "report.md").read_text()
+
+
+def test_multirun_refuses_relaunching_strategies(tmp_path: Path, hydra_main: Any, capsys) -> None:
+    args = [*_experiment(tmp_path), "trainer=ddp", f"hydra.sweep.dir={tmp_path / 's'}"]
+    with pytest.raises(SystemExit):
+        hydra_main("-m", *args, "optim.lr=1e-3,2e-3")
+    assert "cannot run under --multirun" in capsys.readouterr().err
+
+
+def test_optuna_search_three_trials_then_report(tmp_path: Path, hydra_main: Any) -> None:
+    from llm import report
+
+    sweep = tmp_path / "sweep"
+    hydra_main(
+        "-m",
+        SEARCH,
+        *_experiment(tmp_path),
+        "hydra.sweeper.n_trials=3",
+        "data.batch_size=choice(4,8)",  # overrides the config's choice(8, ..., 24)
+        f"hydra.sweep.dir={sweep}",
+    )
+    study = _study(sweep)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    for t in study.trials:
+        assert set(t.params) == {
+            "optim.lr",
+            "optim.weight_decay",
+            "model.dropout",
+            "data.batch_size",
+        }
+        assert 1e-4 <= t.params["optim.lr"] <= 3e-3 and t.params["data.batch_size"] in (4, 8)
+        assert sorted(t.intermediate_values) == [2, 4]  # val at global steps 2 and 4
+        assert t.value == pytest.approx(min(t.intermediate_values.values()))
+        cfg = OmegaConf.load(sweep / f"trial_{t.number}" / ".hydra" / "config.yaml")
+        assert cfg.optim.lr == pytest.approx(t.params["optim.lr"])
+        assert cfg.data.batch_size == t.params["data.batch_size"]
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.best_value == pytest.approx(study.best_value)
+
+    out = report.report(sweep)
+    assert [r["trial"] for r in out["rows"]] == [
+        t.number for t in sorted(study.trials, key=lambda t: t.value)
+    ]
+    assert {r["status"] for r in out["rows"]} == {"completed"}
+    names = {p.name for p in out["files"]}
+    assert {"report.md", "report.csv", "val_loss.png"} <= names
+    assert names >= {
+        "optuna_shakespeare_char_cpu_history.png",
+        "optuna_shakespeare_char_cpu_importance.png",
+    }
+
+
+def _fake_train(plan: dict[int, Any]) -> Any:
+    """A stand-in for llm.train.train: per trial number, a value to return or raise."""
+
+    def train(cfg: Any) -> dict[str, Any]:
+        outcome = plan.get(int(os.environ["LLM_OPTUNA_TRIAL"]), cfg.optim.lr)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return {"best_val_loss": outcome}
+
+    return train
+
+
+def test_failing_and_nan_trials_are_failed_and_search_goes_on(
+    tmp_path: Path, hydra_main: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llm.train
+
+    monkeypatch.setattr(llm.train, "train", _fake_train({0: RuntimeError("boom"), 1: math.nan}))
+    sweep = tmp_path / "sweep"
+    hydra_main(
+        "-m", SEARCH, *_experiment(tmp_path), "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"
+    )
+    trials = _study(sweep).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].user_attrs["fail_reason"] == "RuntimeError: boom"
+    assert "non-finite" in trials[1].user_attrs["fail_reason"]
+    assert OmegaConf.load(sweep / "optimization_results.yaml").best_trial == 2
+
+
+def test_interrupted_search_resumes_and_continues_trial_count(
+    tmp_path: Path, hydra_main: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    import llm.train
+    from llm import report
+
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        SEARCH,
+        *_experiment(tmp_path),
+        "hydra.sweeper.n_trials=4",
+        "data.batch_size=choice(4,8)",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    monkeypatch.setattr(llm.train, "train", _fake_train({2: KeyboardInterrupt()}))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during trial 2 stops the search
+        hydra_main(*args)
+    trials = _study(sweep).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[2].user_attrs["fail_reason"] == "interrupted"
+
+    monkeypatch.setattr(llm.train, "train", _fake_train({}))  # fake: the count is under test
+    hydra_main(*args)  # same sweep dir, same search space = same study
+    trials = _study(sweep).trials
+    # the interrupted trial does not count: two more trials make four counted ones
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert [t.state for t in trials[3:]] == [TrialState.COMPLETE] * 2
+    assert (sweep / "trial_4" / ".hydra").is_dir()
+    status = {r["trial"]: r["status"] for r in report.report(sweep)["rows"]}
+    assert status == {
+        0: "completed",
+        1: "completed",
+        2: "interrupted",
+        3: "completed",
+        4: "completed",
+    }
+
+    with pytest.raises(SystemExit):  # a changed search space is refused, not half-used
+        hydra_main(*args, "hydra.sweeper.n_trials=5", "data.batch_size=choice(4,16)")
+    assert "does not match study" in capsys.readouterr().err
+    assert len(_study(sweep).trials) == 5
+
+
+def test_pruner_stops_trial_at_its_val_loss(tmp_path: Path, hydra_main: Any) -> None:
+    from llm import report
+
+    sweep = tmp_path / "sweep"
+    hydra_main(
+        "-m",
+        SEARCH,
+        *_experiment(tmp_path),
+        "hydra.sweeper.n_trials=1",
+        "data.batch_size=4",
+        "hydra.sweeper.pruner=null",  # then a new mapping (else the two would be merged)
+        "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, upper: 0.5}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    (trial,) = _study(sweep).trials
+    assert trial.state == TrialState.PRUNED
+    assert "data.batch_size" not in trial.params  # pinned by the plain override
+    assert list(trial.intermediate_values) == [2]  # stopped after the first validation
+    ckpt = torch.load(sweep / "trial_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    (row,) = report.report(sweep)["rows"]
+    assert row["status"] == "pruned" and row["trial"] == 0
+
+
+class _FakeTrainer(SimpleNamespace):
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(
+            global_step=step,
+            callback_metrics={"val/loss": torch.tensor(loss)},
+            sanity_checking=False,
+            is_global_zero=True,
+            strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
+            should_stop=False,
+        )
+
+
+def test_pruning_callback_reports_at_global_step(tmp_path: Path) -> None:
+    from llm.sweep import StepPruningCallback, trial_from_env
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    asked = study.ask()
+    env = {"LLM_OPTUNA_STORAGE": storage, "LLM_OPTUNA_STUDY": "s", "LLM_OPTUNA_TRIAL": "0"}
+    trial = trial_from_env(env, pruner=optuna.pruners.ThresholdPruner(upper=1.0))
+    assert trial is not None and trial.number == asked.number
+    assert trial_from_env({}) is None
+
+    cb = StepPruningCallback(trial)
+    ok = _FakeTrainer(step=250, loss=0.5)
+    cb.on_validation_end(ok, None)  # type: ignore[arg-type]
+    assert not ok.should_stop
+    cb.check_pruned()  # not pruned: no exception
+    bad = _FakeTrainer(step=500, loss=2.0)
+    cb.on_validation_end(bad, None)  # type: ignore[arg-type]
+    assert bad.should_stop and cb.pruned_at == 500
+    assert study.trials[0].intermediate_values == {250: 0.5, 500: 2.0}
+    with pytest.raises(optuna.TrialPruned, match="step 500"):
+        cb.check_pruned()
+
+    study.tell(asked, 0.5)
+    with pytest.raises(RuntimeError, match="not RUNNING"):
+        trial_from_env(env)
+
+
+def test_search_space_syntax_and_errors() -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.errors import HydraException
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.llm_optuna_sweeper._impl import classify, parse_search_space
+
+    parser = OverridesParser.create()
+    space, fixed = parse_search_space(
+        parser.parse_overrides(
+            [
+                "optim.lr=tag(log, interval(1e-4, 1e-2))",
+                "model.dropout=interval(0.0, 0.3)",
+                "model.n_layer=range(2, 8, 2)",
+                "data.batch_size=choice(8, 16)",
+                "model.bias=true,false",
+                "trainer.max_steps=100",
+            ]
+        )
+    )
+    assert space == {
+        "optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
+        "model.dropout": FloatDistribution(0.0, 0.3),
+        "model.n_layer": IntDistribution(2, 6, step=2),
+        "data.batch_size": CategoricalDistribution([8, 16]),
+        "model.bias": CategoricalDistribution([True, False]),
+    }
+    assert fixed == ["trainer.max_steps=100"]
+    # later wins: a plain value pins a searched key, a sweep replaces the config's range
+    space, fixed = parse_search_space(
+        parser.parse_overrides(["a=choice(1, 2)", "b=1", "a=3", "b=interval(0.0, 1.0)"])
+    )
+    assert space == {"b": FloatDistribution(0.0, 1.0)} and fixed == ["a=3"]
+    with pytest.raises(HydraException, match="unknown tag"):
+        parse_search_space(parser.parse_overrides(["optim.lr=tag(loggg, interval(1, 2))"]))
+    with pytest.raises(HydraException, match="invalid"):
+        parse_search_space(parser.parse_overrides(["optim.lr=tag(log, interval(0.0, 1.0))"]))
+    with pytest.raises(HydraException, match="not supported"):
+        parse_search_space(parser.parse_overrides(["model=glob(*)"]))
+
+    def ret(value: Any, status: JobStatus = JobStatus.COMPLETED) -> JobReturn:
+        r = JobReturn(status=status)
+        r._return_value = value
+        return r
+
+    assert classify(ret(1.5)) == (TrialState.COMPLETE, 1.5, None)
+    assert classify(ret(math.nan))[0] == TrialState.FAIL
+    assert classify(ret(math.inf))[0] == TrialState.FAIL
+    assert classify(ret(ValueError("x"), JobStatus.FAILED)) == (
+        TrialState.FAIL,
+        None,
+        "ValueError: x",
+    )
+    assert classify(ret(optuna.TrialPruned(), JobStatus.FAILED))[0] == TrialState.PRUNED
+
+
+def test_unusable_storage_url_is_a_clear_error(tmp_path: Path) -> None:
+    from hydra.errors import HydraException
+
+    from hydra_plugins.llm_optuna_sweeper._impl import LLMOptunaSweeperImpl
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    kwargs: dict[str, Any] = dict(
+        study_name="s", direction="minimize", n_trials=1, n_jobs=1, sampler=None, pruner=None,
+        params=None, heartbeat_interval=None, grace_period=None,
+    )  # fmt: skip
+    for url in (f"sqlite:///{blocker}/sub/optuna.db", "nosuchdb://x"):
+        sweeper = LLMOptunaSweeperImpl(storage=url, **kwargs)
+        with pytest.raises(HydraException, match="Cannot open the Optuna storage"):
+            sweeper.create_study()
+
+
+def test_killed_workers_trial_is_failed_by_heartbeat_and_not_counted(
+    tmp_path: Path, hydra_main: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    import warnings
+
+    import llm.train
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeats are "experimental"
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{sweep / 'optuna.db'}", heartbeat_interval=1, grace_period=1
+        )
+        study = optuna.create_study(study_name="shakespeare_char_cpu", storage=storage)
+        killed = study.ask()  # a worker asked for it, beat once, then died
+        storage.record_heartbeat(killed._trial_id)
+    time.sleep(1.5)
+    monkeypatch.setattr(llm.train, "train", _fake_train({}))
+    hydra_main(
+        "-m",
+        SEARCH,
+        *_experiment(tmp_path),
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.heartbeat_interval=1",
+        "hydra.sweeper.grace_period=1",
+        f"hydra.sweep.dir={sweep}",
+    )
+    trials = _study(sweep).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.number for t in trials] == [0, 1]
