@@ -36,7 +36,17 @@ def load_checkpoint(
         what = ", ".join(f"hyper_parameters.{k}" for k in missing) or "state_dict"
         raise ValueError(f"{path} is not a llm.train checkpoint (missing {what}); {_HINT}")
     del raw
-    module = GPTLitModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    if "labels" in hparams:
+        raise ValueError(
+            f"{path} is a classifier (labels {hparams['labels']}), not a language model: "
+            f'use python -m llm.classify ckpt_path={path} text="..."'
+        )
+    cls: type[GPTLitModule] = GPTLitModule
+    if hparams.get("lora"):  # a finetune with adapters: generate through them, unmerged
+        from llm.finetuning.module import LoRAGPTModule
+
+        cls = LoRAGPTModule
+    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     module.eval()
     return module
 

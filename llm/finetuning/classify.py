@@ -1,0 +1,284 @@
+"""Sequence classification: a linear head on the GPT's last real token (LLMs-from-scratch ch. 6).
+
+Under causal attention the last non-padding token is the only one that has seen the whole
+text, so its final hidden state summarises it; right padding never leaks into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+from llm.finetuning.module import add_lora
+from llm.finetuning.records import read_records, require_columns, split_records
+from llm.model import GPT
+from llm.training.module import GPTLitModule, plain
+from llm.training.optim import build_optimizer, cosine_schedule
+
+
+def hidden_states(model: GPT, idx: Tensor) -> Tensor:
+    """Final-LayerNorm hidden states (B, T, n_embd): GPT.forward without the LM head."""
+    model._check_input(idx)
+    x = model.embed(idx)
+    for block in model.h:
+        x = block(x)
+    return model.ln_f(x)
+
+
+def freeze_for_classification(model: GPT, trainable_layers: int | None) -> None:
+    """Train only the last N blocks + final norm (the head is always trained); None: all."""
+    if trainable_layers is None:
+        return
+    n = int(trainable_layers)
+    if not 0 <= n <= len(model.h):
+        raise ValueError(f"trainable_layers={n} must be in [0, n_layer={len(model.h)}] or null")
+    for p in model.parameters():
+        p.requires_grad = False
+    for module in [*list(model.h)[len(model.h) - n :], model.ln_f]:
+        for p in module.parameters():
+            p.requires_grad = True
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids truncated to `max_length` (keeping the start); empty text -> [eot]."""
+    out = []
+    for t in texts:
+        ids = list(tokenizer.encode(str(t)))[:max_length]
+        out.append(ids or [tokenizer.eot_id or 0])
+    return out
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad to `length`: (ids (B, length), lengths (B,))."""
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Text/label files -> padded (ids, lengths, label) batches; labels vocab from the data.
+
+    `path` is split into train/val/test by fraction unless `val_path` / `test_path` are given.
+    Every sequence is truncated and right-padded (with eot) to `max_length`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        path: str,
+        text_column: str = "text",
+        label_column: str = "label",
+        format: str = "auto",
+        max_length: int | None = None,
+        block_size: int | None = None,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        labels: list[str] | None = None,
+        num_workers: int = 0,
+        seed: int = 1337,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.path, self.val_path, self.test_path = path, val_path, test_path
+        self.text_column, self.label_column = text_column, label_column
+        self.format = format
+        self.block_size = None if block_size is None else int(block_size)
+        self.max_length = None if max_length is None else int(max_length)
+        self.batch_size = int(batch_size)
+        self.val_fraction = float(val_fraction) if val_path is None else 0.0
+        self.test_fraction = float(test_fraction) if test_path is None else 0.0
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+        self.labels: list[str] | None = [str(x) for x in labels] if labels else None
+        self.splits: dict[str, list[tuple[list[int], int]]] = {}
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length must be > 0 or null, got {max_length}")
+        if self.max_length and self.block_size and self.max_length > self.block_size:
+            raise ValueError(
+                f"data.max_length={self.max_length} > the model's block_size {self.block_size}; "
+                "lower max_length"
+            )
+
+    def _read(self, path: str) -> list[dict[str, Any]]:
+        rows = read_records(path, self.format)
+        require_columns(
+            rows,
+            [self.text_column, self.label_column],
+            path,
+            " ; set data.text_column= / data.label_column= to the right names",
+        )
+        return rows
+
+    def prepare_data(self) -> None:
+        """Read, split and tokenize once (small files); fixes `self.labels`."""
+        if self.splits:
+            return
+        rows = self._read(self.path)
+        train, val, test = split_records(rows, [self.val_fraction, self.test_fraction], self.seed)
+        if self.val_path:
+            val = self._read(self.val_path)
+        if self.test_path:
+            test = self._read(self.test_path)
+        if self.labels is None:
+            self.labels = sorted({str(r[self.label_column]) for r in train})
+        if len(self.labels) < 2:
+            raise ValueError(f"{self.path}: need at least 2 distinct labels, got {self.labels}")
+        if self.max_length is None:  # longest training text, as LLMs-from-scratch pads
+            longest = max(
+                len(s)
+                for s in encode_texts(self.tokenizer, [r[self.text_column] for r in train], 1 << 30)
+            )
+            self.max_length = min(longest, self.block_size or longest)
+        index = {lab: i for i, lab in enumerate(self.labels)}
+        for name, part in (("train", train), ("val", val), ("test", test)):
+            unknown = sorted({str(r[self.label_column]) for r in part} - set(index))
+            if unknown:
+                raise ValueError(
+                    f"{name} split has labels {unknown} not among the training labels "
+                    f"{self.labels}; add examples or set data.labels"
+                )
+            ids = encode_texts(self.tokenizer, [r[self.text_column] for r in part], self.max_length)
+            self.splits[name] = [
+                (s, index[str(r[self.label_column])]) for s, r in zip(ids, part, strict=True)
+            ]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+
+    def collate(self, batch: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor, Tensor]:
+        assert self.max_length is not None, "call prepare_data() first"
+        ids, lengths = pad_batch([s for s, _ in batch], self.max_length, self.pad_id)
+        return ids, lengths, torch.tensor([y for _, y in batch], dtype=torch.long)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.splits.get(split) or []
+        return DataLoader(
+            data,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+class ClassifierModule(GPTLitModule):
+    """GPT body + `head: n_embd -> len(labels)`; logs loss and accuracy on train/val/test.
+
+    Extra hparams (all plain): labels, max_length, trainable_layers (None: all train; N: last
+    N blocks + final norm + head) and lora (only adapters + head train).
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        tokenizer: dict[str, Any] | None = None,
+        optim: dict[str, Any] | None = None,
+        compile: bool = False,
+        sample: dict[str, Any] | None = None,  # unused; kept so checkpoints reload
+        labels: list[str] | None = None,
+        max_length: int = 128,
+        trainable_layers: int | None = None,
+        lora: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model, tokenizer, optim, compile, sample=None)
+        if not labels or len(labels) < 2:
+            raise ValueError(f"classification needs at least 2 labels, got {labels}")
+        self.hparams.update(
+            labels=[str(x) for x in labels],
+            max_length=int(max_length),
+            trainable_layers=None if trainable_layers is None else int(trainable_layers),
+            lora=plain(lora),
+        )
+        self.labels = list(self.hparams["labels"])
+        self.head = nn.Linear(self.config.n_embd, len(self.labels))
+        if lora:
+            add_lora(self.model, lora)  # freezes every base weight
+        else:
+            freeze_for_classification(self.model, trainable_layers)
+        n = len(self.labels)
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+
+    def forward(self, idx: Tensor, lengths: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Class logits (B, n_labels) from the hidden state at position lengths - 1."""
+        h = hidden_states(self.model, idx)
+        if lengths is None:
+            return self.head(h[:, -1])
+        last = (lengths - 1).clamp(min=0)
+        return self.head(h[torch.arange(h.size(0), device=h.device), last])
+
+    def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> Tensor:
+        ids, lengths, y = batch
+        logits = self(ids, lengths)
+        loss = F.cross_entropy(logits.float(), y)
+        acc = getattr(self, f"{stage}_acc")
+        acc(logits.argmax(-1), y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step)
+        self.log(
+            f"{stage}/acc", acc, prog_bar=stage != "train", on_step=on_step, on_epoch=not on_step
+        )
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:  # type: ignore[override]
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss.detach()).item():
+            raise RuntimeError(f"training loss is {loss.item()} at global step {self.global_step}")
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:  # type: ignore[override]
+        return self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:  # metrics are epoch-reduced by self.log
+        pass
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """As pretraining, but over the body *and* the head (frozen parameters skipped)."""
+        o = self.hparams["optim"]
+        opt = build_optimizer(
+            self, o["lr"], o["weight_decay"], o["betas"], o["eps"], fused=o.get("fused")
+        )
+        decay = o.get("decay_steps") or self.trainer.max_steps
+        decay = int(decay) if decay and decay > 0 else max(int(o["warmup_steps"]), 1)
+        sched = cosine_schedule(opt, o["lr"], o["min_lr"], int(o["warmup_steps"]), decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def predict_texts(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        """(label, probability) per text, truncated like training."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer; it cannot encode text")
+        self.eval()
+        seqs = encode_texts(self.tokenizer, texts, self.hparams["max_length"])
+        pad = self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0
+        ids, lengths = pad_batch(seqs, max(len(s) for s in seqs), pad)
+        probs = torch.softmax(self(ids.to(self.device), lengths.to(self.device)).float(), -1)
+        conf, idx = probs.max(-1)
+        pairs = zip(idx.tolist(), conf.tolist(), strict=True)
+        return [(self.labels[i], float(c)) for i, c in pairs]

@@ -1,0 +1,106 @@
+"""Starting weights for finetuning: a `llm.train` checkpoint or Hugging Face GPT-2 weights.
+
+Both paths end as (GPTConfig fields, GPT state dict, tokenizer dict or None), so the task
+modules are built from plain config and the weights are copied in afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_HINT = (
+    "init= takes a llm.train checkpoint (.../checkpoints/last.ckpt), a Hugging Face GPT-2 "
+    "directory (config.json + model.safetensors) or a hub name such as gpt2"
+)
+
+
+@dataclass
+class InitWeights:
+    """What a finetune starts from; `tokenizer` is None for Hugging Face weights."""
+
+    model: dict[str, Any]
+    state_dict: dict[str, Tensor]
+    tokenizer: dict[str, Any] | None
+    source: str
+
+
+def _looks_like_path(init: str) -> bool:
+    return init.endswith(".ckpt") or os.sep in init or init.startswith(".")
+
+
+def load_init(
+    init: str | os.PathLike[str], block_size: int | None = None, dropout: float | None = None
+) -> InitWeights:
+    """Read `init`; crop the position table to `block_size` when it is smaller."""
+    init = str(init)
+    path = Path(init).expanduser()
+    if path.is_file():
+        weights = _from_checkpoint(path)
+    elif path.is_dir() or not _looks_like_path(init):
+        weights = _from_hf(init)
+    else:
+        raise FileNotFoundError(f"init={init!r} does not exist; {_HINT}")
+    if dropout is not None:
+        weights.model["dropout"] = float(dropout)
+    if block_size is not None:
+        crop_state_dict(weights, int(block_size))
+    return weights
+
+
+def _from_checkpoint(path: Path) -> InitWeights:
+    try:
+        raw: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+    if not isinstance(hp, dict) or "model" not in hp or "state_dict" not in raw:
+        raise ValueError(f"{path} is not a llm.train checkpoint (no hyper_parameters.model)")
+    if hp.get("lora"):
+        raise ValueError(
+            f"{path} holds LoRA adapters; merge them first: "
+            f"python -m llm.finetuning.export ckpt_path={path} out=merged.ckpt"
+        )
+    sd = {
+        k.removeprefix("model."): v for k, v in raw["state_dict"].items() if k.startswith("model.")
+    }
+    model = dict(hp["model"])
+    model.pop("_target_", None)
+    return InitWeights(model, sd, hp.get("tokenizer"), str(path))
+
+
+def _from_hf(name_or_dir: str) -> InitWeights:
+    from llm.model import GPT
+
+    model = GPT.from_pretrained(name_or_dir)
+    return InitWeights(asdict(model.config), model.state_dict(), None, str(name_or_dir))
+
+
+def crop_state_dict(weights: InitWeights, block_size: int) -> None:
+    """Shrink the context (nanoGPT's crop_block_size) on the config and the wpe table."""
+    old = int(weights.model["block_size"])
+    if block_size > old:
+        raise ValueError(
+            f"block_size={block_size} exceeds the pretrained block_size {old}: positions "
+            f"past {old} were never trained; use block_size<={old}"
+        )
+    weights.model["block_size"] = block_size
+    wpe = weights.state_dict.get("embed.wpe.weight")
+    if wpe is not None:
+        weights.state_dict["embed.wpe.weight"] = wpe[:block_size].clone()
+
+
+def load_base_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Copy pretrained weights into a (possibly LoRA-wrapped) GPT; only lora_* may be missing."""
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.rsplit(".", 1)[-1].startswith("lora_")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"init weights do not fit the model: missing {missing[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]}"
+        )

@@ -1,0 +1,197 @@
+"""Instruction finetuning on Alpaca-format records (instruction, input, output).
+
+Prompts use the Alpaca template; the collate function pads with end-of-text and sets targets
+to -100 on padding (the first eot stays: it teaches the model to stop) and, by default, on
+the prompt, so the loss is over response tokens only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from llm.finetuning.records import read_records, split_records
+from llm.io import atomic_write_json
+
+PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+REQUIRED = ("instruction", "output")
+
+
+def format_prompt(record: dict[str, Any]) -> str:
+    """Alpaca prompt up to and including '### Response:\\n'; no Input section when empty."""
+    text = f"{PREAMBLE}\n\n### Instruction:\n{record['instruction']}"
+    if record.get("input"):
+        text += f"\n\n### Input:\n{record['input']}"
+    return text + "\n\n### Response:\n"
+
+
+def check_records(rows: Sequence[dict[str, Any]], path: Any) -> None:
+    """Every record needs instruction and output (input is optional), all strings."""
+    for i, row in enumerate(rows):
+        missing = [k for k in REQUIRED if not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(
+                f"{path}: Alpaca record {i} lacks string field(s) {missing} "
+                f"(keys found: {sorted(row)}); each record needs instruction, output and an "
+                "optional input"
+            )
+
+
+def encode_example(
+    tokenizer: Any, record: dict[str, Any], max_length: int
+) -> tuple[list[int], int]:
+    """(prompt + response + eot ids truncated to max_length + 1, prompt length)."""
+    prompt = list(tokenizer.encode(format_prompt(record)))
+    ids = prompt + list(tokenizer.encode(record["output"])) + [tokenizer.eot_id]
+    return ids[: max_length + 1], len(prompt)
+
+
+def collate(
+    batch: Sequence[tuple[list[int], int]], pad_id: int, mask_prompt: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Shifted (inputs, targets) padded to the longest example.
+
+    Inputs are padded with `pad_id` (eot); targets are -100 on padding and, if `mask_prompt`,
+    wherever the *target* token belongs to the prompt. The sequence's own final eot is a real
+    target, so the count of kept targets is len(response) + 1.
+    """
+    length = max(len(ids) for ids, _ in batch) - 1
+    x = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    y = torch.full((len(batch), length), -100, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(batch):
+        seq = torch.tensor(ids, dtype=torch.long)
+        x[i, : len(ids) - 1] = seq[:-1]
+        y[i, : len(ids) - 1] = seq[1:]
+        if mask_prompt:
+            y[i, : max(n_prompt - 1, 0)] = -100  # y[j] = ids[j + 1]: prompt until j = n - 2
+    return x, y
+
+
+class InstructDataModule(L.LightningDataModule):
+    """Alpaca JSON / JSONL -> (inputs, targets) batches; val split by fraction or `val_path`."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        path: str,
+        val_path: str | None = None,
+        val_fraction: float = 0.1,
+        max_length: int | None = None,
+        block_size: int | None = None,
+        batch_size: int = 8,
+        mask_prompt: bool = True,
+        num_workers: int = 0,
+        seed: int = 1337,
+    ) -> None:
+        super().__init__()
+        if tokenizer.eot_id is None:
+            raise ValueError(
+                "instruction finetuning pads and ends responses with <|endoftext|>, but this "
+                "tokenizer has none"
+            )
+        self.tokenizer = tokenizer
+        self.path, self.val_path = path, val_path
+        self.val_fraction = float(val_fraction)
+        if max_length is None and block_size is None:
+            raise ValueError("set data.max_length (or block_size) for instruction data")
+        self.max_length = int(max_length if max_length is not None else block_size)  # type: ignore[arg-type]
+        if block_size is not None and self.max_length > int(block_size):
+            raise ValueError(
+                f"data.max_length={self.max_length} > the model's block_size {block_size}; "
+                "lower max_length"
+            )
+        self.batch_size = int(batch_size)
+        self.mask_prompt = bool(mask_prompt)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.examples: dict[str, list[tuple[list[int], int]]] = {}
+
+    def _read(self, path: str) -> list[dict[str, Any]]:
+        rows = read_records(path)
+        check_records(rows, path)
+        return rows
+
+    def prepare_data(self) -> None:
+        if self.examples:
+            return
+        rows = self._read(self.path)
+        if self.val_path:
+            train, val = rows, self._read(self.val_path)
+        else:
+            train, val = split_records(rows, [self.val_fraction], self.seed)
+        self.records = {"train": train, "val": val}
+        self.examples = {
+            k: [encode_example(self.tokenizer, r, self.max_length) for r in v]
+            for k, v in self.records.items()
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+
+    def _collate(self, batch: Sequence[tuple[list[int], int]]) -> tuple[Tensor, Tensor]:
+        return collate(batch, self.tokenizer.eot_id, self.mask_prompt)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.examples.get(split) or [],  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+
+@torch.no_grad()
+def generate_responses(
+    module: Any, records: Sequence[dict[str, Any]], max_new_tokens: int = 256
+) -> list[dict[str, Any]]:
+    """Greedy response per record, stopping at end-of-text; prompt cropped to fit the context."""
+    tok, model = module.tokenizer, module.model
+    module.eval()
+    device = next(module.parameters()).device
+    block = model.config.block_size
+    out = []
+    for rec in records:
+        ids = list(tok.encode(format_prompt(rec)))[-(block - 1) :]
+        n_new = max(0, min(int(max_new_tokens), block - len(ids)))
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        new: list[int] = []
+        if n_new > 0:
+            gen = model.generate(idx, n_new, temperature=0.0, stop_token=tok.eot_id)
+            new = gen[0, len(ids) :].tolist()
+        if tok.eot_id in new:
+            new = new[: new.index(tok.eot_id)]
+        out.append(
+            {
+                "instruction": rec["instruction"],
+                "input": rec.get("input", ""),
+                "output": rec["output"],
+                "response": tok.decode(new).strip(),
+            }
+        )
+    return out
+
+
+def save_responses(
+    module: Any, records: Sequence[dict[str, Any]], path: str | os.PathLike[str], **kw: Any
+) -> Path:
+    """Generate and write responses.json atomically (a killed run leaves no half file)."""
+    return atomic_write_json(path, generate_responses(module, records, **kw))

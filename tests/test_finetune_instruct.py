@@ -1,0 +1,105 @@
+"""`task=instruct`: Alpaca template, exact prompt masking, training, responses.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _finetune_utils import ALPHABET, char_checkpoint, compose_finetune, fast_overrides, recorder
+
+from llm.checkpoint import load_checkpoint
+from llm.finetune import finetune
+from llm.finetuning.instruct import (
+    InstructDataModule,
+    collate,
+    encode_example,
+    format_prompt,
+)
+from llm.tokenizers import CharTokenizer
+
+WORDS = ["cat", "dog", "sun", "sky", "red", "map", "cup", "pen"]
+RECORDS = [
+    {"instruction": f"Repeat {w}", "input": "twice" if i % 2 else "", "output": f"{w} {w}"}
+    for i, w in enumerate(WORDS)
+]
+
+
+def _tok() -> CharTokenizer:
+    tok = CharTokenizer()
+    tok.fit([ALPHABET])
+    return tok
+
+
+def test_alpaca_template_exact() -> None:
+    preamble = (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+    )
+    assert format_prompt({"instruction": "Add 2+2", "input": "", "output": "4"}) == (
+        f"{preamble}\n\n### Instruction:\nAdd 2+2\n\n### Response:\n"
+    )
+    assert format_prompt({"instruction": "Translate", "input": "hola"}) == (
+        f"{preamble}\n\n### Instruction:\nTranslate\n\n### Input:\nhola\n\n### Response:\n"
+    )
+
+
+def test_collate_masks_exactly_the_prompt_and_padding() -> None:
+    tok = _tok()
+    examples = [encode_example(tok, r, 256) for r in RECORDS[:3]]
+    examples.append(encode_example(tok, {"instruction": "Say hi", "output": "hi there"}, 256))
+    x, y = collate(examples, tok.eot_id, mask_prompt=True)
+    longest = max(len(ids) for ids, _ in examples)
+    assert x.shape == y.shape == (4, longest - 1)
+    for row, (ids, n_prompt) in enumerate(examples):
+        n_response = len(ids) - n_prompt - 1
+        kept = y[row] != -100
+        assert int(kept.sum()) == n_response + 1  # response tokens + the closing eot
+        assert torch.equal(y[row][kept], torch.tensor(ids[n_prompt:]))
+        assert y[row][kept][-1] == tok.eot_id
+        assert (x[row, len(ids) - 1 :] == tok.eot_id).all()  # inputs padded with eot
+        assert torch.equal(x[row, : len(ids) - 1], torch.tensor(ids[:-1]))
+    x2, y2 = collate(examples, tok.eot_id, mask_prompt=False)
+    assert torch.equal(x2, x)
+    for row, (ids, _) in enumerate(examples):
+        assert int((y2[row] != -100).sum()) == len(ids) - 1  # only padding masked
+
+
+def test_records_missing_keys_name_the_record(tmp_path: Path) -> None:
+    bad = [*RECORDS[:2], {"instruction": "no answer"}]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"Alpaca record 2 lacks string field\(s\) \['output'\]"):
+        InstructDataModule(_tok(), str(path), max_length=64).prepare_data()
+
+
+def test_instruct_overfits_and_writes_responses(tmp_path: Path) -> None:
+    init = char_checkpoint(tmp_path / "init.ckpt", block_size=160)
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(RECORDS))
+    cfg = compose_finetune(
+        [
+            f"init={init}",
+            "task=instruct",
+            f"data.path={data}",
+            "data.val_fraction=0.25",
+            "task.max_new_tokens=12",
+            "optim.lr=3e-3",
+            "optim.min_lr=3e-3",
+            *fast_overrides(tmp_path, 25),
+        ]
+    )
+    result = finetune(cfg)
+    losses = recorder(result).losses
+    assert losses[-1] < losses[0] - 1.5  # response-only loss on 6 tiny examples
+    responses_path = Path(result["responses_path"])
+    assert responses_path == Path(result["best_model_path"]).parent / "responses.json"
+    responses = json.loads(responses_path.read_text())
+    val = result["datamodule"].records["val"]
+    assert [r["instruction"] for r in responses] == [r["instruction"] for r in val]
+    assert all(set(r) == {"instruction", "input", "output", "response"} for r in responses)
+    assert all(isinstance(r["response"], str) and len(r["response"]) <= 12 for r in responses)
+    assert not list(responses_path.parent.glob(".*.tmp"))
+    module = load_checkpoint(result["last_model_path"])  # no LoRA: a plain LM checkpoint
+    assert module.config.block_size == 160
