@@ -311,3 +311,29 @@ def test_cli_subprocess_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = list((tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))
     assert len(ckpts) == 1
+
+
+def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
+    """`compile=true`: the compiled model trains, and checkpoints hold the eager module's keys."""
+    from llm.checkpoint import load_checkpoint
+    from llm.train import train
+
+    overrides = [
+        *_overrides(tmp_path, _verdict(tmp_path)),
+        "compile=true",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=0",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    result = train(compose_train(overrides))
+    module = result["module"]
+    assert module._compiled is not None and result["trainer"].global_step == 3
+    last = result["last_model_path"]
+    keys = torch.load(last, map_location="cpu", weights_only=True)["state_dict"].keys()
+    assert keys == module.state_dict().keys() and not any("_orig_mod" in k for k in keys)
+    reloaded = load_checkpoint(last)  # eager, no compile needed to use it
+    x = torch.randint(0, reloaded.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x)[0], module.eval()(x)[0], atol=1e-4, rtol=1e-4)
