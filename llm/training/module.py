@@ -83,7 +83,8 @@ class GPTLitModule(L.LightningModule):
 
             self.tokenizer = tokenizer_from_dict(hparams["tokenizer"])
         self._val_losses: list[Tensor] = []
-        self._last_step_time: float | None = None
+        self._window_start: float | None = None  # throughput window (see training_step)
+        self._window_tokens = 0
         self._peak_flops: float | None = None
         self._compiled: Any = None
 
@@ -99,7 +100,7 @@ class GPTLitModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------
     def on_train_start(self) -> None:
-        self._last_step_time = None
+        self._window_start = None
         if self.device.type == "cuda":
             try:
                 from lightning.fabric.utilities.throughput import get_available_flops
@@ -118,24 +119,31 @@ class GPTLitModule(L.LightningModule):
                 f"training loss is {loss.item()} at global step {self.global_step} "
                 "(try a lower lr, gradient clipping, or bf16 instead of fp16)"
             )
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
-        if opt is not None:
-            self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
-        self._log_throughput(x.numel() * self.trainer.world_size)
+        now = time.perf_counter()
+        if self._window_start is None:
+            self._window_start, self._window_tokens = now, 0
+        else:  # one more step (backward, update, next batch, forward) since the last call
+            self._window_tokens += x.numel() * self.trainer.world_size
+        # metrics on logging steps only: `self.log` is not free, and the loggers and the
+        # progress bar read them no more often than that anyway
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+            opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
+            if opt is not None:
+                self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
+            self._log_throughput(now)
         return loss
 
-    def _log_throughput(self, tokens: int) -> None:
-        """Tokens/s from wall time between consecutive steps (includes backward + update)."""
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            dt = max(now - self._last_step_time, 1e-9)
-            tps = tokens / dt
-            self.log("train/tokens_per_sec", tps, prog_bar=True, on_step=True, on_epoch=False)
-            if self._peak_flops:
-                mfu = self.model.estimate_mfu(tps / self.trainer.world_size, self._peak_flops)
-                self.log("train/mfu", mfu, on_step=True, on_epoch=False)
-        self._last_step_time = now
+    def _log_throughput(self, now: float) -> None:
+        """Tokens/s (and MFU) over the steps since the last logging step."""
+        if not self._window_tokens or self._window_start is None:
+            return
+        tps = self._window_tokens / max(now - self._window_start, 1e-9)
+        self.log("train/tokens_per_sec", tps, prog_bar=True, on_step=True, on_epoch=False)
+        if self._peak_flops:
+            mfu = self.model.estimate_mfu(tps / self.trainer.world_size, self._peak_flops)
+            self.log("train/mfu", mfu, on_step=True, on_epoch=False)
+        self._window_start, self._window_tokens = now, 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Total gradient norm before clipping, on logging steps, straight to the loggers.
@@ -170,7 +178,7 @@ class GPTLitModule(L.LightningModule):
         self.log("val/loss", mean, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(mean.clamp(max=50.0)), sync_dist=True)
         self._val_losses = []
-        self._last_step_time = None  # do not count validation time as a training step
+        self._window_start = None  # validation time is no training throughput
 
     # -- optimizer ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
