@@ -17,7 +17,12 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from llm.finetuning.module import add_lora
-from llm.finetuning.records import read_records, require_columns, split_records
+from llm.finetuning.records import (
+    examples_loader,
+    read_records,
+    require_columns,
+    split_records,
+)
 from llm.model import GPT
 from llm.training.module import GPTLitModule, plain
 from llm.training.optim import build_optimizer, cosine_schedule
@@ -164,13 +169,8 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.splits.get(split) or []
-        return DataLoader(
-            data,  # type: ignore[arg-type]
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        return examples_loader(
+            data, self.batch_size, self.collate, shuffle, self.seed, self.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from llm.finetuning.records import read_records, split_records
+from llm.finetuning.records import examples_loader, read_records, split_records
 from llm.io import atomic_write_json
 
 PREAMBLE = (
@@ -143,13 +143,9 @@ class InstructDataModule(L.LightningDataModule):
         return collate(batch, self.tokenizer.eot_id, self.mask_prompt)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.examples.get(split) or [],  # type: ignore[arg-type]
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=self._collate,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        data = self.examples.get(split) or []
+        return examples_loader(
+            data, self.batch_size, self._collate, shuffle, self.seed, self.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import DataLoader
+
 FORMATS = ("csv", "tsv", "jsonl", "json")
 
 
@@ -81,3 +84,22 @@ def split_records(rows: list[Any], fractions: Sequence[float], seed: int) -> tup
             "add data or lower the fractions"
         )
     return (rows, *parts)
+
+
+def examples_loader(
+    examples: Sequence[Any],
+    batch_size: int,
+    collate_fn: Any,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A loader over in-memory examples; shuffled with its own seeded generator (reproducible)."""
+    return DataLoader(
+        examples,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )
