@@ -17,17 +17,29 @@ from llm.training.module import GPTLitModule
 _HINT = "training runs write logs/train/runs/<date>/checkpoints/last.ckpt"
 
 
+def read_checkpoint(
+    path: str | os.PathLike[str], not_found: str = "checkpoint not found", hint: str = _HINT
+) -> Any:
+    """The raw contents (weights_only), with errors that name the file and where runs write.
+
+    Memory-mapped: callers mostly want the hyper_parameters before Lightning loads the file
+    again, so the tensors are not read twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{not_found}: {path} ({hint})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, garbage bytes, pickled non-allowlisted objects
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> GPTLitModule:
     """Rebuild model + tokenizer from a checkpoint written by `llm.train` (weights_only load)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} ({_HINT})")
-    try:
-        raw: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, pickled non-allowlisted objects
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    raw = read_checkpoint(path)
     hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
     missing = [
         k for k in ("model", "tokenizer") if not (isinstance(hparams, dict) and k in hparams)
@@ -41,11 +53,9 @@ def load_checkpoint(
             f"{path} is a classifier (labels {hparams['labels']}), not a language model: "
             f'use python -m llm.classify ckpt_path={path} text="..."'
         )
-    cls: type[GPTLitModule] = GPTLitModule
-    if hparams.get("lora"):  # a finetune with adapters: generate through them, unmerged
-        from llm.finetuning.module import LoRAGPTModule
+    from llm.finetuning.checkpoint import module_class  # LoRA adapters: used unmerged
 
-        cls = LoRAGPTModule
+    cls: type[GPTLitModule] = module_class(hparams)
     module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     module.eval()
     return module
@@ -62,12 +72,7 @@ def check_resumable(path: str | os.PathLike[str], module: GPTLitModule) -> None:
     the error names every field that differs and what to do about it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path not found: {path} ({_HINT})")
-    try:
-        raw: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    raw = read_checkpoint(path, not_found="ckpt_path not found")
     hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
     if not isinstance(hp, dict) or "model" not in hp:
         raise ValueError(f"{path} is not a llm.train checkpoint (no hyper_parameters.model)")

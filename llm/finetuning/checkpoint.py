@@ -12,21 +12,14 @@ from typing import Any
 
 import torch
 
+from llm.checkpoint import read_checkpoint
 from llm.finetuning.lora import lora_state_dict_merged
 from llm.io import atomic_open
 
 
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint not found: {path} (finetune runs write "
-            "logs/finetune/runs/<date>/checkpoints/last.ckpt)"
-        )
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    hint = "finetune runs write logs/finetune/runs/<date>/checkpoints/last.ckpt"
+    raw = read_checkpoint(path, hint=hint)
     if not isinstance(raw, dict) or "state_dict" not in raw or "hyper_parameters" not in raw:
         raise ValueError(f"{path} is not a Lightning checkpoint written by llm.train/finetune")
     return raw

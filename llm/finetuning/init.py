@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from llm.checkpoint import read_checkpoint
 
 _HINT = (
     "init= takes a llm.train checkpoint (.../checkpoints/last.ckpt), a Hugging Face GPT-2 "
@@ -54,10 +55,7 @@ def load_init(
 
 
 def _from_checkpoint(path: Path) -> InitWeights:
-    try:
-        raw: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    raw = read_checkpoint(path)
     hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
     if not isinstance(hp, dict) or "model" not in hp or "state_dict" not in raw:
         raise ValueError(f"{path} is not a llm.train checkpoint (no hyper_parameters.model)")
