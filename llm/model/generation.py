@@ -89,7 +89,12 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
 ) -> Tensor:
-    """Extend idx (B, T) by up to max_new_tokens tokens; see GPT.generate."""
+    """Sample up to max_new_tokens after idx (B, T); returns (B, T + new).
+
+    temperature 0 is greedy; seed (or generator) makes sampling reproducible; generation
+    stops early once every row has produced stop_token (finished rows are padded with it).
+    Also bound as `GPT.generate`.
+    """
     if generator is None and seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
     block_size = model.config.block_size

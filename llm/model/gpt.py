@@ -130,35 +130,8 @@ class GPT(nn.Module):
         """Model FLOPs utilization: achieved training FLOP/s over the hardware peak."""
         return self.flops_per_token() * tokens_per_sec / peak_flops
 
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop_token: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
-    ) -> Tensor:
-        """Sample up to max_new_tokens after idx (B, T); returns (B, T + new).
-
-        temperature 0 is greedy; seed (or generator) makes sampling reproducible; generation
-        stops early once every row has produced stop_token (finished rows are padded with it).
-        """
-        return generate(
-            self,
-            idx,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop_token=stop_token,
-            use_cache=use_cache,
-            generator=generator,
-            seed=seed,
-        )
+    # sampling lives in generation.py (KV cache, top-k/top-p); as a method: model.generate(idx, n)
+    generate = generate
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path, **overrides: Any) -> GPT:
