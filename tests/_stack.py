@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 def write_corpus(folder: Path, repeats: int = 3) -> Path:
@@ -45,12 +45,14 @@ def compose_train(overrides: list[str], config_name: str = "train") -> DictConfi
         return compose(config_name, overrides=overrides)
 
 
-def run_cli(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """`python -m <module> <args>` as a user types it, offline."""
+def run_cli(
+    module: str, *args: str, cwd: Path = ROOT, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> <args>` as a user types it, offline; `env` adds variables."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=ENV,
+        env={**ENV, **env},
         capture_output=True,
         text=True,
         timeout=300,

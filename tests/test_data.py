@@ -6,13 +6,13 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _stack import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -350,15 +350,7 @@ def test_hydra_config_instantiates(verdict: Path, tmp_path: Path, gpt2: Tiktoken
 
 
 def _prepare(*overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "llm.prepare", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli("llm.prepare", *overrides)
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tiny shakespeare not available")

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from _finetune_utils import (
     ALPHABET,
-    ROOT,
     char_checkpoint,
     compose_finetune,
     fast_overrides,
     recorder,
     write_jsonl,
 )
+from _stack import run_cli
 
 from llm.classify import classify_text
 from llm.finetune import finetune
@@ -130,11 +127,7 @@ def test_classify_overfits_last_block_only_and_cli(tmp_path: Path) -> None:
     assert classify_text(ckpt, "free prize, call now! 7")[0] == "spam"
     raw = torch.load(ckpt, weights_only=True)["hyper_parameters"]
     assert raw["labels"] == ["ham", "spam"] and raw["tokenizer"]["kind"] == "char"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "llm.classify", f"ckpt_path={ckpt}", "text=see you at lunch 9"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run_cli("llm.classify", f"ckpt_path={ckpt}", "text=see you at lunch 9")
     assert proc.returncode == 0, proc.stderr[-2000:]
     label, prob = proc.stdout.strip().split("\t")
     assert label == "ham" and 0.5 < float(prob) <= 1.0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from _finetune_utils import (
     hf_gpt2_dir,
     recorder,
 )
+from _stack import run_cli
 
 from llm.checkpoint import load_checkpoint
 from llm.finetune import finetune, validate
@@ -136,15 +135,7 @@ def test_cli_from_hf_gpt2_dir(tmp_path: Path) -> None:
         *fast_overrides(tmp_path, 3),
     ]
     overrides = [o for o in overrides if "loss_recorder" not in o and "output_dir" not in o]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "llm.finetune", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli("llm.finetune", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trainable parameters:" in proc.stderr + proc.stdout
     assert "best val/loss:" in proc.stdout and "last checkpoint:" in proc.stdout

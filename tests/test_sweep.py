@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from _stack import run_cli
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -98,15 +98,7 @@ def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
 
     sweep = tmp_path / "sweep"
     args = [*_experiment(tmp_path), "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "llm.train", "-m", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli("llm.train", "-m", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == [

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tiktoken
+from _stack import run_cli
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
@@ -405,16 +403,7 @@ def test_render_color(char_tok: CharTokenizer) -> None:
 
 
 def test_cli_end_to_end() -> None:
-    env = {**os.environ, "NO_COLOR": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "llm.tokenize", "tokenizer=o200k_base", f"text={AGI}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_cli("llm.tokenize", "tokenizer=o200k_base", f"text={AGI}", NO_COLOR="1")
     assert proc.returncode == 0, proc.stderr
     assert str(AGI_IDS) in proc.stdout
     assert "|we| are| building| an| ag|i|" in proc.stdout
