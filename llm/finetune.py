@@ -13,13 +13,12 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, open_dict
 
+from llm.checkpoint import read_checkpoint
 from llm.finetuning.init import InitWeights, load_base_weights, load_init
 from llm.finetuning.module import lm_module, log_param_counts, lora_config
-from llm.train import _best_val_loss, _flatten, _instantiate_dict
+from llm.train import _best_val_loss, _flatten, build_trainer, sample_settings
 from llm.training.module import plain
 
 TASKS = ("text", "classify", "instruct")
@@ -79,8 +78,7 @@ def build(cfg: DictConfig, init: InitWeights, tokenizer: Any) -> tuple[L.Lightni
     dm.prepare_data()
     module: L.LightningModule
     if task == "text":
-        sample = (cfg.get("callbacks") or {}).get("sample_text")
-        sample = {k: v for k, v in plain(sample).items() if k != "_target_"} if sample else None
+        sample = sample_settings(cfg)
         module = lm_module(init.model, dm.tokenizer.to_dict(), optim, compile, sample, lora)
     elif task == "instruct":
         module = lm_module(init.model, tokenizer.to_dict(), optim, compile, None, lora)
@@ -114,13 +112,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg, init)
     module, dm = build(cfg, init, tokenizer)
 
-    loggers = _instantiate_dict(cfg.get("logger"))
-    callbacks = _instantiate_dict(cfg.get("callbacks") or {})
-    if not cfg.trainer.get("enable_progress_bar", True):
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks
-    )
+    trainer, loggers, _ = build_trainer(cfg)
     counts = log_param_counts(module, loggers)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
@@ -138,8 +130,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         **counts,
     }
     if best_path:  # test accuracy and responses come from the best weights (every rank)
-        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        module.load_state_dict(read_checkpoint(best_path)["state_dict"])
     if cfg.task.name == "classify" and dm.splits.get("test"):
         result["test"] = trainer.test(module, datamodule=dm, verbose=False)[0]
     if cfg.task.name == "instruct" and trainer.is_global_zero:

@@ -87,6 +87,30 @@ def _check_multirun_strategy(cfg: DictConfig) -> None:
         )
 
 
+def sample_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """`callbacks.sample_text` as plain settings, kept in checkpoints for later generation."""
+    sample = (cfg.get("callbacks") or {}).get("sample_text")
+    if not sample:
+        return None
+    settings = OmegaConf.to_container(sample, resolve=True)
+    return {k: v for k, v in settings.items() if k != "_target_"}
+
+
+def build_trainer(
+    cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None
+) -> tuple[L.Trainer, list[Any], list[Any]]:
+    """The Trainer of `cfg.trainer` with the configured loggers and callbacks (and `extra`)."""
+    loggers = _instantiate_dict(cfg.get("logger"))
+    callbacks = _instantiate_dict(cfg.get("callbacks") or {})
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses both at once
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks += extra_callbacks or []
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks
+    )
+    return trainer, loggers, callbacks
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit a GPT as configured; returns best val loss, checkpoint paths and the trainer."""
     validate(cfg)
@@ -102,33 +126,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_cfg["vocab_size"] = int(dm.vocab_size)
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
     assert isinstance(optim_cfg, dict)
-    cb_cfg = cfg.get("callbacks") or {}
-    sample = cb_cfg.get("sample_text")
     module = GPTLitModule(
         model=model_cfg,
         tokenizer=dm.tokenizer.to_dict(),
         optim=optim_cfg,
         compile=bool(cfg.get("compile", False)),
-        sample=(
-            {k: v for k, v in OmegaConf.to_container(sample).items() if k != "_target_"}
-            if sample
-            else None
-        ),
+        sample=sample_settings(cfg),
     )
 
-    loggers = _instantiate_dict(cfg.get("logger"))
-    callbacks = _instantiate_dict(cb_cfg)
-    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses both at once
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     pruning = None
     if os.environ.get("LLM_OPTUNA_TRIAL"):  # a trial of `-m hparams_search=...` (llm.sweep)
         from llm.sweep import pruning_callback_from_env
 
         pruning = pruning_callback_from_env()
-        callbacks += [pruning] if pruning is not None else []
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks
-    )
+    trainer, loggers, callbacks = build_trainer(cfg, [pruning] if pruning else [])
     if cfg.get("ckpt_path"):
         from llm.checkpoint import check_resumable
 
