@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _stack import run_cli
+from _stack import compose_train, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -298,6 +298,35 @@ def test_datamodule_batches(verdict: Path, tmp_path: Path, gpt2: TiktokenTokeniz
         assert rows[0][1][rows[0][0].index(w)] == stream[st + 1 : st + 5]
     # shuffling is seeded: the same seed gives the same first batch
     assert torch.equal(next(iter(dm.train_dataloader()))[0], x)
+
+
+def test_seed_orders_train_windows_not_the_val_sample(tmp_path: Path) -> None:
+    """`seed=S` reshuffles training; evaluation stays on the same windows; resume keeps order."""
+    f = tmp_path / "t.txt"
+    f.write_text("".join(chr(97 + (i * 7) % 26) for i in range(3000)), encoding="utf-8")
+
+    def module(seed: int) -> TextDataModule:
+        dm = TextDataModule(
+            TextFiles(f), CharTokenizer(), 8, 1, 4, cache_dir=tmp_path / "c", seed=seed
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    def first(loader) -> torch.Tensor:
+        return next(iter(loader))[0]
+
+    a, b = module(1), module(2)
+    assert not torch.equal(first(a.train_dataloader()), first(b.train_dataloader()))
+    assert all(
+        torch.equal(va[0], vb[0])
+        for va, vb in zip(a.val_dataloader(), b.val_dataloader(), strict=True)
+    )
+    b.load_state_dict({"train_batches_consumed": 0, "seed": 1})  # a checkpoint of seed 1
+    assert b.seed == 1 and torch.equal(first(b.train_dataloader()), first(a.train_dataloader()))
+    cfg = compose_train(["seed=7", "data=text_files", f"data.path={f}"])
+    assert cfg.data.seed == 7
+    assert compose_train(["data=text_files", f"data.path={f}"]).data.seed == 1337  # the default
 
 
 def test_datamodule_char_tokenizer_is_fitted_after_prepare(tmp_path: Path) -> None:

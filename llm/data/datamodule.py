@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +15,11 @@ from torch.utils.data import DataLoader, Sampler
 from llm.data.cache import cache_folder, ensure_token_cache, load_token_cache
 from llm.data.corpus import Corpus
 from llm.data.dataset import SlidingWindowDataset
+
+log = logging.getLogger(__name__)
+
+
+VAL_SAMPLE_SEED = 1337
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -45,14 +51,15 @@ class ResumableRandomSampler(Sampler[int]):
 
 
 class SpreadSampler(Sampler[int]):
-    """One seeded permutation, the same at every evaluation.
+    """One seeded permutation, the same at every evaluation and in every run.
 
     With ``limit_val_batches`` (nanoGPT's ``eval_iters``) the batches evaluated are then a fixed
-    random sample from the whole validation split, not its first pages: an unbiased estimate
-    of the full val loss, comparable from one evaluation to the next.
+    random sample from the whole validation split, not its first pages. Being fixed, it is
+    off the whole-split loss by the same small amount in every run (it does not follow the
+    run's seed), so evaluations and runs compare on the same windows.
     """
 
-    def __init__(self, num_samples: int, seed: int = 1337) -> None:
+    def __init__(self, num_samples: int, seed: int = VAL_SAMPLE_SEED) -> None:
         g = torch.Generator().manual_seed(int(seed))
         self.order = torch.randperm(int(num_samples), generator=g).tolist()
 
@@ -70,7 +77,8 @@ class TextDataModule(L.LightningDataModule):
     when ``path`` is given, else ``corpus()``. Training windows move by ``stride`` (default
     ``block_size``); validation always uses non-overlapping windows (stride = block_size) so that
     evaluation stays cheap and every val token is scored once, in a fixed shuffled order so
-    that a limited number of val batches samples the whole split.
+    that a limited number of val batches samples the whole split. ``seed`` fixes the order of
+    the train windows (the configs pass the run's seed); the val sample never changes.
     """
 
     def __init__(
@@ -156,7 +164,7 @@ class TextDataModule(L.LightningDataModule):
                 skip = 0  # Lightning wraps the sampler per rank; resume at the epoch start
             sampler = ResumableRandomSampler(len(dataset), self.seed, skip=skip)
         else:
-            sampler = SpreadSampler(len(dataset), self.seed)
+            sampler = SpreadSampler(len(dataset))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -191,7 +199,14 @@ class TextDataModule(L.LightningDataModule):
         return {"train_batches_consumed": batches, "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the shuffled train order mid-epoch where the checkpoint left it."""
+        """Resume the shuffled train order mid-epoch where the checkpoint left it.
+
+        The order is the checkpoint's (its seed), whatever seed the resumed run was given.
+        """
         self._resume_batches = int(state_dict.get("train_batches_consumed", 0))
+        seed = int(state_dict.get("seed", self.seed))
+        if seed != self.seed:
+            log.info("resuming the train order of data seed %d (this run: %d)", seed, self.seed)
+            self.seed = seed
         # the sampler resumes mid-epoch itself, so Lightning's generic warning does not apply
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
