@@ -30,7 +30,6 @@ def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
         write_corpus(tmp_path)
     overrides = [
         *tiny_overrides(tmp_path, corpus),
-        "model.dropout=0.0",
         "data.stride=16",
         f"trainer.max_steps={steps}",
         "trainer.val_check_interval=4",
@@ -48,17 +47,18 @@ def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
 
 
 # batch 4: stop mid-epoch 0; 160: three batches an epoch, stop mid-epoch 1; 128: stop at the
-# very end of epoch 0 (about 405 train windows)
-@pytest.mark.parametrize("batch", [4, 160, 128])
-def test_resume_matches_uninterrupted_run(tmp_path: Path, batch: int) -> None:
+# very end of epoch 0 (about 405 train windows). Dropout 0.2 in one case: its masks come from
+# the global RNG, whose state the checkpoint keeps.
+@pytest.mark.parametrize(("batch", "dropout"), [(4, 0.0), (160, 0.0), (128, 0.0), (4, 0.2)])
+def test_resume_matches_uninterrupted_run(tmp_path: Path, batch: int, dropout: float) -> None:
     from llm.train import train
 
-    bs = f"data.batch_size={batch}"
-    straight = train(_cfg(tmp_path, tmp_path / "straight", 8, bs))
-    first = train(_cfg(tmp_path, tmp_path / "first", 4, bs))
+    opts = (f"data.batch_size={batch}", f"model.dropout={dropout}")
+    straight = train(_cfg(tmp_path, tmp_path / "straight", 8, *opts))
+    first = train(_cfg(tmp_path, tmp_path / "first", 4, *opts))
     last = first["last_model_path"]
     assert last and Path(last).is_file()
-    resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, bs, f"ckpt_path={last}"))
+    resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, *opts, f"ckpt_path={last}"))
 
     assert resumed["trainer"].global_step == straight["trainer"].global_step == 8
     a = float(straight["trainer"].callback_metrics["val/loss"])
@@ -87,14 +87,15 @@ def test_resume_from_interrupted_checkpoint_matches(tmp_path: Path) -> None:
     """SIGTERM mid-epoch, between validations: resuming from interrupted.ckpt is exact."""
     from llm.train import train
 
-    straight = train(_cfg(tmp_path, tmp_path / "straight", 8))
+    drop = "model.dropout=0.2"
+    straight = train(_cfg(tmp_path, tmp_path / "straight", 8, drop))
     kill = [f"+callbacks.zz_kill._target_={__name__}._SigtermAt", "+callbacks.zz_kill.step=5"]
-    stopped = train(_cfg(tmp_path, tmp_path / "stopped", 8, *kill))
+    stopped = train(_cfg(tmp_path, tmp_path / "stopped", 8, drop, *kill))
     ckpt = tmp_path / "stopped" / "checkpoints" / "interrupted.ckpt"
     assert ckpt.is_file()
     step = stopped["trainer"].global_step
     assert 5 <= step < 8
-    resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, f"ckpt_path={ckpt}"))
+    resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, drop, f"ckpt_path={ckpt}"))
     assert resumed["trainer"].global_step == 8
     sa, sb = straight["module"].state_dict(), resumed["module"].state_dict()
     for k in sa:

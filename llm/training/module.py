@@ -180,6 +180,23 @@ class GPTLitModule(L.LightningModule):
         self._val_losses = []
         self._window_start = None  # validation time is no training throughput
 
+    # -- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the global RNG state: dropout draws from it, so a resumed run with dropout
+        continues the masks an uninterrupted run would have drawn (tensors: weights_only-safe).
+        """
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:  # checkpoints written before RNG states were kept
+            return
+        torch.set_rng_state(states["torch"])
+        cuda = states.get("cuda") or []
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)  # same GPU count: the same streams continue
+
     # -- optimizer ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.hparams["optim"]
