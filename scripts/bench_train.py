@@ -1,6 +1,7 @@
 """Benchmark training throughput: the Lightning path against a plain PyTorch loop.
 
     python scripts/bench_train.py [--steps 200] [--warmup 10] [--repeat 3] [--full]
+                                  [--only plain|lightning] [hydra overrides ...]
 
 Both paths train the same GPT (experiment=shakespeare_char_cpu) on the same TextDataModule with
 the same AdamW + warmup/cosine schedule and gradient clipping at 1.0. Each runs in its own
@@ -14,6 +15,12 @@ training). `--full` trains 2,000 steps of the recipe as is, evaluation included 
 validate every `trainer.val_check_interval` steps on `trainer.limit_val_batches` batches; the
 Lightning path also keeps its checkpoint, sampling, attention and tensorboard callbacks), and
 prints the final val loss (nanoGPT: 1.886 at step 2,000 on this machine).
+
+Hydra overrides after the options change the recipe, e.g. the GPU run (Lightning path only: the
+plain loop is the CPU reference), which also reports MFU where the GPU's peak FLOPs are known:
+
+    python scripts/bench_train.py --only lightning --repeat 1 --steps 100 trainer=gpu \
+        model=gpt2 tokenizer=gpt2 data.batch_size=16 compile=true
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ def compose_cfg(args: argparse.Namespace) -> Any:
         f"output_dir={args.out}",
         f"paths.data_dir={ROOT / 'data'}",
         f"data.cache_dir={args.cache}",
+        *args.overrides,
     ]
     if not args.full:
         overrides += QUIET
@@ -106,7 +114,26 @@ def run_lightning(args: argparse.Namespace) -> dict[str, Any]:
     res["last_train_loss"] = timer.last_loss
     val = trainer.callback_metrics.get("val/loss")
     res["final_val_loss"] = float(val) if val is not None else None
+    res["mfu"] = mfu(out["module"], trainer, res["tokens_per_s"])
+    res["device"] = device_name(out["module"].device)
     return res
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def mfu(module: Any, trainer: Any, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilization per device, where Lightning knows the device's peak FLOP/s."""
+    if module.device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+    peak = get_available_flops(module.device, dtype)
+    if not peak:
+        return None
+    return module.model.estimate_mfu(tokens_per_s / trainer.world_size, peak)
 
 
 class StepTimer(Callback):
@@ -119,6 +146,8 @@ class StepTimer(Callback):
         self.last_loss = math.nan
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # kernels run asynchronously: time what has finished
         now = time.perf_counter()
         if trainer.global_step == self.warmup:
             self.t_warm = now
@@ -148,6 +177,11 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     from llm.training.optim import build_optimizer, cosine_schedule
 
     cfg = compose_cfg(args)
+    if cfg.trainer.accelerator != "cpu" or int(cfg.trainer.devices) != 1:
+        raise SystemExit(
+            "the plain loop is the single-process CPU reference; for other trainers run "
+            "only the Lightning path: --only lightning"
+        )
     t0 = time.perf_counter()
     random.seed(cfg.seed)  # what L.seed_everything does, without Lightning
     np.random.seed(cfg.seed)
@@ -233,6 +267,7 @@ def spawn(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--out", args.out]
     cmd += ["--cache", args.cache, "--threads", str(args.threads)]
     cmd += ["--full"] if args.full else []
+    cmd += ["--", *args.overrides]
     print(f"running {name} ...", flush=True)  # each in a fresh process: own ru_maxrss
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
@@ -249,6 +284,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="2,000 steps, evaluation on")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per path; the median counts")
+    parser.add_argument("--only", choices=["plain", "lightning"], help="run one path only")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the recipe")
     children = ["prepare", "plain", "lightning"]
     parser.add_argument("--child", choices=children, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -266,7 +303,8 @@ def main() -> None:
         args.cache = str(Path(tmp) / "cache")
         args.out = str(Path(tmp) / "prepare")
         spawn("prepare", args)
-        runs: dict[str, list[dict[str, Any]]] = {"plain": [], "lightning": []}
+        names = [args.only] if args.only else ["plain", "lightning"]
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for i in range(args.repeat):  # alternate, so a slow spell of the machine hits both
             for name in runs:
                 args.out = str(Path(tmp) / f"{name}{i}")
@@ -278,9 +316,11 @@ def main() -> None:
             print(f"{name}: tokens/s per run {spread}")
 
     mode = "full recipe, evaluation on" if args.full else "pure training, no val/ckpt/logger"
+    first = next(iter(results.values()))
     print(
-        f"\nshakespeare_char_cpu, {args.steps} steps ({mode}); tokens/s over steps "
-        f"{args.warmup + 1}..{args.steps}; threads={results['plain']['torch_threads']}"
+        f"\nshakespeare_char_cpu {' '.join(args.overrides)}".rstrip()
+        + f", {args.steps} steps ({mode}); tokens/s over steps {args.warmup + 1}..{args.steps}; "
+        f"threads={first['torch_threads']}"
     )
     print(
         f"{'path':<10} {'tokens/s':>10} {'timed s':>9} {'fit wall s':>11} {'peak RSS MB':>12} "
@@ -293,10 +333,17 @@ def main() -> None:
             f"{name:<10} {r['tokens_per_s']:>10,.0f} {r['timed_s']:>9.2f} {r['fit_wall_s']:>11.2f} "
             f"{r['peak_rss_mb']:>12.0f} {r['last_train_loss']:>11.4f} {val_s:>9}"
         )
-    p, lt = results["plain"], results["lightning"]
-    overhead = (lt["timed_s"] / p["timed_s"] - 1) * 100
-    print(f"\nLightning overhead: {overhead:+.1f}% time per step (steady state, median runs)")
-    print(f"fit wall (setup included): {(lt['fit_wall_s'] / p['fit_wall_s'] - 1) * 100:+.1f}%")
+    if "lightning" in results:
+        lt = results["lightning"]
+        shown = "- (peak FLOP/s unknown)"
+        if lt.get("mfu") is not None:
+            shown = f"{lt['mfu'] * 100:.1f}%"
+        print(f"\nLightning on {lt['device']}: MFU {shown}")
+    if len(results) == 2:
+        p, lt = results["plain"], results["lightning"]
+        overhead = (lt["timed_s"] / p["timed_s"] - 1) * 100
+        print(f"Lightning overhead: {overhead:+.1f}% time per step (steady state, median runs)")
+        print(f"fit wall (setup included): {(lt['fit_wall_s'] / p['fit_wall_s'] - 1) * 100:+.1f}%")
     print("peak RSS is ru_maxrss of each path's own subprocess")
 
 
