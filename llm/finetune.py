@@ -18,7 +18,14 @@ from omegaconf import DictConfig, open_dict
 from llm.checkpoint import read_checkpoint
 from llm.finetuning.init import InitWeights, load_base_weights, load_init
 from llm.finetuning.module import lm_module, log_param_counts, lora_config
-from llm.train import _best_val_loss, _flatten, build_trainer, sample_settings
+from llm.train import (
+    _best_val_loss,
+    _flatten,
+    build_trainer,
+    end_sweep_job,
+    sample_settings,
+    sweep_pruning,
+)
 from llm.training.module import plain
 
 TASKS = ("text", "classify", "instruct")
@@ -112,7 +119,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg, init)
     module, dm = build(cfg, init, tokenizer)
 
-    trainer, loggers, _ = build_trainer(cfg)
+    pruning = sweep_pruning()
+    trainer, loggers, callbacks = build_trainer(cfg, [pruning] if pruning else [])
     counts = log_param_counts(module, loggers)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
@@ -145,6 +153,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
             max_new_tokens=int(cfg.task.get("max_new_tokens", 256)),
         )
     _log_hparams(cfg, init, loggers, result)
+    end_sweep_job(pruning, callbacks)
     return result
 
 

@@ -134,11 +134,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         sample=sample_settings(cfg),
     )
 
-    pruning = None
-    if os.environ.get("LLM_OPTUNA_TRIAL"):  # a trial of `-m hparams_search=...` (llm.sweep)
-        from llm.sweep import pruning_callback_from_env
-
-        pruning = pruning_callback_from_env()
+    pruning = sweep_pruning()
     trainer, loggers, callbacks = build_trainer(cfg, [pruning] if pruning else [])
     if cfg.get("ckpt_path"):
         from llm.checkpoint import check_resumable
@@ -165,13 +161,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for logger in loggers:
             logger.log_hyperparams(params, {"hp/best_val_loss": best})
             logger.finalize("success")
-    if pruning is not None:
-        pruning.check_pruned()  # after logging, so pruned trials show in the HPARAMS tab too
-    stopped = any(isinstance(c, GracefulShutdown) and c.signum is not None for c in callbacks)
-    if stopped and (pruning is not None or _is_multirun()):
-        # Ctrl-C/SIGTERM stopped this job cleanly; stop the sweep too, not just this job
-        # (an Optuna trial is then recorded as interrupted, not as a result)
-        raise KeyboardInterrupt("training was interrupted: stopping the sweep")
+    end_sweep_job(pruning, callbacks)  # after logging: pruned trials show in HPARAMS too
     ckpt = trainer.checkpoint_callback
     return {
         "best_val_loss": best,
@@ -180,6 +170,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "trainer": trainer,
         "module": module,
     }
+
+
+def sweep_pruning() -> L.Callback | None:
+    """The pruning callback of this job's Optuna trial (`-m hparams_search=...`), else None."""
+    if not os.environ.get("LLM_OPTUNA_TRIAL"):  # plain runs do not import optuna
+        return None
+    from llm.sweep import pruning_callback_from_env
+
+    return pruning_callback_from_env()
+
+
+def end_sweep_job(pruning: Any, callbacks: list[Any]) -> None:
+    """Tell the sweeper how this job ended: pruned (`optuna.TrialPruned`) or interrupted.
+
+    Ctrl-C/SIGTERM stops a job cleanly; under a sweep the sweep must stop too, not go on to
+    the next job (an Optuna trial is then recorded as interrupted, not as a result).
+    """
+    if pruning is not None:
+        pruning.check_pruned()
+    stopped = any(isinstance(c, GracefulShutdown) and c.signum is not None for c in callbacks)
+    if stopped and (pruning is not None or _is_multirun()):
+        raise KeyboardInterrupt("training was interrupted: stopping the sweep")
 
 
 def _best_val_loss(trainer: L.Trainer) -> float:

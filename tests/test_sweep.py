@@ -67,17 +67,19 @@ callbacks:
 
 @pytest.fixture
 def hydra_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Run `python -m llm.train ARGS` in this process (faster than a subprocess)."""
+    """Run `python -m llm.train ARGS` (or `entry=llm.finetune`) in this process (faster than a
+    subprocess)."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
+    import llm.finetune
     import llm.train
 
-    def run(*args: str) -> Any:
-        monkeypatch.setattr(sys, "argv", ["llm.train", *args])
+    def run(*args: str, entry: Any = llm.train) -> Any:
+        monkeypatch.setattr(sys, "argv", [entry.__name__, *args])
         # as under `python -m llm.train`: Hydra finds ../conf next to the file, not a package
         monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")
-        return llm.train.main()
+        return entry.main()
 
     yield run
     GlobalHydra.instance().clear()
@@ -274,6 +276,55 @@ def test_pruner_stops_trial_at_its_val_loss(tmp_path: Path, hydra_main: Any) -> 
     assert ckpt["global_step"] == 2
     (row,) = report.report(sweep)["rows"]
     assert row["status"] == "pruned" and row["trial"] == 0
+
+
+def test_finetune_trial_is_pruned_too(tmp_path: Path, hydra_main: Any) -> None:
+    """`python -m llm.finetune -m` under the Optuna sweeper gets the same pruning callback."""
+    from _finetune_utils import char_checkpoint
+
+    import llm.finetune
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    conf = tmp_path / "conf" / "hparams_search"
+    conf.mkdir(parents=True)
+    (conf / "finetune_test.yaml").write_text(
+        """# @package _global_
+defaults:
+  - override /hydra/sweeper: llm_optuna
+hydra:
+  sweeper:
+    study_name: finetune
+    storage: sqlite:///${hydra.sweep.dir}/optuna.db
+    n_trials: 1
+    pruner: {_target_: optuna.pruners.ThresholdPruner, upper: 0.5}
+    params:
+      optim.lr: tag(log, interval(1e-4, 1e-3))
+""",
+        encoding="utf-8",
+    )
+    sweep = tmp_path / "sweep"
+    hydra_main(
+        "-m",
+        "hparams_search=finetune_test",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        "task=text",
+        f"init={char_checkpoint(tmp_path / 'init.ckpt')}",
+        f"data.path={corpus}",
+        "data.batch_size=4",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+        entry=llm.finetune,
+    )
+    (trial,) = _study(sweep, "finetune").trials
+    assert trial.state == TrialState.PRUNED and "optim.lr" in trial.params
+    assert list(trial.intermediate_values) == [2]  # stopped after the first validation
 
 
 class _FakeTrainer(SimpleNamespace):
