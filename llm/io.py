@@ -15,14 +15,30 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def temp_file_beside(path: str | os.PathLike[str]) -> tuple[int, Path]:
+    """A new temporary file (fd, path) in ``path``'s folder, for writing and then ``os.replace``.
+
+    Same folder: same filesystem, so the replace is atomic. mkstemp makes files 0600; they get
+    the permissions a plain ``open`` would give instead, or a shared cache would lock out the
+    other users of the machine.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if hasattr(os, "fchmod"):  # POSIX
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
+    return fd, Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a tmp file next to ``path``; on success it replaces ``path``, on error it is removed."""
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f

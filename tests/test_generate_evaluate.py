@@ -88,11 +88,12 @@ def test_evaluate_rejects_a_different_tokenizer(trained: dict[str, Any]) -> None
     from llm.evaluate import evaluate
 
     module = load_checkpoint(trained["ckpt"])
+    dm = _datamodule(module, trained)  # data tokenized with the trained vocabulary
     tok = dict(module.hparams["tokenizer"])
     tok["chars"] = list(reversed(tok["chars"]))  # same alphabet, other ids: a different model
     module.hparams["tokenizer"] = tok
     with pytest.raises(ValueError, match="checkpoint's tokenizer differs from the data's"):
-        evaluate(module, _datamodule(module, trained), limit_batches=1)
+        evaluate(module, dm, limit_batches=1)
 
 
 def test_evaluate_cli_prints_metrics(trained: dict[str, Any]) -> None:

@@ -14,16 +14,16 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llm.data.corpus import Corpus
-from llm.io import atomic_open, atomic_write_json
+from llm.io import atomic_open, atomic_write_json, temp_file_beside
+from llm.tokenizers.base import Tokenizer, short_hash, special_regex
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +42,69 @@ def token_dtype(vocab_size: int) -> np.dtype:
 _SAFE_CUT = re.compile(r"(?<=[^\W\d_])\n|(?<=\S) (?=[^\W\d_])")
 
 
-def split_text(text: str, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
+def split_text(
+    text: str, max_chars: int = CHUNK_CHARS, specials: Iterable[str] = ()
+) -> Iterator[str]:
     """Cut ``text`` into pieces of at most ``max_chars`` where encoding can't tell the difference.
 
-    Each cut is at the last safe place (see ``_SAFE_CUT``) in the window, so encoding the pieces
-    one by one gives the same ids as encoding the whole text; without one, a hard cut.
+    Each cut is at the last safe place (see ``_SAFE_CUT``) in the window that is not inside one
+    of the ``specials`` (a cut there would split a special token into plain text), so encoding
+    the pieces one by one gives the same ids as encoding the whole text; without one, a hard
+    cut, moved off any special token it would split.
     """
+    special = special_regex(s for s in specials if s)
+    longest = max((len(s) for s in specials), default=0)
     start, n = 0, len(text)
     while n - start > max_chars:
         end = start + max_chars
-        cut = end
+        spans = [] if special is None else _spans(special, text, start, end + longest)
+        cut = hard = end
         for m in _SAFE_CUT.finditer(text, start + 1, end):
-            cut = m.start()
+            if not _inside(m.start(), spans):
+                cut = m.start()
+        if cut == hard:  # no safe place: cut hard, but before (or after) a special token
+            for a, b in spans:
+                if a < cut < b:
+                    cut = a if a > start else b
         yield text[start:cut]
         start = cut
     if start < n:
         yield text[start:]
 
 
+def _spans(pattern: re.Pattern[str], text: str, start: int, stop: int) -> list[tuple[int, int]]:
+    # from `longest` before `start` too would not matter: a piece never starts inside a special
+    return [m.span() for m in pattern.finditer(text, start, min(stop, len(text)))]
+
+
+def _inside(pos: int, spans: list[tuple[int, int]]) -> bool:
+    return any(a < pos < b for a, b in spans)
+
+
 def cache_folder(corpus: Corpus, tokenizer: Any, cache_root: str | os.PathLike[str]) -> Path:
-    """Where the cache for this corpus content and tokenizer config lives."""
-    return Path(cache_root) / f"{corpus.checksum()[:12]}-{tokenizer.identity()}"
+    """Where the cache for this corpus content and tokenizer lives.
+
+    The name holds the tokenizer's config, and the cache there the vocabulary fitted on this
+    corpus. A tokenizer fitted elsewhere (a checkpoint's, for llm.evaluate or llm.finetune)
+    shares that folder only when its vocabulary is the one cached there; otherwise it gets a
+    folder of its own, so ids are never read back with another vocabulary.
+    """
+    folder = Path(cache_root) / f"{corpus.checksum()[:12]}-{tokenizer.identity()}"
+    if tokenizer.needs_fit:
+        return folder
+    state = json.loads(json.dumps(tokenizer.to_dict()))  # as tokenizer.json holds it
+    try:
+        cached = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = None
+    if cached == state or (cached is None and not _fits(tokenizer)):
+        return folder
+    return folder.with_name(f"{folder.name}-{short_hash(state)}")
+
+
+def _fits(tokenizer: Any) -> bool:
+    """Whether this kind of tokenizer learns its vocabulary (char, trained BPE) at all."""
+    return type(tokenizer).needs_fit is not Tokenizer.needs_fit
 
 
 def _tokenizer_kind(tokenizer: Any) -> str:
@@ -148,8 +190,7 @@ def _build(corpus: Corpus, tokenizer: Any, folder: Path, val_fraction: float) ->
     dtype = token_dtype(tokenizer.vocab_size)
     eot = tokenizer.eot_id
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tokens.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
+    fd, tmp = temp_file_beside(folder / "train.bin")
     try:
         total = 0
         with os.fdopen(fd, "wb") as out:
@@ -157,7 +198,7 @@ def _build(corpus: Corpus, tokenizer: Any, folder: Path, val_fraction: float) ->
                 if i > 0 and eot is not None:
                     np.array([eot], dtype=dtype).tofile(out)
                     total += 1
-                for piece in split_text(doc):
+                for piece in split_text(doc, CHUNK_CHARS, tokenizer.special_tokens):
                     ids = np.asarray(tokenizer.encode_to_array(piece))
                     if ids.size and (ids.min() < 0 or ids.max() >= np.iinfo(dtype).max + 1):
                         raise ValueError(f"token id out of range for {dtype}: {ids.max()}")

@@ -106,6 +106,12 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"stride must be a positive integer, got {stride}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(
+                f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}: it is the "
+                "share of tokens held out for validation (to skip validation, keep it and set "
+                "trainer.limit_val_batches=0)"
+            )
         self.tokenizer = tokenizer
         self.block_size = int(block_size)
         self.stride = int(stride) if stride is not None else self.block_size
@@ -149,7 +155,8 @@ class TextDataModule(L.LightningDataModule):
         try:
             return SlidingWindowDataset(tokens, self.block_size, stride)
         except ValueError as e:
-            raise ValueError(f"{split} split of {self.cache_path}: {e}") from e
+            hint = f" (or a larger val_fraction than {self.val_fraction})" if split == "val" else ""
+            raise ValueError(f"{split} split of {self.cache_path}: {e}{hint}") from e
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
         if dataset is None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from llm.io import temp_file_beside
 from llm.model.config import GPTConfig
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def save_gpt2(model: GPT, directory: str | Path) -> Path:
 
 def _atomic_write(target: Path, write: Any) -> None:
     """Write to a temp file in the same directory, then rename: no half-written checkpoints."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(target)
     os.close(fd)
     try:
         write(Path(tmp))
