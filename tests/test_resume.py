@@ -113,6 +113,20 @@ def test_resume_message_replaces_ckpt_path() -> None:
     assert "/old.ckpt" not in msg
 
 
+def test_resume_hint_names_the_running_entry_point(tmp_path: Path) -> None:
+    """An interrupted llm.finetune run says `python -m llm.finetune ...`, not llm.train."""
+    from _finetune_utils import compose_finetune
+
+    from llm.training.callbacks import resume_message
+
+    train_cfg = _cfg(tmp_path, tmp_path / "out", 4)
+    ft_cfg = compose_finetune(["task=text", "init=a.ckpt", "data.path=b.txt"])
+    commands = [c.callbacks.graceful_shutdown.command for c in (train_cfg, ft_cfg)]
+    assert commands == ["python -m llm.train", "python -m llm.finetune"]
+    msg = resume_message("/x/interrupted.ckpt", ["task=text"], command=commands[1])
+    assert msg.endswith("with: python -m llm.finetune ckpt_path=/x/interrupted.ckpt task=text")
+
+
 def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     import signal
     import subprocess

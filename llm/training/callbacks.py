@@ -154,9 +154,15 @@ class GracefulShutdown(L.Callback):
     in the main thread (signal handlers cannot be set elsewhere).
     """
 
-    def __init__(self, dirpath: str | None = None, filename: str = "interrupted.ckpt") -> None:
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "interrupted.ckpt",
+        command: str = "python -m llm.train",
+    ) -> None:
         self.dirpath = dirpath
         self.filename = filename
+        self.command = command  # the entry point the resume hint names (llm.train, llm.finetune)
         self.signum: int | None = None
         self.ckpt_path: str | None = None
         self._previous: dict[int, Any] = {}
@@ -209,7 +215,7 @@ class GracefulShutdown(L.Callback):
         if trainer.is_global_zero:
             os.replace(tmp, path)
             self.ckpt_path = str(path)
-            print(resume_message(path), file=sys.stderr, flush=True)
+            print(resume_message(path, command=self.command), file=sys.stderr, flush=True)
         trainer.strategy.barrier("graceful_shutdown")
         trainer.should_stop = True
 
@@ -220,9 +226,13 @@ class GracefulShutdown(L.Callback):
         self._restore()
 
 
-def resume_message(path: str | os.PathLike[str], argv: list[str] | None = None) -> str:
+def resume_message(
+    path: str | os.PathLike[str],
+    argv: list[str] | None = None,
+    command: str = "python -m llm.train",
+) -> str:
     """How to resume from ``path``: this run's command line with ``ckpt_path`` replaced."""
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("ckpt_path=")]
     quoted = [shlex.quote(a) for a in [f"ckpt_path={path}", *args]]
-    cmd = " ".join(["python -m llm.train", *quoted])
+    cmd = " ".join([command, *quoted])
     return f"Checkpoint saved to {path}\nResume with: {cmd}"
