@@ -74,6 +74,29 @@ def test_records_missing_keys_name_the_record(tmp_path: Path) -> None:
         InstructDataModule(_tok(), str(path), max_length=64).prepare_data()
 
 
+def test_records_whose_prompt_fills_max_length_are_left_out_or_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prompt that fills max_length leaves no target: its loss would be 0/0 (NaN)."""
+    tok = _tok()
+    long = {"instruction": "Repeat " + "cat " * 40, "input": "", "output": "cat"}
+    max_length = max(len(tok.encode(format_prompt(r))) for r in RECORDS) + 8  # these fit
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([*RECORDS, long]))
+    val = tmp_path / "v.json"
+    val.write_text(json.dumps(RECORDS[:2]))
+    dm = InstructDataModule(tok, str(path), val_path=str(val), max_length=max_length)
+    with caplog.at_level("WARNING"):
+        dm.prepare_data()
+    assert len(dm.records["train"]) == len(RECORDS) and long not in dm.records["train"]
+    assert "1 of 9 train records have a prompt of max_length=" in caplog.text
+    _, y = next(iter(dm.train_dataloader()))
+    assert ((y != -100).sum(dim=1) > 0).all()  # every example keeps a target
+    path.write_text(json.dumps([long, long]))
+    with pytest.raises(ValueError, match=r"2 of 2 train records.*raise data.max_length"):
+        InstructDataModule(tok, str(path), val_path=str(val), max_length=max_length).prepare_data()
+
+
 def test_instruct_overfits_and_writes_responses(tmp_path: Path) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=160)
     data = tmp_path / "alpaca.json"

@@ -7,6 +7,7 @@ the prompt, so the loss is over response tokens only.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ PREAMBLE = (
     "Write a response that appropriately completes the request."
 )
 REQUIRED = ("instruction", "output")
+
+log = logging.getLogger(__name__)
 
 
 def format_prompt(record: dict[str, Any]) -> str:
@@ -130,11 +133,36 @@ class InstructDataModule(L.LightningDataModule):
             train, val = rows, self._read(self.val_path)
         else:
             train, val = split_records(rows, [self.val_fraction], self.seed)
-        self.records = {"train": train, "val": val}
-        self.examples = {
+        encoded = {
             k: [encode_example(self.tokenizer, r, self.max_length) for r in v]
-            for k, v in self.records.items()
+            for k, v in {"train": train, "val": val}.items()
         }
+        self.records, self.examples = {}, {}
+        for split, rows in (("train", train), ("val", val)):
+            keep = [i for i, ex in enumerate(encoded[split]) if self._has_targets(ex)]
+            self._report_dropped(split, len(rows) - len(keep), len(rows), encoded[split])
+            self.records[split] = [rows[i] for i in keep]
+            self.examples[split] = [encoded[split][i] for i in keep]
+
+    def _has_targets(self, example: tuple[list[int], int]) -> bool:
+        """Whether any response token survives truncation (else the loss over it is 0/0)."""
+        ids, n_prompt = example
+        return not self.mask_prompt or len(ids) > n_prompt
+
+    def _report_dropped(
+        self, split: str, dropped: int, total: int, examples: list[tuple[list[int], int]]
+    ) -> None:
+        if not dropped:
+            return
+        longest = max(n for _, n in examples)
+        msg = (
+            f"{dropped} of {total} {split} records have a prompt of max_length={self.max_length} "
+            f"tokens or more (longest: {longest}), which leaves no response token to learn from; "
+            "raise data.max_length (up to the model's block_size) or shorten their inputs"
+        )
+        if dropped == total:
+            raise ValueError(msg)
+        log.warning("%s; they are left out", msg)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
