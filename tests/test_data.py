@@ -164,6 +164,53 @@ def test_hf_dataset_local_jsonl_and_parquet(tmp_path: Path) -> None:
     assert "'body'" in str(e.value) and "text" in str(e.value) and "id" in str(e.value)
 
 
+def _write_jsonl(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+
+
+def test_hf_dataset_local_folder_checksum_sees_file_content(tmp_path: Path) -> None:
+    """The builder fingerprint ignores edits, so a folder's files must be hashed themselves."""
+    folder = tmp_path / "d"
+    _write_jsonl(folder / "part.jsonl", ["hello world", "foo bar"])
+    c1 = HFDataset(folder).checksum()
+    assert HFDataset(folder).checksum() == c1
+    _write_jsonl(folder / ".hidden" / "x.jsonl", ["ignored by datasets"])
+    assert HFDataset(folder).checksum() == c1
+    _write_jsonl(folder / "part.jsonl", ["completely different content", "xyz"])
+    assert list(HFDataset(folder).iter_documents()) == ["completely different content", "xyz"]
+    c2 = HFDataset(folder).checksum()
+    assert c2 != c1
+    (folder / "part.jsonl").rename(folder / "other.jsonl")
+    assert HFDataset(folder).checksum() != c2
+
+
+def test_hf_dataset_takes_data_files_from_hydra(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
+    ds = HFDataset("json", data_files=OmegaConf.create({"train": [str(rows)]}))
+    assert ds.data_files == {"train": [str(rows)]}
+    assert list(ds.iter_documents()) == ["one", "two"]
+
+
+def test_hf_dataset_local_data_files_checksum_sees_file_content(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    _write_jsonl(folder / "sub" / "a.jsonl", ["one"])
+    _write_jsonl(folder / "b.jsonl", ["two"])
+    corpora = {
+        "absolute glob": lambda: HFDataset("json", data_files=str(folder / "**" / "*.jsonl")),
+        "relative to the folder": lambda: HFDataset(folder, data_files={"train": "sub/*.jsonl"}),
+        "list": lambda: HFDataset("json", data_files=[str(folder / "sub" / "a.jsonl")]),
+    }
+    before = {k: make().checksum() for k, make in corpora.items()}
+    _write_jsonl(folder / "sub" / "a.jsonl", ["changed"])
+    for k, make in corpora.items():
+        assert make().checksum() != before[k], k
+    assert list(corpora["absolute glob"]().iter_documents()) == ["two", "changed"]
+
+
 # ----------------------------------------------------------------------------- token cache
 
 

@@ -12,9 +12,11 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llm.io import atomic_open
 
@@ -28,6 +30,16 @@ def _sha256_file(path: Path, h: Any | None = None) -> Any:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_READ_BLOCK), b""):
             h.update(block)
+    return h
+
+
+def _hash_files(files: Iterable[tuple[str, Path]], h: Any | None = None) -> Any:
+    """Hash each (name, file) as name, size and content, so a rename or an edit changes it."""
+    h = h if h is not None else hashlib.sha256()
+    for name, f in files:
+        h.update(name.encode("utf-8") + b"\0")
+        h.update(str(f.stat().st_size).encode() + b"\0")
+        _sha256_file(f, h)
     return h
 
 
@@ -158,15 +170,30 @@ class TextFiles(Corpus):
             yield read_utf8(f)
 
     def checksum(self) -> str:
-        h = hashlib.sha256()
-        for f in self.files():
-            h.update(self._rel(f).encode("utf-8") + b"\0")
-            h.update(str(f.stat().st_size).encode() + b"\0")
-            _sha256_file(f, h)
-        return h.hexdigest()
+        return _hash_files((self._rel(f), f) for f in self.files()).hexdigest()
 
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _packaged_builders() -> set[str]:
+    """Builder names (json, csv, ...) whose relative data_files are resolved from the cwd."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:  # private name: fall back to the common ones if it ever moves
+        return {*_LOCAL_BUILDERS.values(), "text", "arrow", "pandas"}
+    return set(_PACKAGED_DATASETS_MODULES)
+
+
+def _patterns(data_files: Any) -> list[str]:
+    """The path patterns of a data_files argument (str, list, or dict of split -> either)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, (str, os.PathLike)):
+        return [str(data_files)]
+    if isinstance(data_files, Mapping):  # also an OmegaConf DictConfig from Hydra
+        return [p for v in data_files.values() for p in _patterns(v)]
+    return [p for v in data_files for p in _patterns(v)]
 
 
 class HFDataset(Corpus):
@@ -187,6 +214,8 @@ class HFDataset(Corpus):
         self.split = split
         self.text_column = text_column
         self.streaming = streaming
+        if isinstance(data_files, DictConfig | ListConfig):  # from Hydra; datasets wants
+            data_files = OmegaConf.to_container(data_files, resolve=True)  # plain dicts/lists
         self.data_files = data_files
         self.name = f"{self.path.stem if self.is_local else self.hf_path}:{split}"
 
@@ -228,12 +257,48 @@ class HFDataset(Corpus):
             f"its columns are {list(columns)}. Set text_column to one of them."
         )
 
+    def local_files(self) -> list[tuple[str, Path]]:
+        """(name, path) of the local files a folder or local data_files reads; [] for the Hub.
+
+        A folder counts all its files (hidden ones aside, as datasets skips them): hashing a
+        file datasets ignores only costs a rebuild, missing one would reuse a stale cache.
+        """
+        is_dir = self.path.is_dir()
+        base: Path | None = None
+        if is_dir:
+            base = self.path
+        elif self.hf_path in _packaged_builders():
+            base = Path.cwd()
+        found: set[Path] = set()
+        for pat in _patterns(self.data_files):
+            if "://" in pat:
+                continue
+            if not os.path.isabs(pat):
+                if base is None:  # relative to a Hub repo, not to anything here
+                    continue
+                pat = str(base / pat)
+            found.update(Path(f) for f in glob.glob(pat, recursive=True) if Path(f).is_file())
+        if self.data_files is None and is_dir:
+            found.update(
+                f
+                for f in self.path.rglob("*")
+                if f.is_file()
+                and not any(p.startswith(".") for p in f.relative_to(self.path).parts)
+            )
+
+        def name(f: Path) -> str:
+            return f.relative_to(base).as_posix() if base and f.is_relative_to(base) else str(f)
+
+        return [(name(f), f) for f in sorted(found)]
+
     def checksum(self) -> str:
         h = hashlib.sha256()
         key = {"split": self.split, "text_column": self.text_column, "name": self.config_name}
         if self.is_local:
             _sha256_file(self.path, h)
         else:
+            # A local folder or local data_files: the builder's fingerprint ignores edits.
+            _hash_files(self.local_files(), h)
             ds = self._load()
             fingerprint = getattr(ds, "_fingerprint", None)
             key["path"] = self.hf_path
