@@ -82,3 +82,28 @@ def test_memmap_reads_and_pickles_by_filename(tmp_path) -> None:
     for i in (0, 5, len(ds) - 1):
         assert all(torch.equal(a, b) for a, b in zip(ds[i], ds2[i], strict=True))
     assert ds[0][0].tolist() == list(range(16))
+
+
+def test_memmap_views_pickle_by_value(tmp_path) -> None:
+    """A slice or strided view keeps the parent's filename but not its start: pickle the data."""
+    path = tmp_path / "ids.bin"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    mm = np.memmap(path, dtype=np.uint16, mode="r")
+    for view, first in ((mm[500:], list(range(500, 504))), (mm[::2], [0, 2, 4, 6])):
+        ds = SlidingWindowDataset(view, block_size=4, stride=4)
+        assert ds[0][0].tolist() == first
+        ds2 = pickle.loads(pickle.dumps(ds))
+        assert len(ds2) == len(ds)
+        for i in (0, 1, len(ds) - 1):
+            assert all(torch.equal(a, b) for a, b in zip(ds[i], ds2[i], strict=True))
+
+
+def test_memmap_with_offset_pickles_by_filename(tmp_path) -> None:
+    """A memmap opened at an offset owns its mapping, so it still pickles as a file name."""
+    path = tmp_path / "ids.bin"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    mm = np.memmap(path, dtype=np.uint16, mode="r", offset=2 * 300, shape=(600,))
+    ds = SlidingWindowDataset(mm, block_size=4, stride=4)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1000
+    assert pickle.loads(blob)[0][0].tolist() == [300, 301, 302, 303]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 import numpy as np
@@ -47,10 +48,20 @@ class SlidingWindowDataset(Dataset):
         return chunk[:-1], chunk[1:]
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle a memmap as its file name (spawned workers reopen it) instead of its data."""
+        """Pickle a whole memmap as its file name (spawned workers reopen it), not its data.
+
+        Only a memmap that owns its mapping qualifies: a slice or strided view keeps the
+        parent's filename but its ``offset`` stays 0 and it may not be contiguous, so reopening
+        it would read the wrong tokens; such views are pickled by value instead.
+        """
         state = self.__dict__.copy()
         t = self.tokens
-        if isinstance(t, np.memmap) and t.filename is not None:
+        if (
+            isinstance(t, np.memmap)
+            and t.filename is not None
+            and isinstance(t.base, mmap.mmap)
+            and t.flags.c_contiguous
+        ):
             state["tokens"] = ("__memmap__", t.filename, t.dtype.str, t.offset, t.shape)
         return state
 
