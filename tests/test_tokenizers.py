@@ -207,6 +207,22 @@ def test_char_identity_depends_on_config_only() -> None:
     assert CharTokenizer(unk_token="?").identity() != a.identity()
 
 
+@pytest.mark.parametrize(
+    ("make", "arg"),
+    [
+        (lambda: CharTokenizer(special_tokens=[EOT, ""]), "special_tokens"),
+        (lambda: CharTokenizer(unk_token=""), "unk_token"),
+        (lambda: BPETokenizer(vocab_size=300, special_tokens=[""]), "special_tokens"),
+        (lambda: tokenizer_from_dict({"kind": "char", "special_tokens": [""]}), "special_tokens"),
+    ],
+)
+def test_empty_special_token_rejected(make, arg: str) -> None:
+    """An empty special matches everywhere (char: its id between every char; BPE: hangs)."""
+    with pytest.raises(ValueError, match="special tokens must be non-empty strings") as e:
+        make()
+    assert arg in str(e.value)
+
+
 @settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -318,6 +334,19 @@ def test_save_load_and_dict_round_trip(
             assert other.vocab_size == tok.vocab_size
             assert other.special_tokens == tok.special_tokens
             assert other.identity() == tok.identity()
+
+
+def test_save_is_one_line_of_utf8_json(tmp_path: Path) -> None:
+    """save goes through llm.io.atomic_write_json: compact, non-ASCII kept, newline-terminated."""
+    tok = CharTokenizer()
+    tok.fit(["日本 ab"])
+    path = tmp_path / "deep" / "tokenizer.json"
+    tok.save(path)
+    raw = path.read_bytes()
+    assert raw.endswith(b"}\n") and raw.count(b"\n") == 1
+    assert "日".encode() in raw and b"\\u" not in raw
+    assert load_tokenizer(path).chars == tok.chars
+    assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]
 
 
 def test_torch_weights_only_checkpoint(bpe_tok: BPETokenizer, tmp_path: Path) -> None:

@@ -7,12 +7,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llm.io import atomic_write_json
 
 EOT = "<|endoftext|>"
 
@@ -21,6 +21,26 @@ def short_hash(obj: Any) -> str:
     """8 hex chars of a stable hash, so configs map to short cache-folder names."""
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=True).encode()
     return hashlib.sha256(blob).hexdigest()[:8]
+
+
+def checked_specials(special_tokens: Iterable[str], unk_token: str | None = None) -> list[str]:
+    """The specials as deduplicated strings, in order; an empty one is refused.
+
+    An empty token matches between every pair of characters: char encoding would put its id
+    everywhere and BPE encoding would never finish, so it must fail here, at construction.
+    """
+    specials = list(dict.fromkeys(str(s) for s in special_tokens))
+    if "" in specials:
+        raise ValueError(
+            f"special tokens must be non-empty strings, got special_tokens={specials!r}: "
+            f"remove the empty entry or name it (e.g. '<|pad|>')"
+        )
+    if unk_token is not None and str(unk_token) == "":
+        raise ValueError(
+            "special tokens must be non-empty strings, got unk_token='': name it "
+            "(e.g. '<|unk|>') or set unk_token=None to raise on unknown characters"
+        )
+    return specials
 
 
 def special_regex(specials: Iterable[str]) -> re.Pattern[str] | None:
@@ -89,16 +109,7 @@ class Tokenizer(abc.ABC):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write to_dict as JSON atomically, so a crash never leaves a half-written file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_json(path, self.to_dict(), indent=None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.identity()})"

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llm.tokenizers.base import EOT, Tokenizer, short_hash, special_regex
+from llm.tokenizers.base import EOT, Tokenizer, checked_specials, short_hash, special_regex
 
 
 class CharTokenizer(Tokenizer):
@@ -15,7 +15,7 @@ class CharTokenizer(Tokenizer):
     kind = "char"
 
     def __init__(self, special_tokens: Sequence[str] = (EOT,), unk_token: str | None = None):
-        specials = list(dict.fromkeys(str(s) for s in special_tokens))
+        specials = checked_specials(special_tokens, unk_token)
         if unk_token is not None and unk_token not in specials:
             specials.append(str(unk_token))
         self._specials = specials

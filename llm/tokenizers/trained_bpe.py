@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import tiktoken
 
-from llm.tokenizers.base import EOT, short_hash, special_regex
+from llm.tokenizers.base import EOT, checked_specials, short_hash, special_regex
 from llm.tokenizers.tiktoken_bpe import EncodingBacked
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class BPETokenizer(EncodingBacked):
         special_tokens: Sequence[str] = (EOT,),
         pattern: str | None = None,
     ):
-        specials = list(dict.fromkeys(str(s) for s in special_tokens))
+        specials = checked_specials(special_tokens)
         vocab_size = int(vocab_size)
         if vocab_size < 256 + len(specials):
             raise ValueError(
