@@ -125,3 +125,11 @@ def test_prompt_longer_than_block_size() -> None:
     out = model.generate(prompt, 5, temperature=0.0)
     assert torch.equal(out, model.generate(prompt, 5, temperature=0.0, use_cache=False))
     assert out.shape == (1, 25)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_empty_prompt_is_a_clear_error(use_cache: bool) -> None:
+    model = make()
+    with pytest.raises(ValueError, match="at least one token") as e:
+        model.generate(torch.zeros(2, 0, dtype=torch.long), 3, use_cache=use_cache)
+    assert "end-of-text" in str(e.value) and "(2, 0)" in str(e.value)

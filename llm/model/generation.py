@@ -95,6 +95,13 @@ def generate(
     stops early once every row has produced stop_token (finished rows are padded with it).
     Also bound as `GPT.generate`.
     """
+    if idx.dim() != 2 or idx.size(1) == 0:
+        # The model needs a last position to predict from; an empty prompt has none.
+        raise ValueError(
+            f"the prompt must hold at least one token, got idx of shape {tuple(idx.shape)} "
+            f"(expected (B, T) with T >= 1): for unconditional sampling start from the "
+            f"end-of-text token, e.g. torch.tensor([[tokenizer.eot_id]])"
+        )
     if generator is None and seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
     block_size = model.config.block_size
