@@ -66,6 +66,10 @@ def main(cfg: DictConfig) -> dict[str, float]:
     from llm.generate import resolve_device
     from llm.tokenizers import tokenizer_from_dict
 
+    if cfg.limit_batches is not None and int(cfg.limit_batches) < 1:
+        raise ValueError(
+            f"limit_batches must be >= 1 (null: the whole split), got {cfg.limit_batches}"
+        )
     module = load_checkpoint(cfg.ckpt_path, map_location=resolve_device(str(cfg.device)))
     if cfg.model.block_size is None:
         cfg.model.block_size = int(module.config.block_size)

@@ -17,7 +17,10 @@ def resolve_device(device: str) -> torch.device:
     """`auto` picks CUDA when present so the same command works on laptops and GPU boxes."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device}, but this machine has no CUDA GPU; use cpu or auto")
+    return resolved
 
 
 @torch.no_grad()
@@ -65,6 +68,11 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point: load, sample `num_samples` times (seed, seed+1, ...), print."""
     from llm.checkpoint import load_checkpoint
 
+    if int(cfg.max_new_tokens) < 0 or int(cfg.num_samples) < 1:
+        raise ValueError(
+            "max_new_tokens must be >= 0 and num_samples >= 1, got "
+            f"{cfg.max_new_tokens} and {cfg.num_samples}"
+        )
     module = load_checkpoint(cfg.ckpt_path, map_location=resolve_device(str(cfg.device)))
     for i in range(int(cfg.num_samples)):
         if i:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from _stack import compose_train, run_cli, tiny_overrides, write_corpus
 
 
@@ -137,3 +138,25 @@ def test_corrupt_and_foreign_checkpoints_are_named(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, foreign)
     with pytest.raises(ValueError, match=r"not a llm\.train checkpoint"):
         load_checkpoint(foreign)
+
+
+@pytest.mark.parametrize(
+    ("module", "arg", "message"),
+    [
+        ("llm.generate", "max_new_tokens=-1", "max_new_tokens must be >= 0"),
+        ("llm.generate", "num_samples=0", "num_samples >= 1"),
+        ("llm.evaluate", "limit_batches=0", "limit_batches must be >= 1"),
+    ],
+)
+def test_cli_refuses_counts_that_would_do_nothing(module: str, arg: str, message: str) -> None:
+    proc = run_cli(module, "ckpt_path=unused.ckpt", arg)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_a_clear_error() -> None:
+    from llm.generate import resolve_device
+
+    with pytest.raises(ValueError, match="no CUDA GPU; use cpu or auto"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
