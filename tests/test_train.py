@@ -259,7 +259,7 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
         assert tag in tags["scalars"], tag
     for tag in ("val/loss", "val/ppl", "hp/best_val_loss", "lr-AdamW/pg1"):
         assert tag in tags["scalars"], tag
-    assert [e.step for e in events.Scalars("val/loss")] == [2, 5]  # every 3 steps, 0-based
+    assert [e.step for e in events.Scalars("val/loss")] == [3, 6]  # after steps 3 and 6
     best = min(e.value for e in events.Scalars("val/loss"))
     assert events.Scalars("hp/best_val_loss")[0].value == pytest.approx(best, abs=1e-6)
     assert result["best_val_loss"] == pytest.approx(best, abs=1e-6)

@@ -177,6 +177,10 @@ class GPTLitModule(L.LightningModule):
         # already identical on every rank; sync_dist only silences Lightning's DDP warning
         self.log("val/loss", mean, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(mean.clamp(max=50.0)), sync_dist=True)
+        # x-axis = optimizer steps taken (Lightning would log these at global_step - 1, as the
+        # validation after step 250 runs before its step counter for loggers moves on)
+        if self.trainer.state.fn == "fit":
+            self.log("step", float(self.global_step), sync_dist=True)
         self._val_losses = []
         self._window_start = None  # validation time is no training throughput
 
