@@ -208,6 +208,47 @@ def _overrides(tmp_path: Path, corpus: Path) -> list[str]:
     ]
 
 
+class _Losses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, *args: Any) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_logged_train_metrics_are_of_their_step_and_tokens_per_sec_survives_validation(
+    tmp_path: Path,
+) -> None:
+    """Each logged train/loss is the loss of the step it is plotted at (not a value left from
+    an earlier step), and validation only pauses the throughput clock: with equal log and val
+    intervals every logging step follows a validation, and tokens/s is still logged on each."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llm.train import train
+
+    out = tmp_path / "run"
+    keep = ("trainer.val_check_interval", "trainer.log_every_n_steps", "callbacks.sample_text")
+    overrides = [o for o in _overrides(tmp_path, _verdict(tmp_path)) if not o.startswith(keep)]
+    overrides += [
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=2",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        f"+callbacks.losses._target_={__name__}._Losses",
+        f"output_dir={out}",
+    ]
+    result = train(compose_train(overrides))
+    per_step = next(c for c in result["trainer"].callbacks if isinstance(c, _Losses)).losses
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [1, 3, 5]
+    assert [e.value for e in logged] == pytest.approx([per_step[1], per_step[3], per_step[5]])
+    assert [e.step for e in events.Scalars("train/grad_norm")] == [1, 3, 5]
+    logged = events.Scalars("train/tokens_per_sec")
+    assert [e.step for e in logged] == [1, 3, 5] and all(e.value > 0 for e in logged)
+
+
 def test_train_yaml_composes_for_every_experiment_and_trainer() -> None:
     from hydra import compose, initialize_config_dir
 

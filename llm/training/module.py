@@ -85,6 +85,7 @@ class GPTLitModule(L.LightningModule):
         self._val_losses: list[Tensor] = []
         self._window_start: float | None = None  # throughput window (see training_step)
         self._window_tokens = 0
+        self._val_started: float | None = None
         self._peak_flops: float | None = None
         self._compiled: Any = None
 
@@ -126,13 +127,19 @@ class GPTLitModule(L.LightningModule):
             self._window_tokens += x.numel() * self.trainer.world_size
         # metrics on logging steps only: `self.log` is not free, and the loggers and the
         # progress bar read them no more often than that anyway
-        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+        if self._logging_step():
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
             opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
             if opt is not None:
                 self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
             self._log_throughput(now)
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's metrics to the loggers (its own rule: after
+        steps log_every_n_steps - 1, 2 * log_every_n_steps - 1, ...), so that what is logged
+        here is this step's value, not one left over from an earlier step."""
+        return (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
 
     def _log_throughput(self, now: float) -> None:
         """Tokens/s (and MFU) over the steps since the last logging step."""
@@ -151,7 +158,7 @@ class GPTLitModule(L.LightningModule):
         Not through `self.log`: from this hook that slowed every CPU step by ~15% (measured
         with scripts/bench_train.py). Gradients are already all-reduced under DDP.
         """
-        if not self.loggers or self.global_step % max(self.trainer.log_every_n_steps, 1):
+        if not self.loggers or not self._logging_step():
             return
         total = grad_norm(self.model, norm_type=2).get("grad_2.0_norm_total")
         if total is not None and self.trainer.is_global_zero:
@@ -159,6 +166,18 @@ class GPTLitModule(L.LightningModule):
                 logger.log_metrics({"train/grad_norm": float(total)}, step=self.global_step)
 
     # -- validation ---------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        self._val_started = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        """Validation (and its callbacks: samples, heat maps, checkpoints) is not training time:
+        the throughput window's start moves past it rather than restarting (a restart would
+        drop every logging step that follows a validation, all of them when both intervals
+        are equal)."""
+        if self._window_start is not None and self._val_started is not None:
+            self._window_start += time.perf_counter() - self._val_started
+        self._val_started = None
+
     def on_validation_epoch_start(self) -> None:
         self._val_losses = []
 
@@ -182,7 +201,6 @@ class GPTLitModule(L.LightningModule):
         if self.trainer.state.fn == "fit":
             self.log("step", float(self.global_step), sync_dist=True)
         self._val_losses = []
-        self._window_start = None  # validation time is no training throughput
 
     # -- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
