@@ -125,12 +125,9 @@ def device_name(device: torch.device) -> str:
 
 def mfu(module: Any, trainer: Any, tokens_per_s: float) -> float | None:
     """Model FLOPs utilization per device, where Lightning knows the device's peak FLOP/s."""
-    if module.device.type != "cuda":
-        return None
-    from lightning.fabric.utilities.throughput import get_available_flops
+    from llm.training.module import peak_flops
 
-    dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-    peak = get_available_flops(module.device, dtype)
+    peak = peak_flops(module.device, trainer.precision)
     if not peak:
         return None
     return module.model.estimate_mfu(tokens_per_s / trainer.world_size, peak)

@@ -43,6 +43,22 @@ def plain(obj: Any) -> Any:
     return obj
 
 
+def peak_flops(device: torch.device, precision: Any) -> float | None:
+    """The device's peak FLOP/s at this precision, where Lightning knows it (CUDA GPUs), for MFU.
+
+    None elsewhere or for an unknown GPU: MFU is then left out, tokens/s is still logged.
+    """
+    if device.type != "cuda":
+        return None
+    try:
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float32
+        return get_available_flops(device, dtype)
+    except Exception:
+        return None
+
+
 class GPTLitModule(L.LightningModule):
     """GPT + optimizer/schedule + loss logging; the tokenizer rides along for sampling.
 
@@ -102,14 +118,7 @@ class GPTLitModule(L.LightningModule):
     # -- training -----------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._window_start = None
-        if self.device.type == "cuda":
-            try:
-                from lightning.fabric.utilities.throughput import get_available_flops
-
-                dtype = torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32
-                self._peak_flops = get_available_flops(self.device, dtype)
-            except Exception:  # unknown GPU: no MFU, tokens/s is still logged
-                self._peak_flops = None
+        self._peak_flops = peak_flops(self.device, self.trainer.precision)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
