@@ -133,16 +133,13 @@ class InstructDataModule(L.LightningDataModule):
             train, val = rows, self._read(self.val_path)
         else:
             train, val = split_records(rows, [self.val_fraction], self.seed)
-        encoded = {
-            k: [encode_example(self.tokenizer, r, self.max_length) for r in v]
-            for k, v in {"train": train, "val": val}.items()
-        }
         self.records, self.examples = {}, {}
-        for split, rows in (("train", train), ("val", val)):
-            keep = [i for i, ex in enumerate(encoded[split]) if self._has_targets(ex)]
-            self._report_dropped(split, len(rows) - len(keep), len(rows), encoded[split])
-            self.records[split] = [rows[i] for i in keep]
-            self.examples[split] = [encoded[split][i] for i in keep]
+        for split, records in (("train", train), ("val", val)):
+            encoded = [encode_example(self.tokenizer, r, self.max_length) for r in records]
+            keep = [i for i, ex in enumerate(encoded) if self._has_targets(ex)]
+            self._report_dropped(split, len(records) - len(keep), len(records), encoded)
+            self.records[split] = [records[i] for i in keep]
+            self.examples[split] = [encoded[i] for i in keep]
 
     def _has_targets(self, example: tuple[list[int], int]) -> bool:
         """Whether any response token survives truncation (else the loss over it is 0/0)."""
