@@ -52,7 +52,8 @@ def split_text(
     the pieces one by one gives the same ids as encoding the whole text; without one, a hard
     cut, moved off any special token it would split.
     """
-    special = special_regex(s for s in specials if s)
+    specials = [s for s in specials if s]
+    special = special_regex(specials)
     longest = max((len(s) for s in specials), default=0)
     start, n = 0, len(text)
     while n - start > max_chars:
@@ -73,7 +74,7 @@ def split_text(
 
 
 def _spans(pattern: re.Pattern[str], text: str, start: int, stop: int) -> list[tuple[int, int]]:
-    # from `longest` before `start` too would not matter: a piece never starts inside a special
+    # matches from `start` on suffice: a piece never starts inside a special token
     return [m.span() for m in pattern.finditer(text, start, min(stop, len(text)))]
 
 
