@@ -71,8 +71,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
             f"limit_batches must be >= 1 (null: the whole split), got {cfg.limit_batches}"
         )
     module = load_checkpoint(cfg.ckpt_path, map_location=resolve_device(str(cfg.device)))
-    if cfg.model.block_size is None:
-        cfg.model.block_size = int(module.config.block_size)
+    if cfg.data.get("block_size") is None:
+        cfg.data.block_size = int(module.config.block_size)
     tokenizer = tokenizer_from_dict(module.hparams["tokenizer"])
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
     limit = None if cfg.limit_batches is None else int(cfg.limit_batches)

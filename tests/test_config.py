@@ -22,7 +22,7 @@ BASE = ["output_dir=/tmp/llm-test-config", "data.path=/tmp/corpus.txt"]
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _compose(*overrides: str) -> DictConfig:

@@ -83,7 +83,10 @@ def _setup() -> tuple[GPTLitModule, torch.nn.Module, list]:
     model_cfg.update(n_layer=2, block_size=32)
     vocab, batches = _batches(model_cfg["block_size"], int(cfg.data.batch_size))
     torch.manual_seed(0)
-    module = GPTLitModule(model={**model_cfg, "vocab_size": vocab}, optim=cfg.optim)
+    # the first STEPS steps of the 2,000-step recipe: the schedule decays over the recipe's
+    # max_steps, not over the STEPS at which the test's trainer stops
+    optim = {**cfg.optim, "decay_steps": int(cfg.trainer.max_steps)}
+    module = GPTLitModule(model={**model_cfg, "vocab_size": vocab}, optim=optim)
     reference = copy.deepcopy(module.model)
 
     o = cfg.optim
@@ -97,10 +100,12 @@ def _setup() -> tuple[GPTLitModule, torch.nn.Module, list]:
         betas=tuple(o.betas),
     )
     clip = cfg.trainer.gradient_clip_val
+    decay = o.decay_steps or cfg.trainer.max_steps  # nanoGPT's lr_decay_iters = max_iters
+    assert decay == 2000
     clipped = 0
     for it, (x, y) in enumerate(batches):
         for group in opt.param_groups:
-            group["lr"] = _nanogpt_lr(it, o.lr, o.min_lr, o.warmup_steps, o.decay_steps)
+            group["lr"] = _nanogpt_lr(it, o.lr, o.min_lr, o.warmup_steps, decay)
         _, loss = reference(x, y)
         loss.backward()
         clipped += int(torch.nn.utils.clip_grad_norm_(reference.parameters(), clip) > clip)

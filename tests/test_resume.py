@@ -36,6 +36,7 @@ def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
         "trainer.limit_val_batches=2",
         "trainer.log_every_n_steps=1",
         "optim.warmup_steps=2",
+        "optim.decay_steps=8",  # the 8-step schedule in both halves (null would follow max_steps)
         "callbacks.sample_text=null",
         "callbacks.attention=null",
         "callbacks.lr_monitor=null",

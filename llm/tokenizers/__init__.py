@@ -1,7 +1,8 @@
 """Tokenizers: char-level, pretrained tiktoken encodings, and corpus-trained byte-level BPE."""
 
-from llm.tokenizers.base import Tokenizer, load_tokenizer, tokenizer_from_dict
+from llm.tokenizers.base import Tokenizer
 from llm.tokenizers.char import CharTokenizer
+from llm.tokenizers.registry import load_tokenizer, tokenizer_from_dict
 from llm.tokenizers.tiktoken_bpe import TiktokenTokenizer
 from llm.tokenizers.trained_bpe import BPETokenizer
 

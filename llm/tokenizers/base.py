@@ -113,26 +113,3 @@ class Tokenizer(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.identity()})"
-
-
-def tokenizer_from_dict(d: dict) -> Tokenizer:
-    """Rebuild a tokenizer from ``to_dict`` output (checkpoint or tokenizer.json)."""
-    from llm.tokenizers.char import CharTokenizer
-    from llm.tokenizers.tiktoken_bpe import TiktokenTokenizer
-    from llm.tokenizers.trained_bpe import BPETokenizer
-
-    kinds: dict[str, Any] = {
-        "char": CharTokenizer,
-        "tiktoken": TiktokenTokenizer,
-        "bpe": BPETokenizer,
-    }
-    kind = d.get("kind")
-    if kind not in kinds:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
-    return kinds[kind].from_dict(d)
-
-
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a tokenizer saved with ``Tokenizer.save``."""
-    with open(path, encoding="utf-8") as f:
-        return tokenizer_from_dict(json.load(f))

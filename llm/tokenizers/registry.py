@@ -1,0 +1,31 @@
+"""Rebuild any tokenizer from its saved state: the one place that knows every kind."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from llm.tokenizers.base import Tokenizer
+from llm.tokenizers.char import CharTokenizer
+from llm.tokenizers.tiktoken_bpe import TiktokenTokenizer
+from llm.tokenizers.trained_bpe import BPETokenizer
+
+KINDS: dict[str, type[Tokenizer]] = {
+    CharTokenizer.kind: CharTokenizer,
+    TiktokenTokenizer.kind: TiktokenTokenizer,
+    BPETokenizer.kind: BPETokenizer,
+}
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    """Rebuild a tokenizer from ``to_dict`` output (checkpoint or tokenizer.json)."""
+    kind = d.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(KINDS)}")
+    return KINDS[kind].from_dict(d)  # type: ignore[attr-defined]
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Load a tokenizer saved with ``Tokenizer.save``."""
+    with open(path, encoding="utf-8") as f:
+        return tokenizer_from_dict(json.load(f))
