@@ -1,7 +1,9 @@
-"""Load a GPTLitModule from a Lightning checkpoint, with errors that say what to do.
+"""Every kind of checkpoint (language model, with or without LoRA, and classifier) in one place:
+read, check, load, save and export, with errors that say what to do.
 
-`load_from_checkpoint` alone fails with opaque tracebacks on a wrong path, a truncated file
-or somebody else's .ckpt; the CLIs (`llm.generate`, `llm.evaluate`) go through here instead.
+A checkpoint records its ``kind`` (written by the LightningModule) and its ``hyper_parameters``
+(plain types, so ``torch.load(weights_only=True)`` reads it); loaders pick the class from the
+kind, never from which keys happen to exist.
 """
 
 from __future__ import annotations
@@ -12,70 +14,109 @@ from typing import Any
 
 import torch
 
+from llm.finetuning.classify import ClassifierModule
+from llm.finetuning.lora import lora_state_dict_merged
+from llm.io import atomic_open
 from llm.training.module import GPTLitModule
 
-_HINT = "training runs write logs/train/runs/<date>/checkpoints/last.ckpt"
-
-
-def read_checkpoint(
-    path: str | os.PathLike[str], not_found: str = "checkpoint not found", hint: str = _HINT
-) -> Any:
-    """The raw contents (weights_only), with errors that name the file and where runs write.
-
-    Memory-mapped: callers mostly want the hyper_parameters before Lightning loads the file
-    again, so the tensors are not read twice.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{not_found}: {path} ({hint})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated zip, garbage bytes, pickled non-allowlisted objects
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-
-
-def load_checkpoint(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-) -> GPTLitModule:
-    """Rebuild model + tokenizer from a checkpoint written by `llm.train` (weights_only load)."""
-    path = Path(path)
-    raw = read_checkpoint(path)
-    hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    missing = [
-        k for k in ("model", "tokenizer") if not (isinstance(hparams, dict) and k in hparams)
-    ]
-    if missing or "state_dict" not in raw:
-        what = ", ".join(f"hyper_parameters.{k}" for k in missing) or "state_dict"
-        raise ValueError(f"{path} is not a llm.train checkpoint (missing {what}); {_HINT}")
-    del raw
-    if "labels" in hparams:
-        raise ValueError(
-            f"{path} is a classifier (labels {hparams['labels']}), not a language model: "
-            f'use python -m llm.classify ckpt_path={path} text="..."'
-        )
-    from llm.finetuning.checkpoint import module_class  # LoRA adapters: used unmerged
-
-    cls: type[GPTLitModule] = module_class(hparams)
-    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    module.eval()
-    return module
-
-
+KINDS: dict[str, type[GPTLitModule]] = {"lm": GPTLitModule, "classifier": ClassifierModule}
+_HINT = "runs write logs/<train|finetune>/runs/<date>/checkpoints/last.ckpt"
 # GPTConfig fields that fix parameter shapes; dropout and attn_impl may change on resume
 _SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_encoding")
 
 
-def check_resumable(path: str | os.PathLike[str], module: GPTLitModule) -> None:
-    """Refuse, before Lightning's opaque size-mismatch traceback, to resume another model.
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint of the kind asked for."""
 
-    Resuming needs the same architecture and the same tokenizer (same ids for the same text);
-    the error names every field that differs and what to do about it.
+
+def read_checkpoint(path: str | os.PathLike[str], key: str = "ckpt_path") -> dict[str, Any]:
+    """The raw contents (weights_only, memory-mapped), checked to be one of ours.
+
+    Memory-mapped: callers mostly want the hyper_parameters before Lightning loads the file
+    again, so the tensors are not read twice. ``key`` names the setting in error messages.
     """
     path = Path(path)
-    raw = read_checkpoint(path, not_found="ckpt_path not found")
-    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    if not isinstance(hp, dict) or "model" not in hp:
-        raise ValueError(f"{path} is not a llm.train checkpoint (no hyper_parameters.model)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file ({_HINT})")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # empty, truncated, random bytes, a pickle of other objects
+        raise CheckpointError(
+            f"{key}={path} is not a checkpoint (torch.load could not read it: "
+            f"{type(e).__name__}); {_HINT}"
+        ) from e
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    if kind not in KINDS or "state_dict" not in raw or "hyper_parameters" not in raw:
+        raise CheckpointError(
+            f"{key}={path} is not a llm checkpoint (no kind among {sorted(KINDS)}, "
+            f"state_dict and hyper_parameters); {_HINT}"
+        )
+    return raw
+
+
+def checkpoint_kind(raw: dict[str, Any]) -> str:
+    """``lm`` or ``classifier``."""
+    return str(raw["kind"])
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    kind: str | None = None,
+    key: str = "ckpt_path",
+) -> GPTLitModule:
+    """Rebuild the module (model, tokenizer, LoRA adapters unmerged) in eval mode.
+
+    ``kind`` refuses any other kind with a message that names the command for it.
+    """
+    raw = read_checkpoint(path, key)
+    found = checkpoint_kind(raw)
+    del raw
+    if kind is not None and found != kind:
+        use = "llm classify" if found == "classifier" else "llm generate / llm evaluate"
+        raise CheckpointError(
+            f"{key}={path} is a {describe(found)} checkpoint, not a {describe(kind)} one; "
+            f"use {use} for it"
+        )
+    module = KINDS[found].load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    return module.eval()
+
+
+def describe(kind: str) -> str:
+    return {"lm": "language-model", "classifier": "classifier"}.get(kind, kind)
+
+
+def save_checkpoint(module: GPTLitModule, path: str | os.PathLike[str]) -> Path:
+    """A checkpoint of ``module``'s weights and settings that every loader here reads
+    (written atomically; no optimizer state, so it starts runs rather than resuming them)."""
+    import lightning as L
+
+    checkpoint: dict[str, Any] = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": L.__version__,
+        "global_step": 0,
+        "epoch": 0,
+    }
+    module.on_save_checkpoint(checkpoint)
+    with atomic_open(path, "wb") as f:
+        torch.save(checkpoint, f)
+    return Path(path)
+
+
+def check_resumable(path: str | os.PathLike[str], module: GPTLitModule, max_steps: int) -> None:
+    """Refuse, before Lightning's opaque size-mismatch traceback, to resume another model.
+
+    Resuming needs the same kind, architecture and tokenizer (same ids for the same text),
+    and steps left to take; the error names every field that differs and what to do.
+    """
+    raw = read_checkpoint(path)
+    if checkpoint_kind(raw) != module.kind:
+        raise CheckpointError(
+            f"ckpt_path={path} is a {describe(checkpoint_kind(raw))} checkpoint; this run "
+            f"trains a {describe(module.kind)} (resume it with the command that wrote it)"
+        )
+    hp = raw["hyper_parameters"]
     ours = module.hparams["model"]
     diffs = [
         f"model.{k}: checkpoint {hp['model'].get(k)!r}, this run {ours.get(k)!r}"
@@ -88,10 +129,45 @@ def check_resumable(path: str | os.PathLike[str], module: GPTLitModule) -> None:
             f"tokenizer: checkpoint {theirs.get('kind')!r} ({theirs.get('name', '')}), "
             f"this run {mine.get('kind')!r} ({mine.get('name', '')}) or a different vocabulary"
         )
+    for key in ("labels", "lora"):
+        if hp.get(key) != module.hparams.get(key):
+            diffs.append(f"{key}: checkpoint {hp.get(key)!r}, this run {module.hparams.get(key)!r}")
     if diffs:
-        raise ValueError(
-            f"cannot resume from {path}: it holds a different model or tokenizer:\n  "
+        raise CheckpointError(
+            f"cannot resume from {path}: it holds a different model or task:\n  "
             + "\n  ".join(diffs)
             + "\nResume with the overrides the checkpoint was trained with (its run folder's "
             ".hydra/overrides.yaml), or start a new run without ckpt_path"
         )
+    step = int(raw.get("global_step", 0))
+    if step >= max_steps:
+        raise CheckpointError(
+            f"ckpt_path={path} is at step {step}, and trainer.max_steps={max_steps}: nothing "
+            f"left to train. Raise trainer.max_steps above {step} to train on"
+        )
+
+
+def export_merged(ckpt_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Fold LoRA adapters into the base weights and write a checkpoint without LoRA.
+
+    The export keeps its kind: a language model loads with `llm generate`, a classifier with
+    `llm classify`. Logits are unchanged up to float rounding.
+    """
+    raw = read_checkpoint(ckpt_path)
+    hp = dict(raw["hyper_parameters"])
+    lora = hp.get("lora")
+    if not lora:
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} has no LoRA adapters: it is a plain checkpoint already"
+        )
+    merged = {
+        "kind": raw["kind"],
+        "state_dict": lora_state_dict_merged(raw["state_dict"], float(lora["alpha"]) / lora["r"]),
+        "hyper_parameters": {**hp, "lora": None},
+        "pytorch-lightning_version": raw.get("pytorch-lightning_version", "2.0.0"),
+        "global_step": raw.get("global_step", 0),
+        "epoch": raw.get("epoch", 0),
+    }
+    with atomic_open(out, "wb") as f:
+        torch.save(merged, f)
+    return Path(out)

@@ -97,9 +97,8 @@ def summary(
 
 # -- Lightning ----------------------------------------------------------------------------
 def run_lightning(args: argparse.Namespace) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
     from llm.train import train
+    from omegaconf import OmegaConf
 
     cfg = compose_cfg(args)
     OmegaConf.set_struct(cfg, False)

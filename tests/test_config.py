@@ -110,11 +110,11 @@ def test_optim_options_build_an_optimizer(name: str) -> None:
 
 @pytest.mark.parametrize("group", ["logger", "callbacks"])
 def test_logger_and_callback_options_instantiate(group: str, tmp_path: Path) -> None:
-    from llm.train import _instantiate_dict
+    from llm.cli.runs import instantiate_all
 
     for name in _options(group):
         cfg = _compose(f"{group}={name}", f"output_dir={tmp_path}")
-        objs = _instantiate_dict(cfg[group])
+        objs = instantiate_all(cfg[group])
         targets = [c._target_ for c in cfg[group].values() if c and "_target_" in c]
         assert targets, f"conf/{group}/{name}.yaml instantiates nothing"
         assert [type(o).__name__ for o in objs] == [t.rsplit(".", 1)[-1] for t in targets]

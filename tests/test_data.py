@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _stack import compose_train, run_cli
+from helpers import compose, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -371,9 +371,9 @@ def test_seed_orders_train_windows_not_the_val_sample(tmp_path: Path) -> None:
     )
     b.load_state_dict({"train_batches_consumed": 0, "seed": 1})  # a checkpoint of seed 1
     assert b.seed == 1 and torch.equal(first(b.train_dataloader()), first(a.train_dataloader()))
-    cfg = compose_train(["seed=7", "data=text_files", f"data.path={f}"])
+    cfg = compose("train", ["seed=7", "data=text_files", f"data.path={f}"])
     assert cfg.data.seed == 7
-    assert compose_train(["data=text_files", f"data.path={f}"]).data.seed == 1337  # the default
+    assert compose("train", ["data=text_files", f"data.path={f}"]).data.seed == 1337  # the default
 
 
 def test_datamodule_char_tokenizer_is_fitted_after_prepare(tmp_path: Path) -> None:
@@ -414,7 +414,7 @@ def test_hydra_config_instantiates(verdict: Path, tmp_path: Path, gpt2: Tiktoken
                 "data=text_files",
                 f"data.path={verdict}",
                 f"paths.data_dir={tmp_path}",
-                "model.block_size=16",
+                "data.block_size=16",  # prepare has no model: the window is the data's own
             ],
         )
     dm = instantiate(cfg.data, tokenizer=gpt2)
@@ -426,14 +426,14 @@ def test_hydra_config_instantiates(verdict: Path, tmp_path: Path, gpt2: Tiktoken
 
 
 def _prepare(*overrides: str) -> subprocess.CompletedProcess:
-    return run_cli("llm.prepare", *overrides)
+    return run_cli("prepare", *overrides)
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tiny shakespeare not available")
 def test_prepare_cli_builds_reuses_and_repairs(tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir
 
-    from llm.prepare import prepare
+    from llm.cli.prepare import prepare
 
     data_dir = tmp_path / "data"
     (data_dir / "tinyshakespeare").mkdir(parents=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _stack import run_cli, tiny_overrides, write_corpus
+from helpers import run_cli, tiny_overrides, write_corpus
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_ddp_cpu_trains_and_checkpoints(tmp_path: Path) -> None:
         "trainer.limit_val_batches=1",
         "callbacks.sample_text.max_new_tokens=4",
     ]
-    proc = run_cli("llm.train", *overrides, cwd=tmp_path)
+    proc = run_cli("train", *overrides, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((logs / "train" / "runs").iterdir())
     assert len(runs) == 1, runs  # the spawned ranks do not start Hydra runs of their own

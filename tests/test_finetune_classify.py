@@ -7,19 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from _finetune_utils import (
+from helpers import (
     ALPHABET,
     char_checkpoint,
-    compose_finetune,
+    compose,
     fast_overrides,
     recorder,
+    run_cli,
     write_jsonl,
 )
-from _stack import run_cli
 
-from llm.classify import classify_text
-from llm.finetune import finetune
-from llm.finetuning.checkpoint import export_merged, load_finetuned
+from llm.checkpoint import export_merged, load_checkpoint
+from llm.cli.finetune import finetune
 from llm.finetuning.classify import ClassificationDataModule, ClassifierModule
 from llm.tokenizers import CharTokenizer
 
@@ -97,7 +96,8 @@ def test_classify_overfits_last_block_only_and_cli(tmp_path: Path) -> None:
     data.write_text(
         "message\tcategory\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in _rows())
     )
-    cfg = compose_finetune(
+    cfg = compose(
+        "finetune",
         [
             f"init={init}",
             "task=classify",
@@ -110,7 +110,7 @@ def test_classify_overfits_last_block_only_and_cli(tmp_path: Path) -> None:
             "optim.lr=3e-3",
             "optim.min_lr=3e-3",
             *fast_overrides(tmp_path, 25),
-        ]
+        ],
     )
     result = finetune(cfg)
     losses = recorder(result).losses
@@ -124,23 +124,25 @@ def test_classify_overfits_last_block_only_and_cli(tmp_path: Path) -> None:
     assert not module.model.h[0].attn.c_attn.weight.requires_grad
 
     ckpt = result["best_model_path"]
-    assert classify_text(ckpt, "free prize, call now! 7")[0] == "spam"
+    from llm.checkpoint import load_checkpoint
+
+    assert load_checkpoint(ckpt).predict_texts(["free prize, call now! 7"])[0][0] == "spam"
     raw = torch.load(ckpt, weights_only=True)["hyper_parameters"]
     assert raw["labels"] == ["ham", "spam"] and raw["tokenizer"]["kind"] == "char"
-    proc = run_cli("llm.classify", f"ckpt_path={ckpt}", "text=see you at lunch 9")
+    proc = run_cli("classify", f"ckpt_path={ckpt}", "text=see you at lunch 9")
     assert proc.returncode == 0, proc.stderr[-2000:]
     label, prob = proc.stdout.strip().split("\t")
     assert label == "ham" and 0.5 < float(prob) <= 1.0
-    from llm.checkpoint import load_checkpoint  # what llm.generate uses: it says where to go
-
-    with pytest.raises(ValueError, match=r"is a classifier \(labels \['ham', 'spam'\]\)"):
-        load_checkpoint(ckpt)
+    # llm generate asks for a language model: it says which command the classifier needs
+    with pytest.raises(ValueError, match=r"is a classifier checkpoint.*use llm classify"):
+        load_checkpoint(ckpt, kind="lm")
 
 
 def test_classify_lora_head_and_adapters_then_merge(tmp_path: Path) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=32)
     data = write_jsonl(tmp_path / "d.jsonl", _rows())
-    cfg = compose_finetune(
+    cfg = compose(
+        "finetune",
         [
             f"init={init}",
             "task=classify",
@@ -153,7 +155,7 @@ def test_classify_lora_head_and_adapters_then_merge(tmp_path: Path) -> None:
             "optim.lr=1e-2",
             "optim.min_lr=1e-2",
             *fast_overrides(tmp_path, 25),
-        ]
+        ],
     )
     result = finetune(cfg)
     assert "test" not in result
@@ -167,7 +169,7 @@ def test_classify_lora_head_and_adapters_then_merge(tmp_path: Path) -> None:
 
     merged = export_merged(result["last_model_path"], tmp_path / "merged.ckpt")
     plain = ClassifierModule.load_from_checkpoint(merged, weights_only=True).eval()
-    adapter = load_finetuned(result["last_model_path"])
+    adapter = load_checkpoint(result["last_model_path"])
     assert plain.hparams["lora"] is None and not any("lora" in k for k in plain.state_dict())
     ids = torch.randint(0, plain.config.vocab_size, (3, 20))
     with torch.no_grad():

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _finetune_utils import ALPHABET, char_checkpoint, compose_finetune, fast_overrides, recorder
+from helpers import ALPHABET, char_checkpoint, compose, fast_overrides, recorder
 
 from llm.checkpoint import load_checkpoint
-from llm.finetune import finetune
+from llm.cli.finetune import finetune
 from llm.finetuning.instruct import (
     InstructDataModule,
     collate,
@@ -101,7 +101,8 @@ def test_instruct_overfits_and_writes_responses(tmp_path: Path) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=160)
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(RECORDS))
-    cfg = compose_finetune(
+    cfg = compose(
+        "finetune",
         [
             f"init={init}",
             "task=instruct",
@@ -111,7 +112,7 @@ def test_instruct_overfits_and_writes_responses(tmp_path: Path) -> None:
             "optim.lr=3e-3",
             "optim.min_lr=3e-3",
             *fast_overrides(tmp_path, 25),
-        ]
+        ],
     )
     result = finetune(cfg)
     losses = recorder(result).losses

@@ -7,21 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from _finetune_utils import (
+from helpers import (
     ROOT,
     char_checkpoint,
-    compose_finetune,
+    compose,
     fast_overrides,
     hf_gpt2_dir,
     recorder,
+    run_cli,
 )
-from _stack import run_cli
 
-from llm.checkpoint import load_checkpoint
-from llm.finetune import finetune, validate
-from llm.finetuning.checkpoint import export_merged, load_finetuned
+from llm.checkpoint import export_merged, load_checkpoint
+from llm.cli.finetune import finetune, validate
 from llm.finetuning.init import load_init
-from llm.generate import generate_text
+from llm.inference import generate_text
 from llm.training.module import GPTLitModule
 
 CORPUS = "the quick brown fox jumps over the lazy dog. " * 200
@@ -35,7 +34,8 @@ def _corpus(tmp_path: Path) -> Path:
 
 def test_text_from_checkpoint_crops_overfits_and_generates(tmp_path: Path) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=64)
-    cfg = compose_finetune(
+    cfg = compose(
+        "finetune",
         [
             f"init={init}",
             "task=text",
@@ -44,7 +44,7 @@ def test_text_from_checkpoint_crops_overfits_and_generates(tmp_path: Path) -> No
             "optim.lr=3e-3",
             "optim.min_lr=3e-3",
             *fast_overrides(tmp_path, 30),
-        ]
+        ],
     )
     result = finetune(cfg)
     losses = recorder(result).losses
@@ -75,7 +75,8 @@ def test_crop_keeps_the_first_positions(tmp_path: Path) -> None:
 
 def test_text_lora_trains_adapters_only_and_merged_export_matches(tmp_path: Path) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=32)
-    cfg = compose_finetune(
+    cfg = compose(
+        "finetune",
         [
             f"init={init}",
             "task=text",
@@ -88,7 +89,7 @@ def test_text_lora_trains_adapters_only_and_merged_export_matches(tmp_path: Path
             "optim.min_lr=1e-2",
             "optim.weight_decay=0.0",
             *fast_overrides(tmp_path, 30),
-        ]
+        ],
     )
     result = finetune(cfg)
     losses = recorder(result).losses
@@ -104,8 +105,8 @@ def test_text_lora_trains_adapters_only_and_merged_export_matches(tmp_path: Path
 
     merged_path = export_merged(result["last_model_path"], tmp_path / "merged.ckpt")
     plain = load_checkpoint(merged_path)  # loads without any LoRA code path
-    adapter = load_finetuned(result["last_model_path"])
-    assert "lora" not in plain.hparams and not any("lora" in k for k in plain.state_dict())
+    adapter = load_checkpoint(result["last_model_path"])
+    assert plain.hparams["lora"] is None and not any("lora" in k for k in plain.state_dict())
     x = torch.randint(0, plain.config.vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(plain(x)[0], adapter(x)[0], rtol=0, atol=1e-5)
@@ -114,7 +115,7 @@ def test_text_lora_trains_adapters_only_and_merged_export_matches(tmp_path: Path
     assert unmerged.hparams["lora"]["r"] == 4
     with torch.no_grad():
         torch.testing.assert_close(unmerged(x)[0], adapter(x)[0], rtol=0, atol=0)
-    from llm.generate import generate_text
+    from llm.inference import generate_text
 
     assert generate_text(unmerged, "Be", 5, temperature=0.0) == generate_text(plain, "Be", 5, 0.0)
     with pytest.raises(ValueError, match="holds LoRA adapters; merge them first"):
@@ -135,7 +136,7 @@ def test_cli_from_hf_gpt2_dir(tmp_path: Path) -> None:
         *fast_overrides(tmp_path, 3),
     ]
     overrides = [o for o in overrides if "loss_recorder" not in o and "output_dir" not in o]
-    proc = run_cli("llm.finetune", *overrides)
+    proc = run_cli("finetune", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trainable parameters:" in proc.stderr + proc.stdout
     assert "best val/loss:" in proc.stdout and "last checkpoint:" in proc.stdout
@@ -149,19 +150,20 @@ def test_bad_settings_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_init(tmp_path / "nope.ckpt")
     ok = ["init=x.ckpt", "data.path=x", f"output_dir={tmp_path}"]
-    cfg = compose_finetune(ok)
+    cfg = compose("finetune", ok)
     cfg.task.name = "summarise"
     with pytest.raises(ValueError, match=r"unknown task 'summarise'; use task=<text\|classify"):
         validate(cfg)
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=32)
-    cfg = compose_finetune(
+    cfg = compose(
+        "finetune",
         [
             f"init={init}",
             f"data.path={_corpus(tmp_path)}",
             "lora=default",
             "lora.targets=[qkv]",
             *fast_overrides(tmp_path, 1),
-        ]
+        ],
     )
     with pytest.raises(ValueError, match=r"\['qkv'\] match no Linear layer; available: \["):
         finetune(cfg)
@@ -173,7 +175,7 @@ def test_bad_settings_fail_clearly(tmp_path: Path) -> None:
 def test_finetune_recipes_compose(name: str, tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    cfg = compose_finetune([f"experiment={name}", f"output_dir={tmp_path}", "data.path=x"])
+    cfg = compose("finetune", [f"experiment={name}", f"output_dir={tmp_path}", "data.path=x"])
     OmegaConf.resolve(cfg)
     assert cfg.init == "gpt2" and cfg.task.name in ("text", "classify")
     assert cfg.optim.lr == cfg.optim.min_lr > 0 and cfg.trainer.max_steps > 0

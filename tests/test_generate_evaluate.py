@@ -8,31 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _stack import compose_train, run_cli, tiny_overrides, write_corpus
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One tiny char model trained for a few steps, shared by every test (keeps the file fast)."""
-    from llm.train import train
-
-    tmp = tmp_path_factory.mktemp("gen_eval")
-    corpus = write_corpus(tmp, repeats=5)
-    overrides = [
-        *tiny_overrides(tmp, corpus, batch_size=8),
-        "data.stride=16",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=4",
-        "trainer.limit_val_batches=1",
-        "optim.warmup_steps=2",
-        "~logger",
-        "callbacks.sample_text=null",
-        "callbacks.attention=null",
-        "callbacks.lr_monitor=null",
-        f"output_dir={tmp / 'run'}",
-    ]
-    result = train(compose_train(overrides))
-    return {"ckpt": Path(result["last_model_path"]), "corpus": corpus, "data_dir": tmp / "data"}
+from helpers import run_cli
 
 
 def _datamodule(module: Any, trained: dict[str, Any], **kw: Any) -> Any:
@@ -52,7 +28,7 @@ def _datamodule(module: Any, trained: dict[str, Any], **kw: Any) -> Any:
 
 def test_generate_text_is_seeded_and_prompt_prefixed(trained: dict[str, Any]) -> None:
     from llm.checkpoint import load_checkpoint
-    from llm.generate import generate_text
+    from llm.inference import generate_text
 
     module = load_checkpoint(trained["ckpt"])
     a = generate_text(module, "First", 20, temperature=0.8, top_k=10, top_p=None, seed=7)
@@ -64,9 +40,7 @@ def test_generate_text_is_seeded_and_prompt_prefixed(trained: dict[str, Any]) ->
 
 
 def test_generate_cli_prints_prompt_and_continuation(trained: dict[str, Any]) -> None:
-    proc = run_cli(
-        "llm.generate", f"ckpt_path={trained['ckpt']}", "prompt=Before", "max_new_tokens=20"
-    )
+    proc = run_cli("generate", f"ckpt_path={trained['ckpt']}", "prompt=Before", "max_new_tokens=20")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("Before")
     assert len(proc.stdout.rstrip("\n")) >= len("Before")
@@ -74,7 +48,7 @@ def test_generate_cli_prints_prompt_and_continuation(trained: dict[str, Any]) ->
 
 def test_evaluate_metrics_are_consistent(trained: dict[str, Any]) -> None:
     from llm.checkpoint import load_checkpoint
-    from llm.evaluate import evaluate
+    from llm.evaluation.loss import evaluate
 
     module = load_checkpoint(trained["ckpt"])
     metrics = evaluate(module, _datamodule(module, trained), limit_batches=3)
@@ -86,7 +60,7 @@ def test_evaluate_metrics_are_consistent(trained: dict[str, Any]) -> None:
 
 def test_evaluate_rejects_a_different_tokenizer(trained: dict[str, Any]) -> None:
     from llm.checkpoint import load_checkpoint
-    from llm.evaluate import evaluate
+    from llm.evaluation.loss import evaluate
 
     module = load_checkpoint(trained["ckpt"])
     dm = _datamodule(module, trained)  # data tokenized with the trained vocabulary
@@ -99,7 +73,7 @@ def test_evaluate_rejects_a_different_tokenizer(trained: dict[str, Any]) -> None
 
 def test_evaluate_cli_prints_metrics(trained: dict[str, Any]) -> None:
     proc = run_cli(
-        "llm.evaluate",
+        "evaluate",
         f"ckpt_path={trained['ckpt']}",
         "data=text_files",
         f"data.path={trained['corpus']}",
@@ -130,32 +104,32 @@ def test_corrupt_and_foreign_checkpoints_are_named(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x00garbage, not a zip\xff" * 10)
-    with pytest.raises(ValueError, match="cannot read checkpoint") as err:
+    with pytest.raises(ValueError, match="is not a checkpoint") as err:
         load_checkpoint(bad)
     assert str(bad) in str(err.value)
 
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, foreign)
-    with pytest.raises(ValueError, match=r"not a llm\.train checkpoint"):
+    with pytest.raises(ValueError, match=r"not a llm checkpoint"):
         load_checkpoint(foreign)
 
 
 @pytest.mark.parametrize(
-    ("module", "arg", "message"),
+    ("verb", "arg", "message"),
     [
-        ("llm.generate", "max_new_tokens=-1", "max_new_tokens must be >= 0"),
-        ("llm.generate", "num_samples=0", "num_samples >= 1"),
-        ("llm.evaluate", "limit_batches=0", "limit_batches must be >= 1"),
+        ("generate", "max_new_tokens=-1", "max_new_tokens must be >= 0"),
+        ("generate", "num_samples=0", "num_samples >= 1"),
+        ("evaluate", "limit_batches=0", "limit_batches must be >= 1"),
     ],
 )
-def test_cli_refuses_counts_that_would_do_nothing(module: str, arg: str, message: str) -> None:
-    proc = run_cli(module, "ckpt_path=unused.ckpt", arg)
+def test_cli_refuses_counts_that_would_do_nothing(verb: str, arg: str, message: str) -> None:
+    proc = run_cli(verb, "ckpt_path=unused.ckpt", arg)
     assert proc.returncode != 0 and message in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_a_gpu_is_a_clear_error() -> None:
-    from llm.generate import resolve_device
+    from llm.cli.app import resolve_device
 
     with pytest.raises(ValueError, match="no CUDA GPU; use cpu or auto"):
         resolve_device("cuda")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import hydra.utils
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import llm
 from llm.model import GPT, Block, GPTConfig
@@ -189,9 +189,17 @@ def test_overfits_a_single_batch() -> None:
 # --- Hydra configs -------------------------------------------------------------------------------
 
 
+def _model_cfg(size: str) -> Any:
+    """conf/model/<size>.yaml composed (with the _base it inherits), as `model=<size>` gives."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        return compose(config_name=None, overrides=[f"+model={size}"]).model
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_model_yaml_instantiates(size: str) -> None:
-    cfg = OmegaConf.load(CONF / f"{size}.yaml")
+    cfg = _model_cfg(size)
     assert cfg._target_ == "llm.model.GPTConfig" and cfg.vocab_size is None
     with pytest.raises(Exception, match="tokenizer"):
         hydra.utils.instantiate(cfg)
@@ -205,7 +213,7 @@ def test_model_yaml_instantiates(size: str) -> None:
 
 def test_model_yaml_shapes() -> None:
     def load(size: str) -> GPTConfig:
-        cfg = OmegaConf.load(CONF / f"{size}.yaml")
+        cfg = _model_cfg(size)
         cfg.vocab_size = 50257
         return hydra.utils.instantiate(cfg)
 

@@ -14,7 +14,7 @@ import math
 import hydra
 import pytest
 import torch
-from _stack import compose_train
+from helpers import compose
 from torch.utils.data import DataLoader
 
 from llm.training.module import GPTLitModule
@@ -59,7 +59,7 @@ def _batches(block: int, batch: int) -> tuple[int, list[tuple[torch.Tensor, torc
 def _run_lightning(
     module: GPTLitModule, batches: list, overrides: list[str], tmp_path
 ) -> torch.nn.Module:
-    cfg = compose_train(["experiment=shakespeare_char_cpu", *overrides])
+    cfg = compose("train", ["experiment=shakespeare_char_cpu", *overrides])
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         max_steps=STEPS,
@@ -77,7 +77,7 @@ def _run_lightning(
 
 
 def _setup() -> tuple[GPTLitModule, torch.nn.Module, list]:
-    cfg = compose_train(["experiment=shakespeare_char_cpu"])
+    cfg = compose("train", ["experiment=shakespeare_char_cpu"])
     # the recipe's optimizer, schedule, clipping and batch size; a shallower model keeps it fast
     model_cfg = {k: v for k, v in cfg.model.items() if k != "_target_"}
     model_cfg.update(n_layer=2, block_size=32)
@@ -139,7 +139,7 @@ def test_recipe_under_lightning_equals_nanogpt_loop(setup, tmp_path) -> None:
 def test_parity_check_sees_a_changed_recipe(setup, tmp_path, override: str) -> None:
     """The comparison above is sharp: one changed setting moves the weights well past it."""
     module, reference, batches = setup
-    cfg = compose_train(["experiment=shakespeare_char_cpu", override])
+    cfg = compose("train", ["experiment=shakespeare_char_cpu", override])
     changed = copy.deepcopy(module)
     changed.hparams["optim"].update({k: v for k, v in cfg.optim.items() if k != "_target_"})
     trained = _run_lightning(changed, batches, [override], tmp_path)

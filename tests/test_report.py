@@ -10,11 +10,12 @@ import csv
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
 
-from llm import report
+from llm.sweeps import report
 
 
 def _make_run(
@@ -56,18 +57,19 @@ def _make_run(
 
 
 def test_folder_without_runs_is_a_clear_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, llm_main: Any
 ) -> None:
-    assert report.main([str(tmp_path)]) == 2
-    assert "No runs under" in capsys.readouterr().err
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert llm_main("report", f"dir={tmp_path}") == 1
+    err = capsys.readouterr().err
+    assert "No runs under" in err and "Traceback" not in err
+    assert llm_main("report", f"dir={tmp_path / 'missing'}") == 1
     assert "is not a folder" in capsys.readouterr().err
     with pytest.raises(report.ReportError):
         report.find_runs(tmp_path)
 
 
 def test_report_ranks_runs_and_tells_their_status(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, llm_main: Any
 ) -> None:
     sweep = tmp_path / "sweep"
     _make_run(
@@ -90,7 +92,7 @@ def test_report_ranks_runs_and_tells_their_status(
     _make_run(sweep, "4_optim.lr=0.2", ["optim.lr=0.2", "model=tiny"], [])
     out = tmp_path / "out"
 
-    assert report.main([str(sweep), "--out", str(out)]) == 0
+    assert llm_main("report", f"dir={sweep}", f"out={out}") == 0
     printed = capsys.readouterr().out
     assert str(out / "report.csv") in printed and str(out / "val_loss.png") in printed
 

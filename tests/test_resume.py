@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from _stack import ENV, ROOT, compose_train, tiny_overrides, write_corpus
+from helpers import ENV, ROOT, compose, tiny_overrides, write_corpus
 from omegaconf import DictConfig
 
 from llm.data.datamodule import ResumableRandomSampler
@@ -44,7 +44,7 @@ def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
         f"output_dir={out}",
         *extra,
     ]
-    return compose_train(overrides)
+    return compose("train", overrides)
 
 
 # batch 4: stop mid-epoch 0; 160: three batches an epoch, stop mid-epoch 1; 128: stop at the
@@ -52,7 +52,7 @@ def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
 # the global RNG, whose state the checkpoint keeps.
 @pytest.mark.parametrize(("batch", "dropout"), [(4, 0.0), (160, 0.0), (128, 0.0), (4, 0.2)])
 def test_resume_matches_uninterrupted_run(tmp_path: Path, batch: int, dropout: float) -> None:
-    from llm.train import train
+    from llm.cli.train import train
 
     opts = (f"data.batch_size={batch}", f"model.dropout={dropout}")
     straight = train(_cfg(tmp_path, tmp_path / "straight", 8, *opts))
@@ -86,7 +86,7 @@ class _SigtermAt(L.Callback):
 
 def test_resume_from_interrupted_checkpoint_matches(tmp_path: Path) -> None:
     """SIGTERM mid-epoch, between validations: resuming from interrupted.ckpt is exact."""
-    from llm.train import train
+    from llm.cli.train import train
 
     drop = "model.dropout=0.2"
     straight = train(_cfg(tmp_path, tmp_path / "straight", 8, drop))
@@ -110,22 +110,20 @@ def test_resume_message_replaces_ckpt_path() -> None:
     from llm.training.callbacks import resume_message
 
     msg = resume_message("/x/interrupted.ckpt", ["model=tiny", "ckpt_path=/old.ckpt"])
-    assert "python -m llm.train ckpt_path=/x/interrupted.ckpt model=tiny" in msg
+    assert "llm train ckpt_path=/x/interrupted.ckpt model=tiny" in msg
     assert "/old.ckpt" not in msg
 
 
 def test_resume_hint_names_the_running_entry_point(tmp_path: Path) -> None:
-    """An interrupted llm.finetune run says `python -m llm.finetune ...`, not llm.train."""
-    from _finetune_utils import compose_finetune
-
+    """An interrupted finetune run says `llm finetune ...`, not `llm train`."""
     from llm.training.callbacks import resume_message
 
     train_cfg = _cfg(tmp_path, tmp_path / "out", 4)
-    ft_cfg = compose_finetune(["task=text", "init=a.ckpt", "data.path=b.txt"])
+    ft_cfg = compose("finetune", ["task=text", "init=a.ckpt", "data.path=b.txt"])
     commands = [c.callbacks.graceful_shutdown.command for c in (train_cfg, ft_cfg)]
-    assert commands == ["python -m llm.train", "python -m llm.finetune"]
+    assert commands == ["llm train", "llm finetune"]
     msg = resume_message("/x/interrupted.ckpt", ["task=text"], command=commands[1])
-    assert msg.endswith("with: python -m llm.finetune ckpt_path=/x/interrupted.ckpt task=text")
+    assert msg.endswith("with: llm finetune ckpt_path=/x/interrupted.ckpt task=text")
 
 
 def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
@@ -145,7 +143,7 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
         f"output_dir={out}",
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llm.train", *overrides],
+        [sys.executable, "-m", "llm", "train", *overrides],
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.PIPE,

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
-from _stack import run_cli
+from helpers import run_cli
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -65,27 +63,6 @@ callbacks:
     ]
 
 
-@pytest.fixture
-def hydra_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Run `python -m llm.train ARGS` (or `entry=llm.finetune`) in this process (faster than a
-    subprocess)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    import llm.finetune
-    import llm.train
-
-    def run(*args: str, entry: Any = llm.train) -> Any:
-        monkeypatch.setattr(sys, "argv", [entry.__name__, *args])
-        # as under `python -m llm.train`: Hydra finds ../conf next to the file, not a package
-        monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")
-        return entry.main()
-
-    yield run
-    GlobalHydra.instance().clear()
-    HydraConfig.instance().cfg = None  # type: ignore[assignment]
-
-
 def _study(sweep: Path, name: str = "shakespeare_char_cpu") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep / 'optuna.db'}")
 
@@ -96,11 +73,10 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
-    from llm import report
 
     sweep = tmp_path / "sweep"
     args = [*_experiment(tmp_path), "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
-    proc = run_cli("llm.train", "-m", *args, cwd=tmp_path)
+    proc = run_cli("train", "-m", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == [
@@ -119,7 +95,9 @@ def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
     hparams = tb.PluginRunToTagToContent("hparams")
     assert all("_hparams_/session_start_info" in hparams[f"{job}/tensorboard"] for job in jobs)
 
-    assert report.main([str(sweep)]) == 0
+    proc = run_cli("report", f"dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "optim.lr=0.001" in proc.stdout and "report.csv" in proc.stdout
     rows = _csv(sweep / "report" / "report.csv")
     assert sorted(r["run"] for r in rows) == jobs
     assert {r["status"] for r in rows} == {"completed"}
@@ -131,18 +109,18 @@ def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
     assert "optim.lr=0.001" in (sweep / "report" / "report.md").read_text()
 
 
-def test_multirun_refuses_relaunching_strategies(tmp_path: Path, hydra_main: Any, capsys) -> None:
+def test_multirun_refuses_relaunching_strategies(tmp_path: Path, llm_main: Any, capsys) -> None:
     args = [*_experiment(tmp_path), "trainer=ddp", f"hydra.sweep.dir={tmp_path / 's'}"]
-    with pytest.raises(SystemExit):
-        hydra_main("-m", *args, "optim.lr=1e-3,2e-3")
+    assert llm_main("train", "-m", *args, "optim.lr=1e-3,2e-3") == 1
     assert "cannot run under --multirun" in capsys.readouterr().err
 
 
-def test_optuna_search_three_trials_then_report(tmp_path: Path, hydra_main: Any) -> None:
-    from llm import report
+def test_optuna_search_three_trials_then_report(tmp_path: Path, llm_main: Any) -> None:
+    from llm.sweeps import report
 
     sweep = tmp_path / "sweep"
-    hydra_main(
+    llm_main(
+        "train",
         "-m",
         SEARCH,
         *_experiment(tmp_path),
@@ -194,14 +172,19 @@ def _fake_train(plan: dict[int, Any]) -> Any:
 
 
 def test_failing_and_nan_trials_are_failed_and_search_goes_on(
-    tmp_path: Path, hydra_main: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, llm_main: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import llm.train
+    import llm.cli.train
 
-    monkeypatch.setattr(llm.train, "train", _fake_train({0: RuntimeError("boom"), 1: math.nan}))
+    monkeypatch.setattr(llm.cli.train, "train", _fake_train({0: RuntimeError("boom"), 1: math.nan}))
     sweep = tmp_path / "sweep"
-    hydra_main(
-        "-m", SEARCH, *_experiment(tmp_path), "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"
+    llm_main(
+        "train",
+        "-m",
+        SEARCH,
+        *_experiment(tmp_path),
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweep.dir={sweep}",
     )
     trials = _study(sweep).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
@@ -211,10 +194,10 @@ def test_failing_and_nan_trials_are_failed_and_search_goes_on(
 
 
 def test_interrupted_search_resumes_and_continues_trial_count(
-    tmp_path: Path, hydra_main: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+    tmp_path: Path, llm_main: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    import llm.train
-    from llm import report
+    import llm.cli.train
+    from llm.sweeps import report
 
     sweep = tmp_path / "sweep"
     args = [
@@ -225,15 +208,14 @@ def test_interrupted_search_resumes_and_continues_trial_count(
         "data.batch_size=choice(4,8)",
         f"hydra.sweep.dir={sweep}",
     ]
-    monkeypatch.setattr(llm.train, "train", _fake_train({2: KeyboardInterrupt()}))
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during trial 2 stops the search
-        hydra_main(*args)
+    monkeypatch.setattr(llm.cli.train, "train", _fake_train({2: KeyboardInterrupt()}))
+    assert llm_main("train", *args) == 130  # Ctrl-C during trial 2 stops the search
     trials = _study(sweep).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
     assert trials[2].user_attrs["fail_reason"] == "interrupted"
 
-    monkeypatch.setattr(llm.train, "train", _fake_train({}))  # fake: the count is under test
-    hydra_main(*args)  # same sweep dir, same search space = same study
+    monkeypatch.setattr(llm.cli.train, "train", _fake_train({}))  # fake: the count is under test
+    llm_main("train", *args)  # same sweep dir, same search space = same study
     trials = _study(sweep).trials
     # the interrupted trial does not count: two more trials make four counted ones
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
@@ -248,17 +230,18 @@ def test_interrupted_search_resumes_and_continues_trial_count(
         4: "completed",
     }
 
-    with pytest.raises(SystemExit):  # a changed search space is refused, not half-used
-        hydra_main(*args, "hydra.sweeper.n_trials=5", "data.batch_size=choice(4,16)")
+    # a changed search space is refused, not half-used
+    assert llm_main("train", *args, "hydra.sweeper.n_trials=5", "data.batch_size=choice(4,16)") == 1
     assert "does not match study" in capsys.readouterr().err
     assert len(_study(sweep).trials) == 5
 
 
-def test_pruner_stops_trial_at_its_val_loss(tmp_path: Path, hydra_main: Any) -> None:
-    from llm import report
+def test_pruner_stops_trial_at_its_val_loss(tmp_path: Path, llm_main: Any) -> None:
+    from llm.sweeps import report
 
     sweep = tmp_path / "sweep"
-    hydra_main(
+    llm_main(
+        "train",
         "-m",
         SEARCH,
         *_experiment(tmp_path),
@@ -278,11 +261,9 @@ def test_pruner_stops_trial_at_its_val_loss(tmp_path: Path, hydra_main: Any) -> 
     assert row["status"] == "pruned" and row["trial"] == 0
 
 
-def test_finetune_trial_is_pruned_too(tmp_path: Path, hydra_main: Any) -> None:
+def test_finetune_trial_is_pruned_too(tmp_path: Path, llm_main: Any) -> None:
     """`python -m llm.finetune -m` under the Optuna sweeper gets the same pruning callback."""
-    from _finetune_utils import char_checkpoint
-
-    import llm.finetune
+    from helpers import char_checkpoint
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
@@ -304,7 +285,8 @@ hydra:
         encoding="utf-8",
     )
     sweep = tmp_path / "sweep"
-    hydra_main(
+    llm_main(
+        "finetune",
         "-m",
         "hparams_search=finetune_test",
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
@@ -320,7 +302,6 @@ hydra:
         "callbacks.attention=null",
         f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.sweep.dir={sweep}",
-        entry=llm.finetune,
     )
     (trial,) = _study(sweep, "finetune").trials
     assert trial.state == TrialState.PRUNED and "optim.lr" in trial.params
@@ -340,7 +321,7 @@ class _FakeTrainer(SimpleNamespace):
 
 
 def test_pruning_callback_reports_at_global_step(tmp_path: Path) -> None:
-    from llm.sweep import StepPruningCallback, trial_from_env
+    from llm.sweeps.pruning import StepPruningCallback, trial_from_env
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage)
@@ -442,12 +423,12 @@ def test_unusable_storage_url_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_killed_workers_trial_is_failed_by_heartbeat_and_not_counted(
-    tmp_path: Path, hydra_main: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, llm_main: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import time
     import warnings
 
-    import llm.train
+    import llm.cli.train
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -460,8 +441,9 @@ def test_killed_workers_trial_is_failed_by_heartbeat_and_not_counted(
         killed = study.ask()  # a worker asked for it, beat once, then died
         storage.record_heartbeat(killed._trial_id)
     time.sleep(1.5)
-    monkeypatch.setattr(llm.train, "train", _fake_train({}))
-    hydra_main(
+    monkeypatch.setattr(llm.cli.train, "train", _fake_train({}))
+    llm_main(
+        "train",
         "-m",
         SEARCH,
         *_experiment(tmp_path),

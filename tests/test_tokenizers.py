@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
-from _stack import run_cli
+from helpers import run_cli
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm.tokenize import render
+from llm.cli.tokenize import render
 from llm.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -432,7 +432,7 @@ def test_render_color(char_tok: CharTokenizer) -> None:
 
 
 def test_cli_end_to_end() -> None:
-    proc = run_cli("llm.tokenize", "tokenizer=o200k_base", f"text={AGI}", NO_COLOR="1")
+    proc = run_cli("tokenize", "tokenizer=o200k_base", f"text={AGI}", NO_COLOR="1")
     assert proc.returncode == 0, proc.stderr
     assert str(AGI_IDS) in proc.stdout
     assert "|we| are| building| an| ag|i|" in proc.stdout

@@ -9,16 +9,21 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _stack import ROOT, TEXT, compose_train, run_cli, tiny_overrides
+from helpers import ROOT, TEXT, compose, run_cli, tiny_overrides
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from llm.training.callbacks import AttentionHeatmapCallback, SampleTextCallback
 from llm.training.module import GPTLitModule
 
 TINY = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
-OPTIM = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "decay_steps": 10, "betas": [0.9, 0.99]}
+# conf/optim/adamw.yaml (the one home of the defaults) with a short schedule
+OPTIM = {
+    **OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "optim" / "adamw.yaml")),  # type: ignore[dict-item]
+    **{"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "decay_steps": 10, "betas": [0.9, 0.99]},
+}
 
 
 class _CharTok:
@@ -224,7 +229,7 @@ def test_logged_train_metrics_are_of_their_step_and_tokens_per_sec_survives_vali
     intervals every logging step follows a validation, and tokens/s is still logged on each."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from llm.train import train
+    from llm.cli.train import train
 
     out = tmp_path / "run"
     keep = ("trainer.val_check_interval", "trainer.log_every_n_steps", "callbacks.sample_text")
@@ -237,7 +242,7 @@ def test_logged_train_metrics_are_of_their_step_and_tokens_per_sec_survives_vali
         f"+callbacks.losses._target_={__name__}._Losses",
         f"output_dir={out}",
     ]
-    result = train(compose_train(overrides))
+    result = train(compose("train", overrides))
     per_step = next(c for c in result["trainer"].callbacks if isinstance(c, _Losses)).losses
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
@@ -267,7 +272,7 @@ def test_train_yaml_composes_for_every_experiment_and_trainer() -> None:
 def test_validate_rejects_bad_settings() -> None:
     from omegaconf import OmegaConf
 
-    from llm.train import validate
+    from llm.cli.train import validate
 
     ok = {"trainer": {"max_steps": 5}, "model": {"block_size": 32}, "data": {"block_size": 32}}
     validate(OmegaConf.create(ok))
@@ -278,12 +283,12 @@ def test_validate_rejects_bad_settings() -> None:
 
 
 def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
-    from llm.train import train
+    from llm.cli.train import train
 
     out = tmp_path / "run"
     corpus = _verdict(tmp_path)
     overrides = [*_overrides(tmp_path, corpus), f"output_dir={out}"]
-    cfg = compose_train(overrides)
+    cfg = compose("train", overrides)
     result = train(cfg)
 
     assert math.isfinite(result["best_val_loss"])
@@ -333,7 +338,7 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
     # resume: the step counter, optimizer and schedule continue from the checkpoint
     resume = [*overrides, f"ckpt_path={last}", "trainer.max_steps=9"]
     resume.append(f"output_dir={tmp_path / 'resumed'}")
-    resumed = train(compose_train(resume))
+    resumed = train(compose("train", resume))
     assert resumed["trainer"].global_step == 9
     assert math.isfinite(resumed["best_val_loss"])
 
@@ -343,12 +348,12 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
         ("tokenizer=gpt2", r"model.vocab_size: .*\n  tokenizer: checkpoint 'char'"),
     ]:
         with pytest.raises(ValueError, match=message):
-            train(compose_train([*resume, override]))
+            train(compose("train", [*resume, override]))
 
 
 def test_cli_subprocess_run(tmp_path: Path) -> None:
     overrides = [*_overrides(tmp_path, _verdict(tmp_path)), "trainer.max_steps=3"]
-    proc = run_cli("llm.train", *overrides)
+    proc = run_cli("train", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = list((tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))
     assert len(ckpts) == 1
@@ -357,7 +362,7 @@ def test_cli_subprocess_run(tmp_path: Path) -> None:
 def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
     """`compile=true`: the compiled model trains, and checkpoints hold the eager module's keys."""
     from llm.checkpoint import load_checkpoint
-    from llm.train import train
+    from llm.cli.train import train
 
     overrides = [
         *_overrides(tmp_path, _verdict(tmp_path)),
@@ -368,7 +373,7 @@ def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
         "callbacks.attention=null",
         f"output_dir={tmp_path / 'run'}",
     ]
-    result = train(compose_train(overrides))
+    result = train(compose("train", overrides))
     module = result["module"]
     assert module._compiled is not None and result["trainer"].global_step == 3
     last = result["last_model_path"]

@@ -2,8 +2,8 @@
 
 Each trial's job gets three environment variables (through ``hydra.job.env_set``, so they are
 also recorded in the job's ``.hydra/hydra.yaml``): the storage URL, the study name and the
-trial number. ``llm.sweep`` reads them to report intermediate val losses for pruning, and
-``llm.report`` to find a run's trial.
+trial number. ``llm.sweeps.pruning`` reads them to report intermediate val losses for pruning,
+and ``llm.sweeps.report`` to find a run's trial.
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
+from llm.sweeps.env import ENV_STORAGE, ENV_STUDY, ENV_TRIAL
+
 log = logging.getLogger(__name__)
 
-ENV_STORAGE = "LLM_OPTUNA_STORAGE"
-ENV_STUDY = "LLM_OPTUNA_STUDY"
-ENV_TRIAL = "LLM_OPTUNA_TRIAL"
 # user attr on FAIL trials: why it failed; "interrupted" ones do not count toward n_trials
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from llm.finetuning.module import add_lora
 from llm.finetuning.records import (
     examples_loader,
     read_records,
@@ -24,7 +23,7 @@ from llm.finetuning.records import (
     split_records,
 )
 from llm.model import GPT
-from llm.training.module import GPTLitModule, plain
+from llm.training.module import GPTLitModule, check_finite
 from llm.training.optim import build_optimizer, cosine_schedule
 
 
@@ -190,6 +189,8 @@ class ClassifierModule(GPTLitModule):
     N blocks + final norm + head) and lora (only adapters + head train).
     """
 
+    kind = "classifier"
+
     def __init__(
         self,
         model: dict[str, Any],
@@ -197,25 +198,22 @@ class ClassifierModule(GPTLitModule):
         optim: dict[str, Any] | None = None,
         compile: bool = False,
         sample: dict[str, Any] | None = None,  # unused; kept so checkpoints reload
+        lora: dict[str, Any] | None = None,
         labels: list[str] | None = None,
         max_length: int = 128,
         trainable_layers: int | None = None,
-        lora: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(model, tokenizer, optim, compile, sample=None)
+        super().__init__(model, tokenizer, optim, compile, sample=None, lora=lora)
         if not labels or len(labels) < 2:
             raise ValueError(f"classification needs at least 2 labels, got {labels}")
         self.hparams.update(
             labels=[str(x) for x in labels],
             max_length=int(max_length),
             trainable_layers=None if trainable_layers is None else int(trainable_layers),
-            lora=plain(lora),
         )
         self.labels = list(self.hparams["labels"])
         self.head = nn.Linear(self.config.n_embd, len(self.labels))
-        if lora:
-            add_lora(self.model, lora)  # freezes every base weight
-        else:
+        if not lora:  # LoRA froze every base weight already
             freeze_for_classification(self.model, trainable_layers)
         n = len(self.labels)
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
@@ -245,8 +243,7 @@ class ClassifierModule(GPTLitModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:  # type: ignore[override]
         loss = self._step(batch, "train")
-        if not torch.isfinite(loss.detach()).item():
-            raise RuntimeError(f"training loss is {loss.item()} at global step {self.global_step}")
+        check_finite(loss, self.global_step)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:  # type: ignore[override]

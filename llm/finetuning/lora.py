@@ -189,3 +189,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad = True
     return model
+
+
+def lora_config(cfg: Any) -> dict[str, Any] | None:
+    """The `lora` config group (Hydra or dict) as plain hparams, or None when disabled."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"lora must be a mapping (conf/lora/*.yaml), got {cfg!r}")
+    if not cfg.get("enabled", True):
+        return None
+    missing = [k for k in ("r", "alpha", "dropout", "targets") if k not in cfg]
+    if missing:
+        raise ValueError(
+            f"lora lacks {['lora.' + k for k in missing]} (see conf/lora/default.yaml)"
+        )
+    return {
+        "r": int(cfg["r"]),
+        "alpha": float(cfg["alpha"]),
+        "dropout": float(cfg["dropout"]),
+        "targets": [str(t) for t in cfg["targets"]],
+    }

@@ -158,11 +158,11 @@ class GracefulShutdown(L.Callback):
         self,
         dirpath: str | None = None,
         filename: str = "interrupted.ckpt",
-        command: str = "python -m llm.train",
+        command: str = "llm train",
     ) -> None:
         self.dirpath = dirpath
         self.filename = filename
-        self.command = command  # the entry point the resume hint names (llm.train, llm.finetune)
+        self.command = command  # the verb the resume hint names (llm train, llm finetune)
         self.signum: int | None = None
         self.ckpt_path: str | None = None
         self._previous: dict[int, Any] = {}
@@ -228,11 +228,28 @@ class GracefulShutdown(L.Callback):
 
 def resume_message(
     path: str | os.PathLike[str],
-    argv: list[str] | None = None,
-    command: str = "python -m llm.train",
+    overrides: list[str] | None = None,
+    command: str = "llm train",
 ) -> str:
-    """How to resume from ``path``: this run's command line with ``ckpt_path`` replaced."""
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("ckpt_path=")]
+    """How to resume from ``path``: this run's overrides with ``ckpt_path`` replaced.
+
+    The overrides are the job's own (Hydra's ``overrides.task``: a sweep job's values, not the
+    sweep's lists); the run folder is pinned so the resumed run continues in the same one.
+    """
+    if overrides is None:
+        overrides = _job_overrides()
+    args = [a for a in overrides if a.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
     quoted = [shlex.quote(a) for a in [f"ckpt_path={path}", *args]]
     cmd = " ".join([command, *quoted])
     return f"Checkpoint saved to {path}\nResume with: {cmd}"
+
+
+def _job_overrides() -> list[str]:
+    """This job's overrides (a sweep job's own values) and its run folder, or the bare argv."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return sys.argv[1:]
+    hydra_cfg = HydraConfig.get()
+    pinned = [o for o in hydra_cfg.overrides.task if not str(o).startswith("hydra.run.dir=")]
+    return [*map(str, pinned), f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]

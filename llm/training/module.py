@@ -17,19 +17,9 @@ from lightning.pytorch.utilities import grad_norm
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
+from llm.finetuning.lora import apply_lora
 from llm.model import GPT, GPTConfig
 from llm.training.optim import build_optimizer, cosine_schedule
-
-DEFAULT_OPTIM: dict[str, Any] = {
-    "lr": 6e-4,
-    "min_lr": 6e-5,
-    "weight_decay": 0.1,
-    "betas": [0.9, 0.95],
-    "eps": 1e-8,
-    "warmup_steps": 100,
-    "decay_steps": None,  # None: decay until trainer.max_steps
-    "fused": None,
-}
 
 
 def plain(obj: Any) -> Any:
@@ -59,17 +49,30 @@ def peak_flops(device: torch.device, precision: Any) -> float | None:
         return None
 
 
+def check_finite(loss: Tensor, step: int) -> None:
+    """Stop on a NaN/inf loss, with what usually causes it (reads the loss on the host)."""
+    if not torch.isfinite(loss.detach()).item():
+        raise RuntimeError(
+            f"training loss is {loss.item()} at global step {step} "
+            "(try a lower optim.lr, gradient clipping, or bf16 instead of fp16)"
+        )
+
+
 class GPTLitModule(L.LightningModule):
     """GPT + optimizer/schedule + loss logging; the tokenizer rides along for sampling.
 
     Args:
-        model: `GPTConfig` fields, `vocab_size` included (a Hydra `_target_` is dropped).
+        model: `GPTConfig` fields, `vocab_size` included.
         tokenizer: the fitted tokenizer's `to_dict()`, so a checkpoint can encode/decode.
-        optim: lr, min_lr, weight_decay, betas, eps, warmup_steps, decay_steps (None:
-            `trainer.max_steps`), fused; missing keys take `DEFAULT_OPTIM`.
+        optim: the settings of `conf/optim/` (their one home); needed to train, not to infer.
+            `decay_steps` None decays over `trainer.max_steps`.
         compile: wrap the model in `torch.compile` (the wrapper is not part of state_dict).
         sample: the sampling settings used during training, recorded for later generation.
+        lora: LoRA settings (`llm.finetuning.lora.lora_config`): adapters on the named Linear
+            layers, every other weight frozen; None trains every weight.
     """
+
+    kind = "lm"  # recorded in every checkpoint, so loaders never guess it from the keys
 
     def __init__(
         self,
@@ -78,21 +81,23 @@ class GPTLitModule(L.LightningModule):
         optim: dict[str, Any] | None = None,
         compile: bool = False,
         sample: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         hparams = {
             "model": plain(model),
             "tokenizer": plain(tokenizer),
-            "optim": {**DEFAULT_OPTIM, **(plain(optim) or {})},
+            "optim": plain(optim),
             "compile": bool(compile),
             "sample": plain(sample),
+            "lora": plain(lora),
         }
-        hparams["model"].pop("_target_", None)
-        hparams["optim"].pop("_target_", None)
-        # logger=False: the tokenizer state can be large; llm.train logs a flat summary instead
+        # logger=False: the tokenizer state can be large; llm train logs a flat summary instead
         self.save_hyperparameters(hparams, logger=False)
         self.config = GPTConfig(**hparams["model"])
         self.model = GPT(self.config)
+        if lora:
+            apply_lora(self.model, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
         self.tokenizer = None
         if hparams["tokenizer"]:
             from llm.tokenizers import tokenizer_from_dict
@@ -124,11 +129,6 @@ class GPTLitModule(L.LightningModule):
         x, y = batch
         _, loss = self(x, y)
         assert loss is not None
-        if not torch.isfinite(loss.detach()).item():
-            raise RuntimeError(
-                f"training loss is {loss.item()} at global step {self.global_step} "
-                "(try a lower lr, gradient clipping, or bf16 instead of fp16)"
-            )
         now = time.perf_counter()
         if self._window_start is None:
             self._window_start, self._window_tokens = now, 0
@@ -136,7 +136,8 @@ class GPTLitModule(L.LightningModule):
             self._window_tokens += x.numel() * self.trainer.world_size
         # metrics on logging steps only: `self.log` is not free, and the loggers and the
         # progress bar read them no more often than that anyway
-        if self._logging_step():
+        if self._logging_step():  # the only steps that read the loss on the host
+            check_finite(loss, self.global_step)
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
             opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
             if opt is not None:
@@ -213,9 +214,10 @@ class GPTLitModule(L.LightningModule):
 
     # -- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the global RNG state: dropout draws from it, so a resumed run with dropout
-        continues the masks an uninterrupted run would have drawn (tensors: weights_only-safe).
-        """
+        """Record the kind, and keep the global RNG state: dropout draws from it, so a resumed
+        run with dropout continues the masks an uninterrupted run would have drawn (tensors:
+        weights_only-safe)."""
+        checkpoint["kind"] = self.kind
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
 
@@ -231,6 +233,8 @@ class GPTLitModule(L.LightningModule):
     # -- optimizer ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.hparams["optim"]
+        if not o:
+            raise ValueError("no optimizer settings: pass optim= (conf/optim/*.yaml) to train")
         opt = build_optimizer(
             self.model,
             lr=o["lr"],
@@ -239,7 +243,7 @@ class GPTLitModule(L.LightningModule):
             eps=o["eps"],
             fused=o.get("fused"),
         )
-        decay = o.get("decay_steps") or o.get("max_steps") or self.trainer.max_steps
+        decay = o.get("decay_steps") or self.trainer.max_steps
         if decay is None or decay <= 0:
             decay = max(int(o["warmup_steps"]), 1)
         sched = cosine_schedule(opt, o["lr"], o["min_lr"], int(o["warmup_steps"]), int(decay))

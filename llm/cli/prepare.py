@@ -1,7 +1,7 @@
-"""Tokenize a corpus into the token cache once, before training: ``python -m llm.prepare``.
+"""``llm prepare data=tinyshakespeare tokenizer=gpt2``: tokenize a corpus into the token cache.
 
-Example: ``python -m llm.prepare data=tinyshakespeare tokenizer=gpt2``. Re-running is cheap: a
-valid cache is reused; a changed corpus or tokenizer config gets a new cache folder.
+Re-running is cheap: a valid cache is reused; a changed corpus or tokenizer config gets a new
+cache folder. Training builds the same cache on first use; this verb does it ahead of time.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import time
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from llm.cli.app import hydra_app
 from llm.data.cache import ensure_token_cache, load_token_cache
 from llm.data.corpus import Corpus
 
@@ -53,8 +53,9 @@ def prepare(cfg: DictConfig) -> dict:
     }
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
+@hydra_app("prepare")
 def main(cfg: DictConfig) -> None:
+    """Build or reuse the cache and print its statistics."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     stats = prepare(cfg)
     print(f"token cache {stats['status']}: {stats['folder']}")
@@ -66,7 +67,3 @@ def main(cfg: DictConfig) -> None:
     print(f"  total       {stats['total_tokens']:,} tokens")
     print(f"  files       {', '.join(stats['files'])}")
     print(f"  time        {stats['seconds']:.2f}s (build took {stats['build_seconds']:.2f}s)")
-
-
-if __name__ == "__main__":
-    main()

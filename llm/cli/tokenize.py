@@ -1,15 +1,17 @@
-"""Show how a tokenizer splits a text: ``python -m llm.tokenize tokenizer=gpt2 text="hi there"``."""
+"""``llm tokenize tokenizer=gpt2 text="hi there"``: how a tokenizer splits a text."""
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
 from omegaconf import DictConfig
 
-from llm.tokenizers import Tokenizer
+from llm.cli.app import hydra_app, read_free_text
+
+if TYPE_CHECKING:
+    from llm.tokenizers import Tokenizer
 
 # Alternating background colours (256-colour ANSI), like tiktokenizer's token view.
 _BACKGROUNDS = (153, 186, 217, 151, 223, 183)
@@ -50,16 +52,16 @@ def use_color(flag: bool | None = None) -> bool:
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="tokenize")
+@hydra_app("tokenize")
 def main(cfg: DictConfig) -> None:
+    """Fit the tokenizer first if it learns its vocabulary (on fit_on, else the text)."""
+    import hydra
+
+    from llm.data.corpus import read_utf8
+
     tokenizer: Tokenizer = hydra.utils.instantiate(cfg.tokenizer)
-    text = str(cfg.text)
+    text = read_free_text(cfg, "text")
     if tokenizer.needs_fit:
         fit_on = cfg.get("fit_on")
-        corpus = Path(str(fit_on)).read_text(encoding="utf-8") if fit_on else text
-        tokenizer.fit([corpus])
+        tokenizer.fit([read_utf8(str(fit_on)) if fit_on else text])
     print(render(tokenizer, text, use_color(cfg.get("color"))))
-
-
-if __name__ == "__main__":
-    main()

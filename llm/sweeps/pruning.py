@@ -16,12 +16,9 @@ import hydra
 import lightning as L
 import optuna
 
-log = logging.getLogger(__name__)
+from llm.sweeps.env import ENV_STORAGE, ENV_STUDY, ENV_TRIAL
 
-# Keep in sync with hydra_plugins/llm_optuna_sweeper/_impl.py (the plugin must not import llm).
-ENV_STORAGE = "LLM_OPTUNA_STORAGE"
-ENV_STUDY = "LLM_OPTUNA_STUDY"
-ENV_TRIAL = "LLM_OPTUNA_TRIAL"
+log = logging.getLogger(__name__)
 
 
 def trial_from_env(

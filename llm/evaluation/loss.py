@@ -1,7 +1,6 @@
-"""Validation loss / perplexity / bits-per-character of a checkpoint.
+"""Validation loss, perplexity and bits per character of a model over a whole split.
 
-`python -m llm.evaluate ckpt_path=... [data=... data.path=...]`. The checkpoint does not
-record its corpus, so the data config says which one; its tokenizer must match the model's.
+The CLI is ``llm evaluate``; training logs the same loss on a fixed sample of the split.
 """
 
 from __future__ import annotations
@@ -9,14 +8,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
 from llm.training.module import GPTLitModule
 
 
-def _check_tokenizer(module: GPTLitModule, datamodule: Any) -> None:
+def check_tokenizer(module: GPTLitModule, datamodule: Any) -> None:
     """Ids mean nothing if the cache was tokenized differently from what the model learnt."""
     ours = module.hparams.get("tokenizer")
     theirs = datamodule.tokenizer.to_dict() if datamodule.tokenizer is not None else None
@@ -37,7 +34,7 @@ def evaluate(
     """
     datamodule.prepare_data()
     datamodule.setup("validate")
-    _check_tokenizer(module, datamodule)
+    check_tokenizer(module, datamodule)
     module.eval()
     device = next(module.parameters()).device
     total, count = 0.0, 0
@@ -57,33 +54,3 @@ def evaluate(
     if (module.hparams.get("tokenizer") or {}).get("kind") == "char":
         out["bpc"] = val_loss / math.log(2)  # one token is one character
     return out
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> dict[str, float]:
-    """Hydra entry point: build the data with the checkpoint's tokenizer and print metrics."""
-    from llm.checkpoint import load_checkpoint
-    from llm.generate import resolve_device
-    from llm.tokenizers import tokenizer_from_dict
-
-    if cfg.limit_batches is not None and int(cfg.limit_batches) < 1:
-        raise ValueError(
-            f"limit_batches must be >= 1 (null: the whole split), got {cfg.limit_batches}"
-        )
-    module = load_checkpoint(cfg.ckpt_path, map_location=resolve_device(str(cfg.device)))
-    if cfg.data.get("block_size") is None:
-        cfg.data.block_size = int(module.config.block_size)
-    tokenizer = tokenizer_from_dict(module.hparams["tokenizer"])
-    dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
-    limit = None if cfg.limit_batches is None else int(cfg.limit_batches)
-    metrics = evaluate(module, dm, limit_batches=limit)
-    print(f"val_loss: {metrics['val_loss']:.4f}")
-    print(f"perplexity: {metrics['ppl']:.4f}")
-    if "bpc" in metrics:
-        print(f"bits_per_char: {metrics['bpc']:.4f}")
-    print(f"tokens: {int(metrics['tokens'])}")
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Summarise a sweep: `python -m llm.report logs/train/multiruns/<date> [--out DIR]`.
+"""Summarise a sweep (``llm report dir=logs/train/multiruns/<date>``): rank its runs.
 
 Finds every Hydra run folder (one with ``.hydra/config.yaml``) under the given folder, reads its
 TensorBoard scalars and Hydra overrides, and writes ``report.md``, ``report.csv`` and PNG plots
@@ -8,14 +8,12 @@ Works on a sweep folder, a whole ``logs/`` tree or a single run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +21,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from llm.io import atomic_write_bytes, atomic_write_text
+from llm.sweeps.env import ENV_STORAGE, ENV_STUDY, ENV_TRIAL
 
-# environment variables the llm_optuna sweeper sets in each trial's job (see llm.sweep)
-ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "LLM_OPTUNA_STORAGE", "LLM_OPTUNA_STUDY", "LLM_OPTUNA_TRIAL"
 # a run without a final result whose files changed this recently is taken to be still running
 RUNNING_WINDOW_S = 300.0
 COLUMNS = [
@@ -352,27 +349,3 @@ def report(root: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     for study in studies.values():
         files.extend(plot_study(study, out_dir))
     return {"rows": table, "files": files, "out_dir": out_dir}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; prints the table and where the files went."""
-    parser = argparse.ArgumentParser(
-        prog="python -m llm.report", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("folder", help="a sweep folder (logs/train/multiruns/<date>) or logs/")
-    parser.add_argument("--out", default=None, help="where to write (default: <folder>/report)")
-    args = parser.parse_args(argv)
-    try:
-        result = report(args.folder, args.out)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print((result["out_dir"] / "report.md").read_text(encoding="utf-8"))
-    print("Wrote:")
-    for path in result["files"]:
-        print(f"  {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""The ``llm`` command: one verb per stage of the path, each a Hydra app taking overrides.
+
+``llm train model=baby optim.lr=6e-4``, ``llm train -m optim.lr=1e-3,3e-3``,
+``llm generate ckpt_path=... prompt="ROMEO:"``; ``python -m llm <verb>`` is the same.
+The verbs' modules are imported only when run, so ``llm --help`` costs no torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Verb:
+    """A verb: its module (with a Hydra ``main``), config, one-line summary and examples."""
+
+    module: str
+    config: str
+    summary: str
+    description: str
+    examples: tuple[str, ...]
+    free_text: tuple[str, ...] = ()  # keys whose values are free text (quoted for Hydra)
+
+
+VERBS: dict[str, Verb] = {
+    "train": Verb(
+        "llm.cli.train",
+        "train",
+        "pretrain a GPT (default: nanoGPT's CPU recipe on tiny shakespeare)",
+        "Pretrain a GPT from scratch. Every run writes its config, TensorBoard logs and\n"
+        "checkpoints to its own folder under logs/train/runs/.",
+        (
+            "llm train                                        # experiment=shakespeare_char_cpu",
+            "llm train model=baby tokenizer=gpt2 trainer=gpu optim.lr=6e-4",
+            "llm train -m optim.lr=3e-4,1e-3 model=tiny,cpu    # a 4-job sweep",
+        ),
+    ),
+    "finetune": Verb(
+        "llm.cli.finetune",
+        "finetune",
+        "finetune a checkpoint or Hugging Face weights: text, classify or instruct",
+        "Finetune from a llm checkpoint or a Hugging Face folder (init=...): continue\n"
+        "pretraining on text, train a classifier, or follow instructions; lora=default\n"
+        "trains LoRA adapters only. Runs land in logs/finetune/runs/.",
+        (
+            "llm finetune task=text init=logs/train/runs/<date>/checkpoints/last.ckpt "
+            "data.path=corpus.txt",
+            "llm finetune task=classify init=gpt2 data.path=sms.tsv task.trainable_layers=1",
+            "llm finetune task=instruct init=gpt2 data.path=alpaca.json lora=default",
+        ),
+    ),
+    "evaluate": Verb(
+        "llm.cli.evaluate",
+        "evaluate",
+        "val loss, perplexity and bits per character of a checkpoint",
+        "Score a checkpoint on the validation split of a corpus (the one it was trained\n"
+        "on by default), with the checkpoint's own tokenizer.",
+        (
+            "llm evaluate ckpt_path=logs/train/runs/<date>/checkpoints/last.ckpt",
+            "llm evaluate ckpt_path=last.ckpt data=text_files data.path=other.txt",
+        ),
+    ),
+    "generate": Verb(
+        "llm.cli.generate",
+        "generate",
+        "sample text from a checkpoint",
+        "Sample a continuation of a prompt with the checkpoint's tokenizer and a KV cache.\n"
+        "Free text needs no Hydra quoting: prompt=Hello, world! works; prompt_file=<path>\n"
+        "(or - for standard input) reads a long prompt.",
+        (
+            "llm generate ckpt_path=last.ckpt prompt=ROMEO: max_new_tokens=300",
+            "llm generate ckpt_path=last.ckpt 'prompt=O Romeo, Romeo!' temperature=0.7 top_p=0.9",
+            "echo 'To be, or' | llm generate ckpt_path=last.ckpt prompt_file=-",
+        ),
+        free_text=("prompt",),
+    ),
+    "classify": Verb(
+        "llm.cli.classify",
+        "classify",
+        "label a text with a finetuned classifier",
+        "Print the predicted label and its probability for a text (task=classify checkpoints).",
+        (
+            "llm classify ckpt_path=logs/finetune/runs/<date>/checkpoints/last.ckpt "
+            "'text=Claim your free prize now!'",
+            "llm classify ckpt_path=last.ckpt text_file=message.txt",
+        ),
+        free_text=("text",),
+    ),
+    "prepare": Verb(
+        "llm.cli.prepare",
+        "prepare",
+        "tokenize a corpus into the token cache",
+        "Tokenize a corpus once into data/cache/<corpus>-<tokenizer>/ (reused by training).",
+        (
+            "llm prepare data=tinyshakespeare tokenizer=gpt2",
+            "llm prepare data=text_files data.path=my_corpus/ tokenizer=char",
+        ),
+    ),
+    "tokenize": Verb(
+        "llm.cli.tokenize",
+        "tokenize",
+        "show how a tokenizer splits a text",
+        "Print the ids and pieces of a text under any tokenizer.",
+        (
+            "llm tokenize tokenizer=o200k_base 'text=we are building an agi'",
+            "llm tokenize tokenizer=bpe tokenizer.vocab_size=512 "
+            "fit_on=data/tinyshakespeare/input.txt 'text=To be, or not to be'",
+        ),
+        free_text=("text",),
+    ),
+    "report": Verb(
+        "llm.cli.report",
+        "report",
+        "table and plots of a sweep's runs",
+        "Rank the runs under a folder (a sweep, logs/, or one run) by best val loss; write\n"
+        "report.md, report.csv and the val-loss curves into <dir>/report/.",
+        ("llm report dir=logs/train/multiruns/<date>", "llm report dir=logs out=reports/all"),
+    ),
+    "export": Verb(
+        "llm.cli.export",
+        "export",
+        "merge LoRA adapters; write a Hugging Face folder",
+        "Fold a LoRA checkpoint's adapters into plain weights (out=...), and/or write a\n"
+        "language model as a Hugging Face folder (hf_dir=...).",
+        (
+            "llm export ckpt_path=logs/finetune/runs/<date>/checkpoints/last.ckpt out=merged.ckpt",
+            "llm export ckpt_path=last.ckpt hf_dir=my-gpt2/",
+        ),
+    ),
+}
+
+
+def usage() -> str:
+    """``llm --help``: the verbs, one line each."""
+    width = max(map(len, VERBS))
+    lines = [
+        "usage: llm <verb> [key=value ...] [-m] [--help]",
+        "",
+        "A GPT from scratch: pretrain, finetune, evaluate and sample it; every setting is a",
+        "Hydra override (group=option or key=value).",
+        "",
+        "verbs:",
+        *(f"  {name:<{width}}  {verb.summary}" for name, verb in VERBS.items()),
+        "",
+        "`llm <verb> --help` shows a verb's examples and config groups.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``llm`` console script and of ``python -m llm``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    verb = VERBS.get(name)
+    if verb is None:
+        print(f"llm: unknown verb {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        from llm.cli.help import verb_help
+
+        print(verb_help(name, verb))
+        return 0
+    from llm.cli.app import debug, report_error, run_verb
+
+    try:
+        module = importlib.import_module(verb.module)
+        result = run_verb(module.main, rest, verb.free_text)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug():
+            raise
+        print(report_error(e), file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -1,0 +1,146 @@
+"""What makes a verb a Hydra app: the decorator, free-text quoting, argv and device choice.
+
+Every verb module defines ``main`` with :func:`hydra_app`; the ``llm`` dispatcher
+(:mod:`llm.cli`) hands it the words after the verb. Nothing here imports torch or Lightning, so
+``llm <verb> --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hydra
+from omegaconf import DictConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/
+T = TypeVar("T")
+
+# The command line as the user typed it (`llm train ...`), which Lightning's DDP launcher
+# re-runs for every rank; Hydra itself is shown only the words after the verb.
+_argv: list[str] | None = None
+
+
+def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[[], T]]:
+    """``hydra.main`` for a verb, with the user's own command line back in ``sys.argv``
+    while the task runs (so re-launched DDP ranks run ``llm <verb> ...`` again)."""
+
+    def decorate(task: Callable[[DictConfig], T]) -> Callable[[], T]:
+        @functools.wraps(task)
+        def run(cfg: DictConfig) -> T:
+            hydra_argv = sys.argv
+            if _argv is not None:
+                sys.argv = list(_argv)
+            try:
+                return task(cfg)
+            finally:
+                sys.argv = hydra_argv
+
+        return hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(run)
+
+    return decorate
+
+
+def run_verb(main: Callable[[], Any], args: Sequence[str], free_text: Sequence[str] = ()) -> Any:
+    """Run a verb's ``main`` on ``args`` (the words after the verb), quoting free-text keys.
+
+    Errors propagate (Hydra is told to raise them rather than print them itself), so the
+    ``llm`` command prints them one way: :func:`report_error`.
+    """
+    global _argv
+    _argv = list(sys.argv)
+    hydra_argv = [sys.argv[0], *(quote_free_text(a, free_text) for a in args)]
+    saved, sys.argv = sys.argv, hydra_argv
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        return main()
+    finally:
+        sys.argv, _argv = saved, None
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+
+
+def debug() -> bool:
+    """Whether the user asked for tracebacks (``HYDRA_FULL_ERROR=1``, Hydra's own switch)."""
+    return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
+
+
+def report_error(error: BaseException) -> str:
+    """A failed command as a few lines: what went wrong and where, no traceback."""
+    lines = [f"Error: {describe_error(error)}"]
+    cause = error.__cause__
+    if cause is not None and str(cause) and str(cause) not in lines[0]:
+        lines.append(f"  ({describe_error(cause)})")
+    lines.append("Set HYDRA_FULL_ERROR=1 for the traceback.")
+    return "\n".join(lines)
+
+
+def describe_error(error: BaseException) -> str:
+    """The message of ``error``; its type too where the message alone would not say much."""
+    message = str(error).strip() or type(error).__name__
+    if isinstance(error, ValueError | OSError | RuntimeError):  # ours, Hydra's, OmegaConf's
+        return message
+    return f"{type(error).__name__}: {message}"
+
+
+def hydra_quote(text: str) -> str:
+    """``text`` as a Hydra quoted value that OmegaConf reads back unchanged.
+
+    Hydra's grammar reserves ``,`` (sweeps), quotes, ``!`` and more; OmegaConf reads ``${...}``
+    as an interpolation. Inside double quotes only quotes (and the backslashes before one or
+    at the end) need escaping, and ``\\${`` keeps a literal ``${``.
+    """
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    text = re.sub(r'(\\+)(?="|$)', lambda m: m.group(1) * 2, text)
+    return '"' + text.replace('"', '\\"') + '"'
+
+
+def quote_free_text(arg: str, keys: Sequence[str]) -> str:
+    """``prompt=Hello, world!`` -> ``prompt="Hello, world!"`` for the verb's free-text keys.
+
+    A value the user quoted for Hydra already (``prompt='"a, b"'``) is left as it is.
+    """
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+~") not in keys:
+        return arg
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return arg
+    return f"{key}={hydra_quote(value)}"
+
+
+def read_free_text(cfg: DictConfig, key: str) -> str:
+    """``cfg[key]``, or the file named by ``cfg[key + '_file']`` (``-``: standard input)."""
+    path = cfg.get(f"{key}_file")
+    if path is None:
+        return str(cfg[key])
+    if str(path) == "-":
+        return sys.stdin.read()
+    from llm.data.corpus import read_utf8
+
+    try:
+        return read_utf8(str(path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{key}_file={path}: no such file") from e
+
+
+def resolve_device(device: str) -> Any:
+    """``auto`` picks CUDA when present, so one command works on laptops and GPU machines."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device}, but this machine has no CUDA GPU; use cpu or auto")
+    return resolved

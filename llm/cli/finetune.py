@@ -1,0 +1,211 @@
+"""``llm finetune task=<text|classify|instruct> init=<checkpoint | Hugging Face folder>``.
+
+The same stack as pretraining (trainer, logger and callback configs, checkpoints, overrides,
+sweeps). ``finetune(cfg)`` is what tests call; ``main`` returns the best validation loss so
+``-m`` sweepers can minimise it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from llm.cli.app import hydra_app
+from llm.cli.runs import (
+    best_val_loss,
+    build_trainer,
+    check_steps,
+    checkpoint_paths,
+    is_stopped,
+    log_hparams,
+    sample_settings,
+)
+from llm.cli.sweep import end_sweep_job, sweep_pruning
+
+TASKS = ("text", "classify", "instruct")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before loading weights on settings that cannot work."""
+    name = cfg.get("task", {}).get("name")
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; use task=<{'|'.join(TASKS)}>")
+    if not cfg.get("init"):
+        raise ValueError(
+            "init= is required: a llm checkpoint (.ckpt), a Hugging Face model folder, or a "
+            "hub name such as init=gpt2"
+        )
+    check_steps(cfg)
+
+
+def _tokenizer(cfg: DictConfig, init: Any) -> Any:
+    """The init's own tokenizer (a checkpoint's, a Hugging Face folder's), else cfg.tokenizer."""
+    import hydra
+
+    from llm.tokenizers import tokenizer_from_dict
+
+    if init.tokenizer:
+        tok = tokenizer_from_dict(init.tokenizer)
+    else:
+        tok = hydra.utils.instantiate(cfg.tokenizer)
+        if tok.needs_fit:
+            raise ValueError(
+                f"tokenizer {type(tok).__name__} must be fitted, but {init.source} carries no "
+                "tokenizer; use a pretrained one (tokenizer=gpt2)"
+            )
+    if tok.vocab_size > init.model["vocab_size"]:
+        raise ValueError(
+            f"the tokenizer's vocab_size {tok.vocab_size} > the model's "
+            f"{init.model['vocab_size']}: tokenizer={cfg.tokenizer.get('_target_')} does not "
+            f"match init={init.source}"
+        )
+    return tok
+
+
+def build(cfg: DictConfig, init: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """The task's LightningModule (init weights loaded) and DataModule."""
+    import hydra
+
+    from llm.finetuning.init import load_base_weights
+    from llm.finetuning.lora import lora_config
+    from llm.training.module import GPTLitModule
+
+    task = cfg.task.name
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    lora = lora_config(OmegaConf.to_container(cfg.lora) if cfg.get("lora") else None)
+    data = cfg.data.copy()
+    with open_dict(data):
+        data.block_size = int(init.model["block_size"])
+    dm = hydra.utils.instantiate(data, tokenizer=tokenizer)
+    dm.prepare_data()
+    common = {
+        "model": init.model,
+        "tokenizer": dm.tokenizer.to_dict(),
+        "optim": optim,
+        "compile": bool(cfg.get("compile", False)),
+        "lora": lora,
+    }
+    module: Any
+    if task == "classify":
+        from llm.finetuning.classify import ClassifierModule
+
+        module = ClassifierModule(
+            **common,
+            labels=dm.labels,
+            max_length=dm.max_length,
+            trainable_layers=cfg.task.get("trainable_layers"),
+        )
+    else:
+        module = GPTLitModule(**common, sample=sample_settings(cfg) if task == "text" else None)
+    load_base_weights(module.model, init.state_dict)
+    return module, dm
+
+
+def finetune(cfg: DictConfig) -> dict[str, Any]:
+    """Fit as configured; returns best val loss, checkpoint paths, counts and task outputs."""
+    import lightning as L
+
+    from llm.checkpoint import read_checkpoint
+    from llm.finetuning.init import load_init
+    from llm.finetuning.lora import count_params
+
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    block_size = cfg.get("block_size")
+    init = load_init(
+        str(cfg.init),
+        block_size=None if block_size is None else int(block_size),
+        dropout=cfg.get("dropout"),
+    )
+    tokenizer = _tokenizer(cfg, init)
+    module, dm = build(cfg, init, tokenizer)
+    counts = {
+        "params/trainable": count_params(module, trainable=True),
+        "params/total": count_params(module),
+    }
+
+    pruning = sweep_pruning()
+    trainer, loggers = build_trainer(cfg, [pruning] if pruning else [])
+    if cfg.get("ckpt_path"):
+        from llm.checkpoint import check_resumable
+
+        check_resumable(cfg.ckpt_path, module, int(cfg.trainer.max_steps))
+    for logger in loggers:
+        logger.log_metrics({k: float(v) for k, v in counts.items()}, step=0)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+
+    best_path, last_path = checkpoint_paths(trainer)
+    result: dict[str, Any] = {
+        "best_val_loss": best_val_loss(trainer),
+        "best_model_path": best_path,
+        "last_model_path": last_path,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": dm,
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},  # last train/val
+        **counts,
+    }
+    if best_path:  # test accuracy and responses come from the best weights (every rank)
+        module.load_state_dict(read_checkpoint(best_path)["state_dict"])
+    if cfg.task.name == "classify" and dm.splits.get("test"):
+        result["test"] = trainer.test(module, datamodule=dm, verbose=False)[0]
+    if cfg.task.name == "instruct" and trainer.is_global_zero:
+        from llm.finetuning.instruct import save_responses
+
+        saved = best_path or last_path
+        folder = Path(saved).parent if saved else Path(cfg.output_dir)
+        result["responses_path"] = save_responses(
+            module,
+            dm.records["val"],
+            folder / "responses.json",
+            max_new_tokens=int(cfg.task.get("max_new_tokens", 256)),
+        )
+    params = {
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "init": str(cfg.init),
+        "model": init.model,
+        "optim": module.hparams["optim"],
+        "lora": module.hparams["lora"] or "none",
+        "data": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()  # type: ignore[union-attr]
+            if k not in ("_target_", "corpus")
+        },
+        "seed": int(cfg.seed),
+        "max_steps": int(cfg.trainer.max_steps),
+    }
+    metrics = {"hp/best_val_loss": result["best_val_loss"]}
+    if "test" in result:
+        metrics.update({f"hp/{k.replace('/', '_')}": v for k, v in result["test"].items()})
+    log_hparams(trainer, loggers, params, metrics)
+    end_sweep_job(pruning, is_stopped(trainer.callbacks))
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """What a finished run produced, one item per line."""
+    lines = [
+        f"best val/loss: {result['best_val_loss']:.4f}",
+        f"trainable parameters: {result['params/trainable']:,} of {result['params/total']:,}",
+        f"best checkpoint: {result['best_model_path']}",
+        f"last checkpoint: {result['last_model_path']}",
+    ]
+    if "val/acc" in result["metrics"]:
+        lines.append(f"val/acc: {result['metrics']['val/acc']:.4f}")
+    lines += [f"{k}: {v:.4f}" for k, v in (result.get("test") or {}).items()]
+    if result.get("responses_path"):
+        lines.append(f"responses: {result['responses_path']}")
+    return "\n".join(lines)
+
+
+@hydra_app("finetune")
+def main(cfg: DictConfig) -> float:
+    """The Hydra app; the return value is what ``-m`` sweepers optimise."""
+    result = finetune(cfg)
+    if result["trainer"].is_global_zero:
+        print(summary(result), flush=True)
+    best = result["best_val_loss"]
+    return best if math.isfinite(best) else float("inf")

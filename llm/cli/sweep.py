@@ -1,0 +1,57 @@
+"""The sweep glue of the training verbs: is this job part of a ``-m`` sweep or an Optuna trial,
+which strategies a sweep cannot run, and how a job tells the sweeper it was pruned or stopped."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+def is_multirun() -> bool:
+    """Whether this job is one of a ``-m`` sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_multirun_strategy(cfg: DictConfig) -> None:
+    """Lightning's ddp/fsdp re-run the script per rank, which would re-run the whole sweep."""
+    if not is_multirun():
+        return
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, DictConfig):
+        strategy = strategy.get("_target_")
+    name = str(strategy or "").lower()
+    if any(k in name for k in ("ddp", "fsdp", "deepspeed")) and "spawn" not in name:
+        raise ValueError(
+            f"trainer.strategy={strategy} cannot run under --multirun: it launches this script "
+            "again for every rank, which would start the sweep again. Sweep with a "
+            "single-process trainer (trainer=cpu or trainer=gpu) or trainer=ddp_cpu "
+            "(ddp_spawn), or run the multi-GPU job without -m"
+        )
+
+
+def sweep_pruning() -> Any | None:
+    """The pruning callback of this job's Optuna trial (``-m hparams_search=...``), else None."""
+    from llm.sweeps.env import ENV_TRIAL
+
+    if not os.environ.get(ENV_TRIAL):  # plain runs do not import optuna
+        return None
+    from llm.sweeps.pruning import pruning_callback_from_env
+
+    return pruning_callback_from_env()
+
+
+def end_sweep_job(pruning: Any, stopped: bool) -> None:
+    """Tell the sweeper how this job ended: pruned (``optuna.TrialPruned``) or interrupted.
+
+    Ctrl-C/SIGTERM stops a job cleanly; under a sweep the sweep must stop too, not go on to
+    the next job (an Optuna trial is then recorded as interrupted, not as a result).
+    """
+    if pruning is not None:
+        pruning.check_pruned()
+    if stopped and (pruning is not None or is_multirun()):
+        raise KeyboardInterrupt("training was interrupted: stopping the sweep")
