@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from llm.training.module import GPTLitModule
+from llm.model import GPT
+from llm.tokenizers import Tokenizer
 
 
 @torch.no_grad()
 def generate_text(
-    module: GPTLitModule,
+    model: GPT,
+    tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int,
     temperature: float = 0.8,
@@ -26,9 +28,7 @@ def generate_text(
     A fixed seed gives the same text every call (on the same device). An empty prompt starts
     from the end-of-text token, as a document boundary is what the model saw before new text.
     """
-    tok = module.tokenizer
-    if tok is None:
-        raise ValueError("this checkpoint has no tokenizer; it cannot encode a prompt")
+    tok = tokenizer
     ids = tok.encode(prompt)
     if not ids:
         if tok.eot_id is None:
@@ -36,10 +36,10 @@ def generate_text(
                 "empty prompt and the tokenizer has no end-of-text token to start from"
             )
         ids = [tok.eot_id]
-    module.eval()
-    device = next(module.parameters()).device
+    model.eval()
+    device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = module.model.generate(
+    out = model.generate(
         idx,
         max_new_tokens,
         temperature=temperature,

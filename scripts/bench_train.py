@@ -97,8 +97,9 @@ def summary(
 
 # -- Lightning ----------------------------------------------------------------------------
 def run_lightning(args: argparse.Namespace) -> dict[str, Any]:
-    from llm.train import train
     from omegaconf import OmegaConf
+
+    from llm.cli.train import train
 
     cfg = compose_cfg(args)
     OmegaConf.set_struct(cfg, False)

@@ -90,6 +90,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     tmp = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(tmp, repeats=5)
+    with corpus.open("a", encoding="utf-8") as f:  # every printable character has an id
+        f.write(ALPHABET + "${}[]\\/*&%@=+<>|~`^_\n")
     overrides = [
         *tiny_overrides(tmp, corpus, batch_size=8),
         "data.stride=16",

@@ -71,7 +71,7 @@ def test_data_options_instantiate(name: str, tmp_path: Path) -> None:
     cfg = _compose(f"data={name}", f"paths.data_dir={tmp_path}")
     dm = hydra.utils.instantiate(cfg.data, tokenizer=CharTokenizer())
     assert isinstance(dm, TextDataModule)
-    assert dm.hparams.get("block_size", cfg.model.block_size) == cfg.model.block_size
+    assert dm.block_size == cfg.model.block_size == 64  # the data's window is the model's context
 
 
 @pytest.mark.parametrize("name", _options("trainer"))

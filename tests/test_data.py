@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import urllib.error
 from pathlib import Path
@@ -12,13 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compose, run_cli
+from helpers import ROOT, SHAKESPEARE, VERDICT, compose, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
-
-from llm.data import (  # noqa: E402
+from llm.data import (
     HFDataset,
     TextDataModule,
     TextFiles,
@@ -28,12 +23,8 @@ from llm.data import (  # noqa: E402
     load_token_cache,
     split_text,
 )
-from llm.data import corpus as corpus_mod  # noqa: E402
-from llm.tokenizers import CharTokenizer, TiktokenTokenizer  # noqa: E402
-
-VERDICT = Path(os.environ.get("LLM_TEST_VERDICT", SHARED / "data/the-verdict/the-verdict.txt"))
-SHAKESPEARE = SHARED / "data/tinyshakespeare/input.txt"
-needs_verdict = pytest.mark.skipif(not VERDICT.is_file(), reason=f"{VERDICT} missing")
+from llm.data import corpus as corpus_mod
+from llm.tokenizers import CharTokenizer, TiktokenTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +34,6 @@ def gpt2() -> TiktokenTokenizer:
 
 @pytest.fixture
 def verdict(tmp_path: Path) -> Path:
-    if not VERDICT.is_file():
-        pytest.skip(f"{VERDICT} missing")
     dst = tmp_path / "verdict" / "the-verdict.txt"
     dst.parent.mkdir()
     dst.write_bytes(VERDICT.read_bytes())
@@ -214,7 +203,6 @@ def test_hf_dataset_local_data_files_checksum_sees_file_content(tmp_path: Path) 
 # ----------------------------------------------------------------------------- token cache
 
 
-@needs_verdict
 def test_split_text_keeps_gpt2_ids(gpt2: TiktokenTokenizer) -> None:
     text = VERDICT.read_text(encoding="utf-8")
     pieces = list(split_text(text, max_chars=1000))

@@ -53,7 +53,7 @@ def test_text_from_checkpoint_crops_overfits_and_generates(tmp_path: Path) -> No
     module = load_checkpoint(result["last_model_path"])  # the pretraining loader, unchanged
     assert type(module) is GPTLitModule
     assert module.config.block_size == 32 and module.model.embed.wpe.weight.shape[0] == 32
-    text = generate_text(module, "the quick", 20, temperature=0.0)
+    text = generate_text(module.model, module.tokenizer, "the quick", 20, temperature=0.0)
     assert text.startswith("the quick") and len(text) == len("the quick") + 20
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -117,7 +117,9 @@ def test_text_lora_trains_adapters_only_and_merged_export_matches(tmp_path: Path
         torch.testing.assert_close(unmerged(x)[0], adapter(x)[0], rtol=0, atol=0)
     from llm.inference import generate_text
 
-    assert generate_text(unmerged, "Be", 5, temperature=0.0) == generate_text(plain, "Be", 5, 0.0)
+    assert generate_text(
+        unmerged.model, unmerged.tokenizer, "Be", 5, temperature=0.0
+    ) == generate_text(plain.model, plain.tokenizer, "Be", 5, 0.0)
     with pytest.raises(ValueError, match="holds LoRA adapters; merge them first"):
         load_init(result["last_model_path"])
 

@@ -31,11 +31,24 @@ def test_generate_text_is_seeded_and_prompt_prefixed(trained: dict[str, Any]) ->
     from llm.inference import generate_text
 
     module = load_checkpoint(trained["ckpt"])
-    a = generate_text(module, "First", 20, temperature=0.8, top_k=10, top_p=None, seed=7)
-    b = generate_text(module, "First", 20, temperature=0.8, top_k=10, top_p=None, seed=7)
+    a = generate_text(
+        module.model, module.tokenizer, "First", 20, temperature=0.8, top_k=10, top_p=None, seed=7
+    )
+    b = generate_text(
+        module.model, module.tokenizer, "First", 20, temperature=0.8, top_k=10, top_p=None, seed=7
+    )
     assert a == b and a.startswith("First")
     assert len(module.tokenizer.encode(a)) == len(module.tokenizer.encode("First")) + 20
-    greedy = generate_text(module, "First", 20, temperature=0.0, top_k=None, top_p=None, seed=None)
+    greedy = generate_text(
+        module.model,
+        module.tokenizer,
+        "First",
+        20,
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        seed=None,
+    )
     assert greedy.startswith("First")
 
 
@@ -134,3 +147,36 @@ def test_cuda_device_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no CUDA GPU; use cpu or auto"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_language_model_loader_matches_the_lightning_module(trained: dict[str, Any]) -> None:
+    """`llm generate` loads the GPT and tokenizer without Lightning: same weights, same logits."""
+    from llm.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        load_language_model,
+        save_checkpoint,
+    )
+
+    module = load_checkpoint(trained["ckpt"])
+    lm = load_language_model(trained["ckpt"])
+    assert lm.tokenizer.to_dict() == module.tokenizer.to_dict()
+    assert not lm.model.training
+    x = torch.randint(0, lm.model.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(x)[0], module.model(x)[0], rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*missing\.ckpt: no such file"):
+        load_language_model(trained["ckpt"].with_name("missing.ckpt"))
+    # LoRA adapters are applied, unmerged, as the LightningModule does
+    lora = {"r": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["attn.c_attn"]}
+    adapted = type(module)(**{**module.hparams, "lora": lora})
+    path = save_checkpoint(adapted, trained["ckpt"].parent / "lora-test.ckpt")
+    assert load_language_model(path).hparams["lora"] == lora
+    torch.testing.assert_close(
+        load_language_model(path).model(x)[0], adapted.eval().model(x)[0], rtol=0, atol=0
+    )
+    with pytest.raises(CheckpointError, match="is a classifier checkpoint"):
+        classifier = trained["ckpt"].parent / "classifier-test.ckpt"
+        raw = torch.load(trained["ckpt"], weights_only=True)
+        torch.save({**raw, "kind": "classifier"}, classifier)
+        load_language_model(classifier)

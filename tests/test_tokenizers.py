@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
-from helpers import run_cli
+from helpers import SHAKESPEARE, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
@@ -43,13 +43,7 @@ PROPERTY = settings(
 
 
 def _shakespeare() -> Path | None:
-    for p in (
-        ROOT / "data" / "tinyshakespeare" / "input.txt",
-        ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt",
-    ):
-        if p.is_file():
-            return p
-    return None
+    return SHAKESPEARE if SHAKESPEARE.is_file() else None
 
 
 @pytest.fixture(scope="module")
@@ -231,10 +225,9 @@ def test_char_round_trip_property(char_tok: CharTokenizer, text: str) -> None:
     assert char_tok.decode(char_tok.encode(text)) == text
 
 
-def test_char_speed_on_shakespeare() -> None:
-    """The token cache relies on the vectorised path; 20 MB/s is the floor."""
-    import time
-
+def test_char_vectorised_path_on_shakespeare() -> None:
+    """The token cache's fast path gives each character its sorted-alphabet id (its speed is
+    measured by scripts/bench_data.py, not here)."""
     path = _shakespeare()
     if path is None:
         pytest.skip("tiny shakespeare not available")
@@ -242,12 +235,10 @@ def test_char_speed_on_shakespeare() -> None:
     tok = CharTokenizer()
     tok.fit([text])
     assert tok.vocab_size == 65 + 1
-    tok.encode_to_array(text)
-    t0 = time.perf_counter()
     ids = tok.encode_to_array(text)
-    mbs = len(text.encode()) / (time.perf_counter() - t0) / 1e6
-    assert len(ids) == len(text)
-    assert mbs > 20, f"{mbs:.1f} MB/s"
+    alphabet = sorted(set(text))
+    assert len(ids) == len(text) and ids[:5].tolist() == [alphabet.index(c) for c in text[:5]]
+    assert tok.decode(ids.tolist()) == text
 
 
 # ----------------------------------------------------------------------- bpe

@@ -8,6 +8,7 @@ Every verb module defines ``main`` with :func:`hydra_app`; the ``llm`` dispatche
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -24,20 +25,31 @@ T = TypeVar("T")
 # The command line as the user typed it (`llm train ...`), which Lightning's DDP launcher
 # re-runs for every rank; Hydra itself is shown only the words after the verb.
 _argv: list[str] | None = None
+# The error a single run failed with, raised again once Hydra has returned (Hydra would print
+# its own lines about a failed job first).
+_failure: BaseException | None = None
 
 
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[[], T]]:
     """``hydra.main`` for a verb, with the user's own command line back in ``sys.argv``
-    while the task runs (so re-launched DDP ranks run ``llm <verb> ...`` again)."""
+    while the task runs (so re-launched DDP ranks run ``llm <verb> ...`` again), and a
+    failure's traceback written to the run folder's log file rather than the console."""
 
     def decorate(task: Callable[[DictConfig], T]) -> Callable[[], T]:
         @functools.wraps(task)
-        def run(cfg: DictConfig) -> T:
+        def run(cfg: DictConfig) -> T | None:
+            global _failure
             hydra_argv = sys.argv
             if _argv is not None:
                 sys.argv = list(_argv)
             try:
                 return task(cfg)
+            except Exception as e:
+                log_failure(e)
+                if is_multirun():  # the sweeper records the failed job and decides what next
+                    raise
+                _failure = e
+                return None
             finally:
                 sys.argv = hydra_argv
 
@@ -52,20 +64,42 @@ def run_verb(main: Callable[[], Any], args: Sequence[str], free_text: Sequence[s
     Errors propagate (Hydra is told to raise them rather than print them itself), so the
     ``llm`` command prints them one way: :func:`report_error`.
     """
-    global _argv
-    _argv = list(sys.argv)
+    global _argv, _failure
+    _argv, _failure = list(sys.argv), None
     hydra_argv = [sys.argv[0], *(quote_free_text(a, free_text) for a in args)]
     saved, sys.argv = sys.argv, hydra_argv
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        return main()
+        result = main()
+        if _failure is not None:
+            raise _failure
+        return result
     finally:
-        sys.argv, _argv = saved, None
+        sys.argv, _argv, _failure = saved, None, None
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = full_error
+
+
+def is_multirun() -> bool:
+    """Whether this job is one of a ``-m`` sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def log_failure(error: BaseException) -> None:
+    """The traceback into the run's log file(s) only: the console gets a short message."""
+    record = logging.LogRecord(
+        "llm", logging.ERROR, __file__, 0, "run failed", None, (type(error), error, None)
+    )
+    record.exc_info = (type(error), error, error.__traceback__)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def debug() -> bool:

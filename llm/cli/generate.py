@@ -14,7 +14,7 @@ from llm.cli.app import hydra_app, read_free_text, resolve_device
 @hydra_app("generate")
 def main(cfg: DictConfig) -> None:
     """Load, sample ``num_samples`` times (seed, seed+1, ...), print."""
-    from llm.checkpoint import load_checkpoint
+    from llm.checkpoint import load_language_model
     from llm.inference import generate_text
 
     if int(cfg.max_new_tokens) < 0 or int(cfg.num_samples) < 1:
@@ -23,13 +23,14 @@ def main(cfg: DictConfig) -> None:
             f"{cfg.max_new_tokens} and {cfg.num_samples}"
         )
     prompt = read_free_text(cfg, "prompt")
-    module = load_checkpoint(cfg.ckpt_path, resolve_device(str(cfg.device)), kind="lm")
+    lm = load_language_model(cfg.ckpt_path, resolve_device(str(cfg.device)))
     for i in range(int(cfg.num_samples)):
         if i:
             print("\n" + "-" * 40)
         seed = None if cfg.seed is None else int(cfg.seed) + i
         text = generate_text(
-            module,
+            lm.model,
+            lm.tokenizer,
             prompt,
             int(cfg.max_new_tokens),
             temperature=float(cfg.temperature),

@@ -8,13 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-
-def is_multirun() -> bool:
-    """Whether this job is one of a ``-m`` sweep."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+from llm.cli.app import is_multirun
 
 
 def check_multirun_strategy(cfg: DictConfig) -> None:

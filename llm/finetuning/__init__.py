@@ -1,6 +1,6 @@
 """Finetuning on top of the pretraining stack: text, classification and instruction tasks, LoRA.
 
-Entry point: `python -m llm.finetune task=<text|classify|instruct> init=<ckpt | HF GPT-2 dir>`.
+Command: `llm finetune task=<text|classify|instruct> init=<checkpoint | Hugging Face folder>`.
 """
 
 from llm.finetuning.lora import LoRALinear, apply_lora, lora_state_dict_merged, merge_lora

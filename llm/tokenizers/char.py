@@ -58,7 +58,7 @@ class CharTokenizer(Tokenizer):
         if self._chars is None:
             raise RuntimeError(
                 "CharTokenizer has no vocabulary yet: call tokenizer.fit(texts) on the corpus "
-                "first (or run `python -m llm.prepare` to build the token cache)"
+                "first (or run `llm prepare` to build the token cache)"
             )
 
     # ---------------------------------------------------------------- encoding

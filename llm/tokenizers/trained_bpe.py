@@ -88,7 +88,7 @@ class BPETokenizer(EncodingBacked):
         if self._ranks is None:
             raise RuntimeError(
                 "BPETokenizer is not trained yet: call tokenizer.fit(texts) on the corpus first "
-                "(or run `python -m llm.prepare` to build the token cache)"
+                "(or run `llm prepare` to build the token cache)"
             )
 
     @property
