@@ -104,6 +104,7 @@ def test_quoting_leaves_other_keys_and_quoted_values_alone() -> None:
     assert quote_free_text("prompt=a, b", ["prompt"]) == 'prompt="a, b"'
 
 
+@pytest.mark.slow
 def test_generate_takes_free_text_and_stdin(trained: dict[str, Any]) -> None:
     prompt = 'Hear me, "speak"! ${x} \\'
     proc = run_cli(

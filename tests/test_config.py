@@ -11,7 +11,9 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,8 +28,7 @@ def _options(group: str) -> list[str]:
 
 
 def _compose(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[*BASE, *overrides])
+    return compose("train", [*BASE, *overrides])
 
 
 def test_every_group_has_options_and_the_defaults_exist() -> None:
@@ -135,7 +136,7 @@ def test_hparams_search_options_compose() -> None:
         pytest.skip("no conf/hparams_search")
     for name in _options("hparams_search"):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
+            cfg = hydra_compose(
                 "train", overrides=[*BASE, f"hparams_search={name}"], return_hydra_config=True
             )
         assert cfg.hydra.sweeper, name

@@ -417,6 +417,7 @@ def _prepare(*overrides: str) -> subprocess.CompletedProcess:
     return run_cli("prepare", *overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tiny shakespeare not available")
 def test_prepare_cli_builds_reuses_and_repairs(tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir

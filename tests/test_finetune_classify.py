@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from helpers import (
-    ALPHABET,
     char_checkpoint,
     compose,
     fast_overrides,
     recorder,
-    run_cli,
     write_jsonl,
 )
 
@@ -31,20 +30,14 @@ def _rows(n: int = 3) -> list[dict[str, str]]:
             (("spam", SPAM), ("ham", HAM)) for t in ts]  # fmt: skip
 
 
-def _tok() -> CharTokenizer:
-    tok = CharTokenizer()
-    tok.fit([ALPHABET])
-    return tok
-
-
-def test_readers_padding_and_column_errors(tmp_path: Path) -> None:
+def test_readers_padding_and_column_errors(tmp_path: Path, char_tokenizer: CharTokenizer) -> None:
     rows = _rows(1)
     csv = tmp_path / "d.csv"
     csv.write_text("body,kind\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in rows))
     tsv = tmp_path / "d.tsv"
     tsv.write_text("text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in rows))
     jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
-    tok = _tok()
+    tok = char_tokenizer
     for path, cols in (
         (csv, ("body", "kind")),
         (tsv, ("text", "label")),
@@ -72,8 +65,8 @@ def test_readers_padding_and_column_errors(tmp_path: Path) -> None:
         ClassificationDataModule(tok, str(empty)).prepare_data()
 
 
-def test_head_reads_the_last_real_token() -> None:
-    tok = _tok()
+def test_head_reads_the_last_real_token(char_tokenizer: CharTokenizer) -> None:
+    tok = char_tokenizer
     torch.manual_seed(0)
     model = {
         "vocab_size": tok.vocab_size,
@@ -90,7 +83,10 @@ def test_head_reads_the_last_real_token() -> None:
         assert not torch.allclose(module(padded), module(ids))  # the padding token differs
 
 
-def test_classify_overfits_last_block_only_and_cli(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_classify_overfits_last_block_only_and_cli(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=32)
     data = tmp_path / "sms.tsv"
     data.write_text(
@@ -129,9 +125,8 @@ def test_classify_overfits_last_block_only_and_cli(tmp_path: Path) -> None:
     assert load_checkpoint(ckpt).predict_texts(["free prize, call now! 7"])[0][0] == "spam"
     raw = torch.load(ckpt, weights_only=True)["hyper_parameters"]
     assert raw["labels"] == ["ham", "spam"] and raw["tokenizer"]["kind"] == "char"
-    proc = run_cli("classify", f"ckpt_path={ckpt}", "text=see you at lunch 9")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    label, prob = proc.stdout.strip().split("\t")
+    assert llm_main("classify", f"ckpt_path={ckpt}", "text=see you at lunch 9") == 0
+    label, prob = capsys.readouterr().out.strip().split("\t")
     assert label == "ham" and 0.5 < float(prob) <= 1.0
     # llm generate asks for a language model: it says which command the classifier needs
     with pytest.raises(ValueError, match=r"is a classifier checkpoint.*use llm classify"):

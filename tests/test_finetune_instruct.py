@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ALPHABET, char_checkpoint, compose, fast_overrides, recorder
+from helpers import char_checkpoint, compose, fast_overrides, recorder
 
 from llm.checkpoint import load_checkpoint
 from llm.cli.finetune import finetune
@@ -26,12 +26,6 @@ RECORDS = [
 ]
 
 
-def _tok() -> CharTokenizer:
-    tok = CharTokenizer()
-    tok.fit([ALPHABET])
-    return tok
-
-
 def test_alpaca_template_exact() -> None:
     preamble = (
         "Below is an instruction that describes a task. "
@@ -45,8 +39,8 @@ def test_alpaca_template_exact() -> None:
     )
 
 
-def test_collate_masks_exactly_the_prompt_and_padding() -> None:
-    tok = _tok()
+def test_collate_masks_exactly_the_prompt_and_padding(char_tokenizer: CharTokenizer) -> None:
+    tok = char_tokenizer
     examples = [encode_example(tok, r, 256) for r in RECORDS[:3]]
     examples.append(encode_example(tok, {"instruction": "Say hi", "output": "hi there"}, 256))
     x, y = collate(examples, tok.eot_id, mask_prompt=True)
@@ -66,19 +60,21 @@ def test_collate_masks_exactly_the_prompt_and_padding() -> None:
         assert int((y2[row] != -100).sum()) == len(ids) - 1  # only padding masked
 
 
-def test_records_missing_keys_name_the_record(tmp_path: Path) -> None:
+def test_records_missing_keys_name_the_record(
+    tmp_path: Path, char_tokenizer: CharTokenizer
+) -> None:
     bad = [*RECORDS[:2], {"instruction": "no answer"}]
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=r"Alpaca record 2 lacks string field\(s\) \['output'\]"):
-        InstructDataModule(_tok(), str(path), max_length=64).prepare_data()
+        InstructDataModule(char_tokenizer, str(path), max_length=64).prepare_data()
 
 
 def test_records_whose_prompt_fills_max_length_are_left_out_or_refused(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, char_tokenizer: CharTokenizer
 ) -> None:
     """A prompt that fills max_length leaves no target: its loss would be 0/0 (NaN)."""
-    tok = _tok()
+    tok = char_tokenizer
     long = {"instruction": "Repeat " + "cat " * 40, "input": "", "output": "cat"}
     max_length = max(len(tok.encode(format_prompt(r))) for r in RECORDS) + 8  # these fit
     path = tmp_path / "a.json"

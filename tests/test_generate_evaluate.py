@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import run_cli
 
 
 def _datamodule(module: Any, trained: dict[str, Any], **kw: Any) -> Any:
@@ -52,11 +51,15 @@ def test_generate_text_is_seeded_and_prompt_prefixed(trained: dict[str, Any]) ->
     assert greedy.startswith("First")
 
 
-def test_generate_cli_prints_prompt_and_continuation(trained: dict[str, Any]) -> None:
-    proc = run_cli("generate", f"ckpt_path={trained['ckpt']}", "prompt=Before", "max_new_tokens=20")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("Before")
-    assert len(proc.stdout.rstrip("\n")) >= len("Before")
+def test_generate_cli_prints_prompt_and_continuation(
+    trained: dict[str, Any], llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    args = (f"ckpt_path={trained['ckpt']}", "prompt=Before", "max_new_tokens=20", "seed=3")
+    assert llm_main("generate", *args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Before") and len(out.rstrip("\n")) > len("Before")
+    assert llm_main("generate", *args) == 0
+    assert capsys.readouterr().out == out  # seeded: the same sample
 
 
 def test_evaluate_metrics_are_consistent(trained: dict[str, Any]) -> None:
@@ -84,8 +87,10 @@ def test_evaluate_rejects_a_different_tokenizer(trained: dict[str, Any]) -> None
         evaluate(module, dm, limit_batches=1)
 
 
-def test_evaluate_cli_prints_metrics(trained: dict[str, Any]) -> None:
-    proc = run_cli(
+def test_evaluate_cli_prints_metrics(
+    trained: dict[str, Any], llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    code = llm_main(
         "evaluate",
         f"ckpt_path={trained['ckpt']}",
         "data=text_files",
@@ -93,10 +98,11 @@ def test_evaluate_cli_prints_metrics(trained: dict[str, Any]) -> None:
         f"paths.data_dir={trained['data_dir']}",
         "limit_batches=3",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = capsys.readouterr().out
+    assert code == 0
     for key in ("val_loss:", "perplexity:", "bits_per_char:"):
-        assert key in proc.stdout
-    lines = dict(line.split(": ") for line in proc.stdout.strip().splitlines())
+        assert key in out
+    lines = dict(line.split(": ") for line in out.strip().splitlines())
     loss = float(lines["val_loss"])
     assert float(lines["bits_per_char"]) == pytest.approx(loss / math.log(2), abs=2e-4)
 
@@ -135,9 +141,11 @@ def test_corrupt_and_foreign_checkpoints_are_named(tmp_path: Path) -> None:
         ("evaluate", "limit_batches=0", "limit_batches must be >= 1"),
     ],
 )
-def test_cli_refuses_counts_that_would_do_nothing(verb: str, arg: str, message: str) -> None:
-    proc = run_cli(verb, "ckpt_path=unused.ckpt", arg)
-    assert proc.returncode != 0 and message in proc.stderr
+def test_cli_refuses_counts_that_would_do_nothing(
+    verb: str, arg: str, message: str, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    assert llm_main(verb, "ckpt_path=unused.ckpt", arg) == 1
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader
 
 from llm.training.module import GPTLitModule
 
+pytestmark = pytest.mark.slow  # 120 steps per run, several runs
+
 STEPS = 120  # past the recipe's 100 warmup steps, into the cosine decay
 
 

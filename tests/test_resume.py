@@ -50,6 +50,7 @@ def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
 # batch 4: stop mid-epoch 0; 160: three batches an epoch, stop mid-epoch 1; 128: stop at the
 # very end of epoch 0 (about 405 train windows). Dropout 0.2 in one case: its masks come from
 # the global RNG, whose state the checkpoint keeps.
+@pytest.mark.slow
 @pytest.mark.parametrize(("batch", "dropout"), [(4, 0.0), (160, 0.0), (128, 0.0), (4, 0.2)])
 def test_resume_matches_uninterrupted_run(tmp_path: Path, batch: int, dropout: float) -> None:
     from llm.cli.train import train
@@ -84,6 +85,7 @@ class _SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_resume_from_interrupted_checkpoint_matches(tmp_path: Path) -> None:
     """SIGTERM mid-epoch, between validations: resuming from interrupted.ckpt is exact."""
     from llm.cli.train import train
@@ -126,6 +128,7 @@ def test_resume_hint_names_the_running_entry_point(tmp_path: Path) -> None:
     assert msg.endswith("with: llm finetune ckpt_path=/x/interrupted.ckpt task=text")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     import signal
     import subprocess

@@ -72,6 +72,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
 
     sweep = tmp_path / "sweep"
@@ -115,6 +116,7 @@ def test_multirun_refuses_relaunching_strategies(tmp_path: Path, llm_main: Any, 
     assert "cannot run under --multirun" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_optuna_search_three_trials_then_report(tmp_path: Path, llm_main: Any) -> None:
     from llm.sweeps import report
 
@@ -171,6 +173,7 @@ def _fake_train(plan: dict[int, Any]) -> Any:
     return train
 
 
+@pytest.mark.slow
 def test_failing_and_nan_trials_are_failed_and_search_goes_on(
     tmp_path: Path, llm_main: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -193,6 +196,7 @@ def test_failing_and_nan_trials_are_failed_and_search_goes_on(
     assert OmegaConf.load(sweep / "optimization_results.yaml").best_trial == 2
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_and_continues_trial_count(
     tmp_path: Path, llm_main: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
@@ -236,6 +240,7 @@ def test_interrupted_search_resumes_and_continues_trial_count(
     assert len(_study(sweep).trials) == 5
 
 
+@pytest.mark.slow
 def test_pruner_stops_trial_at_its_val_loss(tmp_path: Path, llm_main: Any) -> None:
     from llm.sweeps import report
 
@@ -261,6 +266,7 @@ def test_pruner_stops_trial_at_its_val_loss(tmp_path: Path, llm_main: Any) -> No
     assert row["status"] == "pruned" and row["trial"] == 0
 
 
+@pytest.mark.slow
 def test_finetune_trial_is_pruned_too(tmp_path: Path, llm_main: Any) -> None:
     """`python -m llm.finetune -m` under the Optuna sweeper gets the same pruning callback."""
     from helpers import char_checkpoint
@@ -422,6 +428,7 @@ def test_unusable_storage_url_is_a_clear_error(tmp_path: Path) -> None:
             sweeper.create_study()
 
 
+@pytest.mark.slow
 def test_killed_workers_trial_is_failed_by_heartbeat_and_not_counted(
     tmp_path: Path, llm_main: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pickle
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import tiktoken
-from helpers import SHAKESPEARE, run_cli
+from helpers import SHAKESPEARE
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
@@ -422,8 +423,9 @@ def test_render_color(char_tok: CharTokenizer) -> None:
     assert "\\n" in out  # newlines are shown, not printed raw inside the pieces line
 
 
-def test_cli_end_to_end() -> None:
-    proc = run_cli("tokenize", "tokenizer=o200k_base", f"text={AGI}", NO_COLOR="1")
-    assert proc.returncode == 0, proc.stderr
-    assert str(AGI_IDS) in proc.stdout
-    assert "|we| are| building| an| ag|i|" in proc.stdout
+def test_cli_end_to_end(llm_main: Any, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert llm_main("tokenize", "tokenizer=o200k_base", f"text={AGI}") == 0
+    out = capsys.readouterr().out
+    assert str(AGI_IDS) in out
+    assert "|we| are| building| an| ag|i|" in out

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import ROOT, TEXT, compose, run_cli, tiny_overrides
+from helpers import ROOT, TEXT, VERDICT, compose, run_cli, tiny_overrides
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
@@ -26,23 +26,13 @@ OPTIM = {
 }
 
 
-class _CharTok:
-    """Stand-in tokenizer so these tests do not depend on llm.tokenizers."""
-
-    def __init__(self, text: str) -> None:
-        self.chars = sorted(set(text))
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-        self.eot_id = None
-
-    def encode(self, s: str) -> list[int]:
-        return [self.stoi[c] for c in s]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+def _fitted(tok: Any) -> Any:
+    """The shared char tokenizer, refitted on TEXT (the corpus these tests train on)."""
+    tok.fit([TEXT])
+    return tok
 
 
-def _loader(tok: _CharTok, block: int = 16, batch: int = 8) -> DataLoader:
+def _loader(tok: Any, block: int = 16, batch: int = 8) -> DataLoader:
     ids = torch.tensor(tok.encode(TEXT))
     n = (len(ids) - 1) // block
     x, y = ids[: n * block].view(n, block), ids[1 : n * block + 1].view(n, block)
@@ -66,9 +56,9 @@ def _trainer(out: Path, max_steps: int, callbacks: list[Any] | None = None, **kw
     return L.Trainer(**{**args, **kw})
 
 
-def test_module_trains_checkpoints_and_reloads(tmp_path: Path) -> None:
+def test_module_trains_checkpoints_and_reloads(tmp_path: Path, char_tokenizer: Any) -> None:
     L.seed_everything(0)
-    tok = _CharTok(TEXT)
+    tok = _fitted(char_tokenizer)
     module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", save_last=True)
     trainer = _trainer(tmp_path, 6, [ckpt])
@@ -104,8 +94,8 @@ class _KnownPeakModule(GPTLitModule):
         self._peak_flops = 1e12
 
 
-def test_mfu_is_logged_when_peak_flops_are_known(tmp_path: Path) -> None:
-    tok = _CharTok(TEXT)
+def test_mfu_is_logged_when_peak_flops_are_known(tmp_path: Path, char_tokenizer: Any) -> None:
+    tok = _fitted(char_tokenizer)
     module = _KnownPeakModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
     trainer = _trainer(tmp_path, 3, limit_val_batches=0)
     trainer.fit(module, _loader(tok))
@@ -115,8 +105,8 @@ def test_mfu_is_logged_when_peak_flops_are_known(tmp_path: Path) -> None:
     assert "train/tokens_per_sec" in trainer.progress_bar_metrics  # shown in the console too
 
 
-def test_schedule_steps_per_optimizer_step(tmp_path: Path) -> None:
-    tok = _CharTok(TEXT)
+def test_schedule_steps_per_optimizer_step(tmp_path: Path, char_tokenizer: Any) -> None:
+    tok = _fitted(char_tokenizer)
     module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
     trainer = _trainer(tmp_path, 12, limit_val_batches=0)
     trainer.fit(module, _loader(tok))
@@ -124,8 +114,8 @@ def test_schedule_steps_per_optimizer_step(tmp_path: Path) -> None:
     assert lr == pytest.approx(OPTIM["min_lr"])  # past decay_steps=10
 
 
-def test_nan_loss_raises_with_step(tmp_path: Path) -> None:
-    tok = _CharTok(TEXT)
+def test_nan_loss_raises_with_step(tmp_path: Path, char_tokenizer: Any) -> None:
+    tok = _fitted(char_tokenizer)
     module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
     with torch.no_grad():
         for p in module.parameters():
@@ -135,10 +125,10 @@ def test_nan_loss_raises_with_step(tmp_path: Path) -> None:
         trainer.fit(module, _loader(tok))
 
 
-def test_callbacks_log_text_and_attention(tmp_path: Path) -> None:
+def test_callbacks_log_text_and_attention(tmp_path: Path, char_tokenizer: Any) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tok = _CharTok(TEXT)
+    tok = _fitted(char_tokenizer)
     module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
     module.tokenizer = tok
     callbacks = [
@@ -159,8 +149,8 @@ def test_callbacks_log_text_and_attention(tmp_path: Path) -> None:
     assert sample.strip().startswith("First")
 
 
-def test_callbacks_are_noops_without_tensorboard(tmp_path: Path) -> None:
-    tok = _CharTok(TEXT)
+def test_callbacks_are_noops_without_tensorboard(tmp_path: Path, char_tokenizer: Any) -> None:
+    tok = _fitted(char_tokenizer)
     module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
     module.tokenizer = tok
     trainer = L.Trainer(
@@ -186,17 +176,9 @@ def test_callbacks_are_noops_without_tensorboard(tmp_path: Path) -> None:
 
 
 def _verdict(tmp_path: Path) -> Path:
-    """A small real corpus: the CI's shared copy of the-verdict, else synthetic text."""
-    import os
-
-    for cand in (
-        os.environ.get("LLM_TEST_VERDICT"),
-        ROOT.parent / "shared/data/the-verdict/the-verdict.txt",
-    ):
-        if cand and Path(cand).is_file():
-            return Path(cand)
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT * 5, encoding="utf-8")
+    """A small real corpus (shipped in tests/data/), in the test's own folder."""
+    path = tmp_path / "the-verdict.txt"
+    path.write_bytes(VERDICT.read_bytes())
     return path
 
 
@@ -351,6 +333,7 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
             train(compose("train", [*resume, override]))
 
 
+@pytest.mark.slow
 def test_cli_subprocess_run(tmp_path: Path) -> None:
     overrides = [*_overrides(tmp_path, _verdict(tmp_path)), "trainer.max_steps=3"]
     proc = run_cli("train", *overrides)
@@ -359,6 +342,7 @@ def test_cli_subprocess_run(tmp_path: Path) -> None:
     assert len(ckpts) == 1
 
 
+@pytest.mark.slow
 def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
     """`compile=true`: the compiled model trains, and checkpoints hold the eager module's keys."""
     from llm.checkpoint import load_checkpoint
