@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from llm.checkpoint import read_checkpoint
@@ -80,17 +81,16 @@ def _from_hf(name_or_dir: str) -> InitWeights:
 
 
 def crop_state_dict(weights: InitWeights, block_size: int) -> None:
-    """Shrink the context (nanoGPT's crop_block_size) on the config and the wpe table."""
-    old = int(weights.model["block_size"])
-    if block_size > old:
-        raise ValueError(
-            f"block_size={block_size} exceeds the pretrained block_size {old}: positions "
-            f"past {old} were never trained; use block_size<={old}"
-        )
+    """Shrink the context with GPT.crop_block_size, on a model that holds the loaded tensors
+    themselves (built on the meta device, then assigned: nothing is allocated or copied)."""
+    from llm.model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**weights.model))
+    model.load_state_dict(weights.state_dict, assign=True)
+    model.crop_block_size(block_size)
     weights.model["block_size"] = block_size
-    wpe = weights.state_dict.get("embed.wpe.weight")
-    if wpe is not None:
-        weights.state_dict["embed.wpe.weight"] = wpe[:block_size].clone()
+    weights.state_dict = model.state_dict()
 
 
 def load_base_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> None:

@@ -34,15 +34,7 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = MultiHeadAttention(
-            config.n_embd,
-            config.n_head,
-            config.block_size,
-            config.dropout,
-            config.bias,
-            config.attn_impl,
-            rope,
-        )
+        self.attn = MultiHeadAttention(config, rope)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 

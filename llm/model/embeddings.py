@@ -29,6 +29,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
+    def crop(self, max_len: int) -> None:
+        self.cos, self.sin = self.cos[:max_len], self.sin[:max_len]
+
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """x: (B, n_head, T, hs); positions start at `offset` (the KV-cache length)."""
         T = x.size(-2)
@@ -52,6 +55,15 @@ class Embeddings(nn.Module):
         elif pos_encoding == "sinusoidal":
             self.register_buffer("pe", sinusoidal_table(block_size, n_embd), persistent=False)
         self.drop = nn.Dropout(dropout)
+
+    def crop(self, block_size: int) -> None:
+        """Keep the first block_size positions (see GPT.crop_block_size)."""
+        if self.pos_encoding == "learned":
+            old = self.wpe.weight
+            self.wpe.weight = nn.Parameter(old[:block_size].clone(), old.requires_grad)
+            self.wpe.num_embeddings = block_size
+        elif self.pos_encoding == "sinusoidal":
+            self.pe = self.pe[:block_size]
 
     def forward(self, idx: Tensor, offset: int = 0) -> Tensor:
         x = self.wte(idx)

@@ -1,29 +1,27 @@
-"""Import and export Hugging Face GPT-2 checkpoints, so pretrained weights can be finetuned here."""
+"""Hugging Face checkpoints <-> our GPTConfig and state_dict, so pretrained weights load here.
+
+A pure converter: it reads and writes config.json + safetensors and renames and reshapes
+tensors; it never builds a model (GPT.from_pretrained and GPT.save_pretrained do).
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from llm.io import temp_file_beside
+from llm.io import atomic_path, atomic_write_json
 from llm.model.config import GPTConfig
-
-if TYPE_CHECKING:
-    from llm.model.gpt import GPT
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # GPT-2 stores these as Conv1D, i.e. (in, out): the transpose of nn.Linear's weight.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Overrides that do not change any weight's shape (block_size may only shrink: wpe is cropped).
-_SAFE_OVERRIDES = ("dropout", "attn_impl", "block_size")
 
 
-def _resolve(name_or_dir: str | Path) -> Path:
+def resolve(name_or_dir: str | Path) -> Path:
+    """A local checkpoint folder: `name_or_dir` itself, or a hub download of it."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         return path
@@ -44,7 +42,7 @@ def _resolve(name_or_dir: str | Path) -> Path:
     return Path(local)
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_tensors(path: Path) -> dict[str, Tensor]:
     if (path / "model.safetensors").exists():
         from safetensors.torch import load_file
 
@@ -54,27 +52,13 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
 
 
-def _hf_to_ours(key: str) -> str | None:
-    key = key.removeprefix("transformer.")
-    if key.endswith((".attn.bias", ".attn.masked_bias")):
-        return None  # causal-mask buffers in old checkpoints, not weights
-    if key.startswith(("wte.", "wpe.")):
-        return "embed." + key
-    return key
-
-
-def load_gpt2(cls: type[GPT], name_or_dir: str | Path, **overrides: Any) -> GPT:
-    """Build a GPT with the checkpoint's shape and copy its weights in."""
-    path = _resolve(name_or_dir)
+def load(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, Tensor]]:
+    """The checkpoint's config and its weights under our names."""
+    path = resolve(name_or_dir)
     hf = json.loads((path / "config.json").read_text())
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{path} holds a {hf['model_type']!r} model, not GPT-2")
-    bad = sorted(set(overrides) - set(_SAFE_OVERRIDES))
-    if bad:
-        raise ValueError(f"cannot override {bad} of a pretrained model; allowed: {_SAFE_OVERRIDES}")
     n_positions = hf.get("n_positions", hf.get("n_ctx", 1024))
-    if overrides.get("block_size", n_positions) > n_positions:
-        raise ValueError(f"block_size can only shrink below the checkpoint's {n_positions}")
     config = GPTConfig(
         vocab_size=hf["vocab_size"],
         block_size=n_positions,
@@ -84,46 +68,30 @@ def load_gpt2(cls: type[GPT], name_or_dir: str | Path, **overrides: Any) -> GPT:
         bias=True,
         pos_encoding="learned",
         tie_weights=True,
-        **{k: v for k, v in overrides.items() if k != "block_size"},
     )
-    model = cls(config)
-    ours = model.state_dict()
-    loaded: dict[str, Tensor] = {}
-    for key, value in _read_state_dict(path).items():
-        name = _hf_to_ours(key)
-        if name is None:
-            continue
-        if name not in ours:
-            raise KeyError(f"unexpected GPT-2 weight {key!r} in {path}")
-        loaded[name] = value.t() if name.endswith(_CONV1D) else value
-    loaded.setdefault("lm_head.weight", loaded["embed.wte.weight"])  # tied, often not saved
-    missing = sorted(set(ours) - set(loaded))
-    if missing:
-        raise KeyError(f"checkpoint {path} lacks weights: {missing[:5]}")
-    for name, value in loaded.items():
-        if value.shape != ours[name].shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != {ours[name].shape}")
-    model.load_state_dict(loaded)
-    if "block_size" in overrides:
-        crop_block_size(model, overrides["block_size"])
-    return model
+    return config, _gpt2_from_hf(read_tensors(path), path)
 
 
-def crop_block_size(model: GPT, block_size: int) -> None:
-    """Shrink the context window (e.g. 1024 -> 256) to save memory when finetuning."""
-    from torch import nn
+def _gpt2_from_hf(tensors: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    ours: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers in old checkpoints, not weights
+        if key.startswith(("wte.", "wpe.")):
+            key = "embed." + key
+        ours[key] = value.t() if key.endswith(_CONV1D) else value
+    if "embed.wte.weight" not in ours:
+        raise KeyError(f"{path} holds no GPT-2 token embedding (transformer.wte.weight)")
+    ours.setdefault("lm_head.weight", ours["embed.wte.weight"])  # tied, often not saved
+    return ours
 
-    model.config.block_size = block_size
-    model.embed.wpe.weight = nn.Parameter(model.embed.wpe.weight[:block_size].clone())
-    for block in model.h:
-        block.attn.causal = block.attn.causal[:block_size, :block_size]
 
-
-def save_gpt2(model: GPT, directory: str | Path) -> Path:
+def save(config: GPTConfig, state_dict: dict[str, Tensor], directory: str | Path) -> Path:
     """Write config.json + model.safetensors that transformers.GPT2LMHeadModel can load."""
     from safetensors.torch import save_file
 
-    c = model.config
+    c = config
     if not (c.pos_encoding == "learned" and c.bias and c.tie_weights):
         raise ValueError(
             "only GPT-2 shaped models can be exported: need pos_encoding='learned', bias=True, "
@@ -132,15 +100,12 @@ def save_gpt2(model: GPT, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
-    for name, value in model.state_dict().items():
+    for name, value in state_dict.items():
         if name == "lm_head.weight":
             continue  # tied to wte; transformers re-ties it on load
         value = value.t() if name.endswith(_CONV1D) else value
-        # clone: safetensors refuses tensors that share storage
-        tensors["transformer." + name.removeprefix("embed.")] = (
-            value.detach().cpu().clone(memory_format=torch.contiguous_format)
-        )
-    config = {
+        tensors["transformer." + name.removeprefix("embed.")] = _plain(value)
+    hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": c.vocab_size,
@@ -158,20 +123,12 @@ def save_gpt2(model: GPT, directory: str | Path) -> Path:
         "initializer_range": 0.02,
         "tie_word_embeddings": True,
     }
-    _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-    _atomic_write(
-        directory / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})
-    )
+    atomic_write_json(directory / "config.json", hf_config)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     return directory
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    """Write to a temp file in the same directory, then rename: no half-written checkpoints."""
-    fd, tmp = temp_file_beside(target)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _plain(t: Tensor) -> Tensor:
+    """A contiguous CPU copy: safetensors refuses views and tensors that share storage."""
+    return t.detach().cpu().clone(memory_format=torch.contiguous_format)
