@@ -52,7 +52,7 @@ def test_config_errors_are_clear() -> None:
 def test_config_to_dict_is_plain() -> None:
     d = tiny_config().to_dict()
     assert d["n_embd"] == 32 and d["pos_encoding"] == "learned"
-    assert all(type(v) in (int, float, bool, str) for v in d.values())
+    assert all(type(v) in (int, float, bool, str, type(None)) for v in d.values())
     assert GPTConfig(**d) == tiny_config()
 
 
@@ -148,7 +148,7 @@ def test_bias_switch() -> None:
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())
     block = GPT(tiny_config(bias=True)).h[0]
     assert isinstance(block, Block) and block.ln_1.bias is not None
-    assert isinstance(block.mlp.gelu, torch.nn.GELU) and block.mlp.gelu.approximate == "tanh"
+    assert isinstance(block.mlp.act, torch.nn.GELU) and block.mlp.act.approximate == "tanh"
     assert block.mlp.c_fc.out_features == 4 * 32
 
 

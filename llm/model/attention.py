@@ -29,11 +29,15 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tenso
     return torch.softmax(scores, dim=-1)
 
 
-def causal_mask(T: int, T_k: int, device: torch.device | None = None) -> Tensor:
-    """(T, T_k) bool: the T queries are the last T of the T_k keys' positions, and each may
-    see its own position and earlier ones."""
+def causal_mask(
+    T: int, T_k: int, device: torch.device | None = None, window: int | None = None
+) -> Tensor:
+    """(T, T_k) bool: the T queries are the last T of the T_k keys' positions; each may see its
+    own position and earlier ones, and with a sliding window only the last `window` of those."""
     q = torch.arange(T_k - T, T_k, device=device).unsqueeze(1)
-    return torch.arange(T_k, device=device) <= q
+    k = torch.arange(T_k, device=device)
+    allowed = k <= q
+    return allowed if window is None else allowed & (k > q - window)
 
 
 class SelfAttention(nn.Module):
@@ -78,24 +82,37 @@ class MultiHeadAttention(nn.Module):
 
     `manual` is the causal step above run per head; `sdpa` is PyTorch's fused kernel for the same
     computation (flash / memory-efficient when available), which the tests check against it.
+    With n_kv_head < n_head (grouped-query attention) each key/value head serves a group of
+    n_head / n_kv_head query heads, so c_attn and the KV cache shrink; qk_norm RMS-normalises
+    each head's queries and keys (Qwen3); sliding_window lets a token see only the last W.
     """
 
     def __init__(self, config: GPTConfig, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
-        self.n_head, self.head_size = config.n_head, config.head_size
-        self.attn_impl = config.attn_impl
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_size = config.head_size
+        self.attn_impl, self.window = config.attn_impl, config.sliding_window
+        q_width, kv_width = self.n_head * self.head_size, self.n_kv_head * self.head_size
+        self.split = (q_width, kv_width, kv_width)
+        self.c_attn = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
+        self.c_proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
+        else:  # no parameters, so GPT-2's state_dict keys stay as they were
+            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rope = rope
 
     def qkv(self, x: Tensor, cache: LayerKVCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, T, C) -> q, k, v of shape (B, n_head, T, head_size); with a cache, k and v also
-        hold the earlier tokens'."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))
+        """(B, T, C) -> q (B, n_head, T, hs) and k, v (B, n_kv_head, T_k, hs), where T_k adds
+        the cached tokens' to the T new ones."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.split, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))
+        q, k = self.q_norm(q), self.k_norm(k)
         past = cache.length if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, offset=past), self.rope(k, offset=past)
@@ -104,28 +121,39 @@ class MultiHeadAttention(nn.Module):
         return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q: (B, n_head, T, hs), k/v: (B, n_head, T_k, hs) whose last T positions are q's."""
+        """q: (B, n_head, T, hs), k/v: (B, n_kv_head, T_k, hs) whose last T positions are q's."""
         T, T_k = q.size(-2), k.size(-2)
+        # a window that covers every key is no window: the kernel may then mask by itself
+        window = self.window if self.window is not None and self.window < T_k else None
         if self.attn_impl == "manual":
-            return self.dropout(attention_weights(q, k, causal_mask(T, T_k, q.device))) @ v
+            groups = self.n_head // self.n_kv_head  # query head h reads key/value head h // groups
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            mask = causal_mask(T, T_k, q.device, window)
+            return self.dropout(attention_weights(q, k, mask)) @ v
         p = self.dropout.p if self.training else 0.0
-        if T_k == T:  # a plain causal prefix: the kernel masks by itself
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
-        if T == 1:  # one new token sees the whole cache
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        # several new tokens after a cache: is_causal would align the mask to the wrong corner
-        mask = causal_mask(T, T_k, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        gqa = self.n_kv_head != self.n_head
+        if window is None and T_k == T:  # a plain causal prefix: the kernel masks by itself
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa
+            )
+        if window is None and T == 1:  # one new token sees the whole cache
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
+        # a window, or several new tokens after a cache (is_causal would align the mask to the
+        # wrong corner): an explicit mask
+        mask = causal_mask(T, T_k, q.device, window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
 
     def forward(self, x: Tensor, cache: LayerKVCache | None = None) -> Tensor:
         """x: (B, T, C); with a cache, x holds only the new tokens and k/v are appended."""
-        B, T, C = x.shape
+        B, T, _ = x.shape
         y = self.attend(*self.qkv(x, cache))
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
     @torch.no_grad()
     def attention_weights(self, x: Tensor) -> Tensor:
         """Softmax weights (B, n_head, T, T) for inspection: the manual path, no dropout."""
         q, k, _ = self.qkv(x)
-        return attention_weights(q, k, causal_mask(q.size(-2), k.size(-2), q.device))
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        mask = causal_mask(q.size(-2), k.size(-2), q.device, self.window)
+        return attention_weights(q, k, mask)

@@ -1,4 +1,4 @@
-"""The GPT language model: embeddings, a stack of blocks, a final LayerNorm and the LM head."""
+"""The GPT language model: embeddings, a stack of blocks, a final norm and the LM head."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.model import hf
-from llm.model.block import Block
+from llm.model.block import Block, make_norm
 from llm.model.config import GPTConfig
 from llm.model.embeddings import Embeddings, RotaryEmbedding
 from llm.model.generation import KVCache, generate
 
 
 class GPT(nn.Module):
-    """GPT-2 architecture (nanoGPT layout) with a choice of positional encoding."""
+    """GPT-2 architecture (nanoGPT layout); the config swaps in the modern parts (Llama, Qwen3)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -27,13 +27,13 @@ class GPT(nn.Module):
         self.embed = Embeddings(
             config.vocab_size, config.n_embd, config.block_size, config.pos_encoding, config.dropout
         )
-        rope = (
-            RotaryEmbedding(config.head_size, config.block_size)
-            if config.pos_encoding == "rope"
-            else None
-        )
+        rope = None
+        if config.pos_encoding == "rope":  # one table, shared by every block
+            rope = RotaryEmbedding(
+                config.head_size, config.block_size, config.rope_theta, config.rope_scaling
+            )
         self.h = nn.ModuleList(Block(config, rope) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # Input and output embeddings share one matrix: fewer parameters, and it helps LMs
@@ -81,6 +81,9 @@ class GPT(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """idx, targets: (B, T) -> logits (B, T, vocab), mean cross-entropy ignoring -100."""
         logits = self.lm_head(self.hidden_states(idx, cache))
+        if self.config.logit_softcap is not None:  # Gemma 2: smoothly bounded to +-cap
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
@@ -157,7 +160,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path, **overrides: Any) -> GPT:
-        """Load a Hugging Face GPT-2 checkpoint (a folder or a hub name).
+        """Load a Hugging Face GPT-2, Llama or Qwen3 checkpoint (a folder or a hub name).
 
         Overrides may change only what no weight depends on: dropout, attn_impl, and block_size,
         which may only shrink (see crop_block_size).
@@ -177,5 +180,6 @@ class GPT(nn.Module):
         return model
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write a Hugging Face checkpoint (config.json + model.safetensors)."""
+        """Write a Hugging Face checkpoint (config.json + model.safetensors) of the architecture
+        that fits the config: GPT-2, Llama or Qwen3."""
         return hf.save(self.config, self.state_dict(), directory)
