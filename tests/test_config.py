@@ -53,10 +53,14 @@ def test_model_options_instantiate(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", _options("tokenizer"))
-def test_tokenizer_options_instantiate(name: str) -> None:
+def test_tokenizer_options_instantiate(name: str, tmp_path: Path) -> None:
+    from _hf_utils import train_tokenizer
+
     from llm.tokenizers import Tokenizer
 
-    tok = hydra.utils.instantiate(_compose(f"tokenizer={name}").tokenizer)
+    # tokenizer=hf reads a model folder's tokenizer.json: one trained here
+    path = [f"tokenizer.path={train_tokenizer(tmp_path)}"] if name == "hf" else []
+    tok = hydra.utils.instantiate(_compose(f"tokenizer={name}", *path).tokenizer)
     assert isinstance(tok, Tokenizer)
     if tok.needs_fit:  # char and trained BPE learn their vocabulary from the corpus
         tok.fit(["hello world, hello there"] * 4)

@@ -60,7 +60,7 @@ def resolve(name_or_dir: str | Path) -> Path:
 
         local = snapshot_download(
             repo_id=str(name_or_dir),
-            allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin"],
+            allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin", "*.jinja"],
         )
     except Exception as e:
         raise OSError(
