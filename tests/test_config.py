@@ -107,7 +107,7 @@ def test_optim_options_build_an_optimizer(name: str) -> None:
 
     o = _compose(f"optim={name}").optim
     model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
-    opt = build_optimizer(model, o.lr, o.weight_decay, tuple(o.betas), o.eps, o.fused)
+    opt = build_optimizer(model, o)
     assert opt.param_groups[0]["weight_decay"] == o.weight_decay
     assert opt.param_groups[1]["weight_decay"] == 0.0
 

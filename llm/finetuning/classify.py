@@ -25,7 +25,7 @@ from llm.finetuning.records import (
 )
 from llm.model import GPT
 from llm.training.module import GPTLitModule, plain
-from llm.training.optim import build_optimizer, cosine_schedule
+from llm.training.optim import build_optimizer, build_scheduler
 
 
 def freeze_for_classification(model: GPT, trainable_layers: int | None) -> None:
@@ -252,12 +252,8 @@ class ClassifierModule(GPTLitModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """As pretraining, but over the body *and* the head (frozen parameters skipped)."""
         o = self.hparams["optim"]
-        opt = build_optimizer(
-            self, o["lr"], o["weight_decay"], o["betas"], o["eps"], fused=o.get("fused")
-        )
-        decay = o.get("decay_steps") or self.trainer.max_steps
-        decay = int(decay) if decay and decay > 0 else max(int(o["warmup_steps"]), 1)
-        sched = cosine_schedule(opt, o["lr"], o["min_lr"], int(o["warmup_steps"]), decay)
+        opt = build_optimizer(self, o)
+        sched = build_scheduler(opt, o, self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from llm.model import GPT, GPTConfig
-from llm.training.optim import build_optimizer, cosine_schedule
+from llm.training.optim import build_optimizer, build_scheduler
 
 DEFAULT_OPTIM: dict[str, Any] = {
     "lr": 6e-4,
@@ -231,16 +231,6 @@ class GPTLitModule(L.LightningModule):
     # -- optimizer ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.hparams["optim"]
-        opt = build_optimizer(
-            self.model,
-            lr=o["lr"],
-            weight_decay=o["weight_decay"],
-            betas=o["betas"],
-            eps=o["eps"],
-            fused=o.get("fused"),
-        )
-        decay = o.get("decay_steps") or o.get("max_steps") or self.trainer.max_steps
-        if decay is None or decay <= 0:
-            decay = max(int(o["warmup_steps"]), 1)
-        sched = cosine_schedule(opt, o["lr"], o["min_lr"], int(o["warmup_steps"]), int(decay))
+        opt = build_optimizer(self.model, o)
+        sched = build_scheduler(opt, o, o.get("max_steps") or self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
