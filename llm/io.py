@@ -33,22 +33,38 @@ def temp_file_beside(path: str | os.PathLike[str]) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a tmp file next to ``path``; on success it replaces ``path``, on error it is removed."""
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A tmp path next to ``path`` for writers that want a path (safetensors' ``save_file``).
+
+    On success it is synced and replaces ``path``; on error it is removed.
+    """
     path = Path(path)
     fd, tmp = temp_file_beside(path)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)  # the writer has closed its handle: sync by path
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a tmp file next to ``path``; on success it replaces ``path``, on error it is removed."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f,
+    ):
+        yield f
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -41,7 +41,8 @@ def bench_attention(args: argparse.Namespace) -> None:
     results = {}
     for impl in ("manual", "sdpa"):
         torch.manual_seed(0)
-        attn = MultiHeadAttention(args.embd, args.heads, args.seq, 0.0, True, impl)
+        cfg = GPTConfig(n_embd=args.embd, n_head=args.heads, block_size=args.seq, attn_impl=impl)
+        attn = MultiHeadAttention(cfg)
 
         def step(attn: MultiHeadAttention = attn) -> None:
             attn(x).sum().backward()

@@ -171,7 +171,7 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from llm.model import GPT, GPTConfig
-    from llm.training.optim import build_optimizer, cosine_schedule
+    from llm.training.optim import build_optimizer, build_scheduler
 
     cfg = compose_cfg(args)
     if cfg.trainer.accelerator != "cpu" or int(cfg.trainer.devices) != 1:
@@ -196,11 +196,8 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
 
     o = cfg.optim
-    opt = build_optimizer(
-        model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, fused=o.fused
-    )
-    decay = int(o.get("decay_steps") or args.steps)
-    sched = cosine_schedule(opt, o.lr, o.min_lr, int(o.warmup_steps), decay)
+    opt = build_optimizer(model, o)
+    sched = build_scheduler(opt, o, args.steps)
     clip = float(cfg.trainer.gradient_clip_val or 0.0)
     val_every = int(cfg.trainer.val_check_interval)
     val_batches = int(cfg.trainer.limit_val_batches or 0)

@@ -56,10 +56,35 @@ def test_causal_self_attention_dropout_only_in_training() -> None:
     torch.testing.assert_close(attn(x), attn(x))
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "manual"])
+def test_one_head_mha_is_causal_self_attention(impl: str) -> None:
+    """The ladder's last step adds heads and an output projection, nothing else: with one head,
+    the causal step's weights in c_attn and an identity c_proj, the two agree."""
+    torch.manual_seed(0)
+    causal = CausalSelfAttention(16, 16, context_length=8, dropout=0.0, qkv_bias=True)
+    mha = MultiHeadAttention(GPTConfig(n_embd=16, n_head=1, block_size=8, attn_impl=impl))
+    with torch.no_grad():
+        mha.c_attn.weight.copy_(torch.cat([causal.W_query.weight, causal.W_key.weight,
+                                           causal.W_value.weight]))  # fmt: skip
+        mha.c_attn.bias.copy_(torch.cat([causal.W_query.bias, causal.W_key.bias,
+                                         causal.W_value.bias]))  # fmt: skip
+        mha.c_proj.weight.copy_(torch.eye(16))
+        mha.c_proj.bias.zero_()
+    x = torch.randn(3, 8, 16)
+    assert (mha(x) - causal(x)).abs().max() < 1e-5
+    (q, k, v), (q1, k1, v1) = causal.qkv(x), mha.qkv(x)
+    torch.testing.assert_close(q1.squeeze(1), q)
+    assert (mha.attend(q1, k1, v1).squeeze(1) - causal.attend(q, k, v)).abs().max() < 1e-5
+
+
+def _mha_config(impl: str = "sdpa", **kw: object) -> GPTConfig:
+    return GPTConfig(n_embd=32, n_head=4, block_size=16, attn_impl=impl, **kw)  # type: ignore[arg-type]
+
+
 def _mha_pair(rope: bool) -> tuple[MultiHeadAttention, MultiHeadAttention]:
     r = RotaryEmbedding(8, 16) if rope else None
-    a = MultiHeadAttention(32, 4, 16, 0.0, True, "sdpa", r)
-    b = MultiHeadAttention(32, 4, 16, 0.0, True, "manual", r)
+    a = MultiHeadAttention(_mha_config("sdpa"), r)
+    b = MultiHeadAttention(_mha_config("manual"), r)
     b.load_state_dict(a.state_dict())
     return a, b
 
@@ -78,7 +103,7 @@ def test_mha_cache_matches_full_pass(impl: str, rope: bool) -> None:
     """Prefill, a multi-token chunk after a cache (explicit mask), then single tokens."""
     torch.manual_seed(0)
     r = RotaryEmbedding(8, 16) if rope else None
-    attn = MultiHeadAttention(32, 4, 16, 0.0, True, impl, r).eval()
+    attn = MultiHeadAttention(_mha_config(impl), r).eval()
     x = torch.randn(2, 12, 32)
     full = attn(x)
     cache = LayerKVCache()
@@ -90,9 +115,9 @@ def test_mha_cache_matches_full_pass(impl: str, rope: bool) -> None:
 
 def test_mha_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="not divisible"):
-        MultiHeadAttention(30, 4, 8)
+        MultiHeadAttention(GPTConfig(n_embd=30, n_head=4, block_size=8))
     with pytest.raises(ValueError, match="sdpa"):
-        MultiHeadAttention(32, 4, 8, attn_impl="flash")
+        MultiHeadAttention(_mha_config("flash"))
 
 
 def _tiny(pos: str, impl: str, **kw: object) -> GPT:

@@ -54,10 +54,14 @@ def test_model_options_instantiate(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", _options("tokenizer"))
-def test_tokenizer_options_instantiate(name: str) -> None:
+def test_tokenizer_options_instantiate(name: str, tmp_path: Path) -> None:
+    from _hf_utils import train_tokenizer
+
     from llm.tokenizers import Tokenizer
 
-    tok = hydra.utils.instantiate(_compose(f"tokenizer={name}").tokenizer)
+    # tokenizer=hf reads a model folder's tokenizer.json: one trained here
+    path = [f"tokenizer.path={train_tokenizer(tmp_path)}"] if name == "hf" else []
+    tok = hydra.utils.instantiate(_compose(f"tokenizer={name}", *path).tokenizer)
     assert isinstance(tok, Tokenizer)
     if tok.needs_fit:  # char and trained BPE learn their vocabulary from the corpus
         tok.fit(["hello world, hello there"] * 4)
@@ -104,7 +108,7 @@ def test_optim_options_build_an_optimizer(name: str) -> None:
 
     o = _compose(f"optim={name}").optim
     model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
-    opt = build_optimizer(model, o.lr, o.weight_decay, tuple(o.betas), o.eps, o.fused)
+    opt = build_optimizer(model, o)
     assert opt.param_groups[0]["weight_decay"] == o.weight_decay
     assert opt.param_groups[1]["weight_decay"] == 0.0
 

@@ -377,9 +377,13 @@ def test_config_options_exist() -> None:
 
 
 @pytest.mark.parametrize("option", TOKENIZER_OPTIONS)
-def test_compose_and_instantiate(option: str) -> None:
+def test_compose_and_instantiate(option: str, tmp_path: Path) -> None:
+    from _hf_utils import train_tokenizer
+
+    # tokenizer=hf reads a model folder's tokenizer.json: one trained here
+    path = [f"tokenizer.path={train_tokenizer(tmp_path)}"] if option == "hf" else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="tokenize", overrides=[f"tokenizer={option}", "text=hi"])
+        cfg = compose(config_name="tokenize", overrides=[f"tokenizer={option}", "text=hi", *path])
     tok = instantiate(cfg.tokenizer)
     assert isinstance(tok, Tokenizer)
     if tok.needs_fit:

@@ -24,16 +24,7 @@ from llm.finetuning.records import (
 )
 from llm.model import GPT
 from llm.training.module import GPTLitModule, check_finite
-from llm.training.optim import build_optimizer, cosine_schedule
-
-
-def hidden_states(model: GPT, idx: Tensor) -> Tensor:
-    """Final-LayerNorm hidden states (B, T, n_embd): GPT.forward without the LM head."""
-    model._check_input(idx)
-    x = model.embed(idx)
-    for block in model.h:
-        x = block(x)
-    return model.ln_f(x)
+from llm.training.optim import build_optimizer, build_scheduler
 
 
 def freeze_for_classification(model: GPT, trainable_layers: int | None) -> None:
@@ -41,13 +32,13 @@ def freeze_for_classification(model: GPT, trainable_layers: int | None) -> None:
     if trainable_layers is None:
         return
     n = int(trainable_layers)
-    if not 0 <= n <= len(model.h):
-        raise ValueError(f"trainable_layers={n} must be in [0, n_layer={len(model.h)}] or null")
-    for p in model.parameters():
-        p.requires_grad = False
-    for module in [*list(model.h)[len(model.h) - n :], model.ln_f]:
-        for p in module.parameters():
-            p.requires_grad = True
+    if not 0 <= n <= model.config.n_layer:
+        raise ValueError(
+            f"trainable_layers={n} must be in [0, n_layer={model.config.n_layer}] or null"
+        )
+    model.requires_grad_(False)
+    for module in model.top_layers(n):
+        module.requires_grad_(True)
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -222,7 +213,7 @@ class ClassifierModule(GPTLitModule):
 
     def forward(self, idx: Tensor, lengths: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Class logits (B, n_labels) from the hidden state at position lengths - 1."""
-        h = hidden_states(self.model, idx)
+        h = self.model.hidden_states(idx)
         if lengths is None:
             return self.head(h[:, -1])
         last = (lengths - 1).clamp(min=0)
@@ -258,12 +249,8 @@ class ClassifierModule(GPTLitModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """As pretraining, but over the body *and* the head (frozen parameters skipped)."""
         o = self.hparams["optim"]
-        opt = build_optimizer(
-            self, o["lr"], o["weight_decay"], o["betas"], o["eps"], fused=o.get("fused")
-        )
-        decay = o.get("decay_steps") or self.trainer.max_steps
-        decay = int(decay) if decay and decay > 0 else max(int(o["warmup_steps"]), 1)
-        sched = cosine_schedule(opt, o["lr"], o["min_lr"], int(o["warmup_steps"]), decay)
+        opt = build_optimizer(self, o)
+        sched = build_scheduler(opt, o, self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Starting weights for finetuning: a `llm.train` checkpoint or Hugging Face GPT-2 weights.
+"""Starting weights for finetuning: a `llm.train` checkpoint or Hugging Face weights (GPT-2,
+Llama, Qwen3).
 
 Both paths end as (GPTConfig fields, GPT state dict, tokenizer dict or None), so the task
 modules are built from plain config and the weights are copied in afterwards.
@@ -7,23 +8,25 @@ modules are built from plain config and the weights are copied in afterwards.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from llm.checkpoint import read_checkpoint
 
 _HINT = (
-    "init= takes a llm.train checkpoint (.../checkpoints/last.ckpt), a Hugging Face GPT-2 "
-    "directory (config.json + model.safetensors) or a hub name such as gpt2"
+    "init= takes a llm.train checkpoint (.../checkpoints/last.ckpt), a Hugging Face GPT-2, "
+    "Llama or Qwen3 directory (config.json + model.safetensors) or a hub name such as gpt2"
 )
 
 
 @dataclass
 class InitWeights:
-    """What a finetune starts from; `tokenizer` is None for Hugging Face weights."""
+    """What a finetune starts from; `tokenizer` is None for Hugging Face GPT-2 weights (and for
+    a Llama / Qwen3 folder without tokenizer.json): the configured tokenizer is used then."""
 
     model: dict[str, Any]
     state_dict: dict[str, Tensor]
@@ -73,24 +76,30 @@ def _from_checkpoint(path: Path) -> InitWeights:
 
 
 def _from_hf(name_or_dir: str) -> InitWeights:
-    from llm.model import GPT
+    """Llama and Qwen3 bring their folder's tokenizer.json; GPT-2's vocabulary is tiktoken's
+    gpt2 encoding, which the configured tokenizer (tokenizer=gpt2) already is."""
+    from llm.model import GPT, hf
+    from llm.tokenizers import HFTokenizer
 
     model = GPT.from_pretrained(name_or_dir)
-    return InitWeights(asdict(model.config), model.state_dict(), None, str(name_or_dir))
+    folder = hf.resolve(name_or_dir)
+    tokenizer = None
+    if hf.architecture(model.config) != "gpt2" and (folder / "tokenizer.json").is_file():
+        tokenizer = HFTokenizer(folder).to_dict()
+    return InitWeights(model.config.to_dict(), model.state_dict(), tokenizer, str(name_or_dir))
 
 
 def crop_state_dict(weights: InitWeights, block_size: int) -> None:
-    """Shrink the context (nanoGPT's crop_block_size) on the config and the wpe table."""
-    old = int(weights.model["block_size"])
-    if block_size > old:
-        raise ValueError(
-            f"block_size={block_size} exceeds the pretrained block_size {old}: positions "
-            f"past {old} were never trained; use block_size<={old}"
-        )
+    """Shrink the context with GPT.crop_block_size, on a model that holds the loaded tensors
+    themselves (built on the meta device, then assigned: nothing is allocated or copied)."""
+    from llm.model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**weights.model))
+    model.load_state_dict(weights.state_dict, assign=True)
+    model.crop_block_size(block_size)
     weights.model["block_size"] = block_size
-    wpe = weights.state_dict.get("embed.wpe.weight")
-    if wpe is not None:
-        weights.state_dict["embed.wpe.weight"] = wpe[:block_size].clone()
+    weights.state_dict = model.state_dict()
 
 
 def load_base_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> None:

@@ -1,4 +1,9 @@
-"""Attention, built up in three steps: plain self-attention, causal, then multi-head."""
+"""Attention, built up in three steps: plain self-attention, causal, then multi-head.
+
+Each step has the same two parts, `qkv(x)` (project the input to queries, keys and values) and
+`attend(q, k, v)` (mix the values by query-key similarity), and the written-out softmax is one
+function, `attention_weights`, shared by all three.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm.model.config import GPTConfig
+
 if TYPE_CHECKING:
     from llm.model.embeddings import RotaryEmbedding
     from llm.model.generation import LayerKVCache
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d_k)) over the keys; where `mask` is False a query may not look."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def causal_mask(
+    T: int, T_k: int, device: torch.device | None = None, window: int | None = None
+) -> Tensor:
+    """(T, T_k) bool: the T queries are the last T of the T_k keys' positions; each may see its
+    own position and earlier ones, and with a sliding window only the last `window` of those."""
+    q = torch.arange(T_k - T, T_k, device=device).unsqueeze(1)
+    k = torch.arange(T_k, device=device)
+    allowed = k <= q
+    return allowed if window is None else allowed & (k > q - window)
 
 
 class SelfAttention(nn.Module):
@@ -23,11 +49,15 @@ class SelfAttention(nn.Module):
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
 
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.W_query(x), self.W_key(x), self.W_value(x)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return attention_weights(q, k) @ v
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., T, d_in) -> (..., T, d_out)."""
-        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))
-        return torch.softmax(scores, dim=-1) @ v
+        return self.attend(*self.qkv(x))
 
 
 class CausalSelfAttention(SelfAttention):
@@ -39,90 +69,91 @@ class CausalSelfAttention(SelfAttention):
         super().__init__(d_in, d_out, qkv_bias)
         self.dropout = nn.Dropout(dropout)
         # A buffer (not a parameter) so it follows .to(device) but is never trained.
-        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
-        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask", causal_mask(context_length, context_length), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (..., T, d_in) with T <= context_length -> (..., T, d_out)."""
-        T = x.size(-2)
-        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))
-        scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
-        return self.dropout(torch.softmax(scores, dim=-1)) @ v
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k, v: (..., T, d) with T <= context_length."""
+        T = q.size(-2)
+        return self.dropout(attention_weights(q, k, self.mask[:T, :T])) @ v
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head attention with a fused qkv projection, as in GPT-2 and nanoGPT.
+    """Causal attention in n_head heads at once, with GPT-2's fused qkv projection (`c_attn`).
 
-    `sdpa` uses PyTorch's fused kernel (flash/memory-efficient when available); `manual`
-    writes the masked softmax out and is the reference the tests compare against.
+    `manual` is the causal step above run per head; `sdpa` is PyTorch's fused kernel for the same
+    computation (flash / memory-efficient when available), which the tests check against it.
+    With n_kv_head < n_head (grouped-query attention) each key/value head serves a group of
+    n_head / n_kv_head query heads, so c_attn and the KV cache shrink; qk_norm RMS-normalises
+    each head's queries and keys (Qwen3); sliding_window lets a token see only the last W.
     """
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        block_size: int,
-        dropout: float = 0.0,
-        bias: bool = True,
-        attn_impl: str = "sdpa",
-        rope: RotaryEmbedding | None = None,
-    ) -> None:
+    def __init__(self, config: GPTConfig, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
-        if attn_impl not in ("sdpa", "manual"):
-            raise ValueError(f"unknown attn_impl={attn_impl!r}; choose one of ['sdpa', 'manual']")
-        self.n_head, self.n_embd, self.attn_impl = n_head, n_embd, attn_impl
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.dropout = dropout
-        self.attn_dropout = nn.Dropout(dropout)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_size = config.head_size
+        self.attn_impl, self.window = config.attn_impl, config.sliding_window
+        q_width, kv_width = self.n_head * self.head_size, self.n_kv_head * self.head_size
+        self.split = (q_width, kv_width, kv_width)
+        self.c_attn = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
+        self.c_proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
+        else:  # no parameters, so GPT-2's state_dict keys stay as they were
+            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
         self.rope = rope
-        causal = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
-        self.register_buffer("causal", causal, persistent=False)
 
-    def _qkv(self, x: Tensor, cache: LayerKVCache | None) -> tuple[Tensor, Tensor, Tensor, int]:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+    def qkv(self, x: Tensor, cache: LayerKVCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, C) -> q (B, n_head, T, hs) and k, v (B, n_kv_head, T_k, hs), where T_k adds
+        the cached tokens' to the T new ones."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.split, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))
+        q, k = self.q_norm(q), self.k_norm(k)
         past = cache.length if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, offset=past), self.rope(k, offset=past)
         if cache is not None:
             k, v = cache.append(k, v)
-        return q, k, v, past
+        return q, k, v
 
-    def _mask(self, past: int, T: int) -> Tensor:
-        """Query i (absolute position past + i) may see keys 0..past + i."""
-        return self.causal[past : past + T, : past + T]
-
-    def _weights(self, q: Tensor, k: Tensor, past: int) -> Tensor:
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-        att = att.masked_fill(~self._mask(past, q.size(-2)), float("-inf"))
-        return torch.softmax(att, dim=-1)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q: (B, n_head, T, hs), k/v: (B, n_kv_head, T_k, hs) whose last T positions are q's."""
+        T, T_k = q.size(-2), k.size(-2)
+        # a window that covers every key is no window: the kernel may then mask by itself
+        window = self.window if self.window is not None and self.window < T_k else None
+        if self.attn_impl == "manual":
+            groups = self.n_head // self.n_kv_head  # query head h reads key/value head h // groups
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            mask = causal_mask(T, T_k, q.device, window)
+            return self.dropout(attention_weights(q, k, mask)) @ v
+        p = self.dropout.p if self.training else 0.0
+        gqa = self.n_kv_head != self.n_head
+        if window is None and T_k == T:  # a plain causal prefix: the kernel masks by itself
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa
+            )
+        if window is None and T == 1:  # one new token sees the whole cache
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
+        # a window, or several new tokens after a cache (is_causal would align the mask to the
+        # wrong corner): an explicit mask
+        mask = causal_mask(T, T_k, q.device, window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
 
     def forward(self, x: Tensor, cache: LayerKVCache | None = None) -> Tensor:
         """x: (B, T, C); with a cache, x holds only the new tokens and k/v are appended."""
-        B, T, C = x.shape
-        q, k, v, past = self._qkv(x, cache)
-        if self.attn_impl == "sdpa":
-            dropout_p = self.dropout if self.training else 0.0
-            if past == 0:  # plain causal prefix, the kernel builds the mask itself
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
-            elif T == 1:  # one new token sees the whole cache
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-            else:  # several new tokens after a cache: is_causal would align the mask wrongly
-                mask = self._mask(past, T)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        else:
-            y = self.attn_dropout(self._weights(q, k, past)) @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        B, T, _ = x.shape
+        y = self.attend(*self.qkv(x, cache))
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
     @torch.no_grad()
     def attention_weights(self, x: Tensor) -> Tensor:
-        """Softmax weights (B, n_head, T, T) for inspection; always the manual path, no dropout."""
-        q, k, _, past = self._qkv(x, None)
-        return self._weights(q, k, past)
+        """Softmax weights (B, n_head, T, T) for inspection: the manual path, no dropout."""
+        q, k, _ = self.qkv(x)
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        mask = causal_mask(q.size(-2), k.size(-2), q.device, self.window)
+        return attention_weights(q, k, mask)

@@ -1,9 +1,11 @@
-"""One transformer block: pre-LayerNorm attention and MLP, each inside a residual connection."""
+"""One transformer block: pre-norm attention and MLP, each inside a residual connection."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.model.attention import MultiHeadAttention
@@ -14,36 +16,58 @@ if TYPE_CHECKING:
     from llm.model.generation import LayerKVCache
 
 
+def make_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (Llama, Qwen: no mean, no bias, a little cheaper)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class ReLU2(nn.Module):
+    """relu(x)^2 (Primer; modded-nanogpt's speedrun MLP)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up (Shazeer 2020; Llama, Qwen): c_fc holds gate and up side by side."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+ACTIVATIONS = {"gelu": partial(nn.GELU, approximate="tanh"), "relu2": ReLU2, "swiglu": SwiGLU}
+
+
 class MLP(nn.Module):
-    """Position-wise 4x expansion; tanh-GELU because GPT-2 ("gelu_new") was trained with it."""
+    """Position-wise expansion to `config.mlp_width` and back.
+
+    gelu is tanh-GELU because GPT-2 ("gelu_new") was trained with it.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        width = config.mlp_width
+        gated = config.mlp == "swiglu"
+        self.c_fc = nn.Linear(config.n_embd, 2 * width if gated else width, bias=config.bias)
+        self.act = ACTIVATIONS[config.mlp]()
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    """Pre-LN (GPT-2) keeps an identity path from input to output, which trains stably deep."""
+    """Pre-norm (GPT-2) keeps an identity path from input to output, which trains stably deep."""
 
     def __init__(self, config: GPTConfig, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = MultiHeadAttention(
-            config.n_embd,
-            config.n_head,
-            config.block_size,
-            config.dropout,
-            config.bias,
-            config.attn_impl,
-            rope,
-        )
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
+        self.attn = MultiHeadAttention(config, rope)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cache: LayerKVCache | None = None) -> Tensor:

@@ -1,4 +1,8 @@
-"""The model's hyperparameters, validated once so bad configs fail before any tensor is built."""
+"""The model's hyperparameters, validated once so bad configs fail before any tensor is built.
+
+The defaults are GPT-2; each modern choice (RMSNorm, SwiGLU, grouped-query attention, RoPE, ...)
+is one field away, so an ablation is one override (`model.norm=rmsnorm`).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,27 @@ from typing import Any
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
 ATTN_IMPLS = ("sdpa", "manual")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
+# Llama 3's long-context RoPE rescaling, the one `rope_scaling` supported (keys as in HF configs).
+LLAMA3_SCALING = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
+SWIGLU_MULTIPLE = 32  # swiglu's default width is rounded up to a multiple of this
 
 
 def _divisor_hint(n_embd: int, n_head: int) -> str:
     heads = [h for h in range(1, min(n_embd, 64) + 1) if n_embd % h == 0]
     near = sorted(heads, key=lambda h: abs(h - n_head))[:3]
     widths = sorted({max(n_head, (n_embd // n_head) * n_head), (n_embd // n_head + 1) * n_head})
-    return f"try n_head in {sorted(near)} or n_embd in {widths}"
+    return f"try n_head in {sorted(near)} or n_embd in {widths}, or set model.head_dim"
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -30,6 +48,17 @@ class GPTConfig:
     pos_encoding: str = "learned"
     attn_impl: str = "sdpa"
     tie_weights: bool = True
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"
+    mlp_hidden: int | None = None  # None: 4 * n_embd; swiglu: 8/3 * n_embd (see mlp_width)
+    n_kv_head: int | None = None  # None: n_head (multi-head); 1: multi-query
+    head_dim: int | None = None  # None: n_embd // n_head
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    logit_softcap: float | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.vocab_size is None:
@@ -39,31 +68,87 @@ class GPTConfig:
             )
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _positive_int(value):
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-        if self.n_embd % self.n_head != 0:
+        if self.head_dim is None and self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                 + _divisor_hint(self.n_embd, self.n_head)
             )
-        if self.pos_encoding not in POS_ENCODINGS:
+        for name, choices in (
+            ("pos_encoding", POS_ENCODINGS),
+            ("attn_impl", ATTN_IMPLS),
+            ("norm", NORMS),
+            ("mlp", MLPS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"unknown {name}={getattr(self, name)!r}; choose one of {list(choices)} "
+                    f"(model.{name})"
+                )
+        for name in ("mlp_hidden", "n_kv_head", "head_dim", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"model.{name} must be a positive int or null, got {value!r}")
+        if self.n_head % self.kv_heads != 0:
             raise ValueError(
-                f"unknown pos_encoding={self.pos_encoding!r}; choose one of {list(POS_ENCODINGS)}"
+                f"model.n_head={self.n_head} is not a multiple of "
+                f"model.n_kv_head={self.n_kv_head}: each key/value head serves "
+                "n_head / n_kv_head query heads; choose n_kv_head in "
+                f"{[d for d in range(1, self.n_head + 1) if self.n_head % d == 0]}"
             )
-        if self.attn_impl not in ATTN_IMPLS:
+        if self.pos_encoding == "rope" and self.head_size % 2 != 0:
             raise ValueError(
-                f"unknown attn_impl={self.attn_impl!r}; choose one of {list(ATTN_IMPLS)}"
+                f"rope needs an even head size, got {self.head_size} (n_embd/n_head or "
+                "model.head_dim); change model.n_head or model.head_dim"
             )
-        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2 != 0:
-            raise ValueError(
-                f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}"
-            )
+        for name in ("bias", "tie_weights", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("norm_eps", "rope_theta", "logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                null = " or null" if name == "logit_softcap" else ""
+                raise ValueError(f"model.{name} must be a positive number{null}, got {value!r}")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling is None:
+            return
+        # Hydra hands over a DictConfig: keep plain types so checkpoints stay weights_only-safe.
+        self.rope_scaling = {str(k): v for k, v in dict(self.rope_scaling).items()}
+        kind = self.rope_scaling.get("rope_type")
+        missing = [k for k in LLAMA3_SCALING if k not in self.rope_scaling]
+        if self.pos_encoding != "rope" or kind != "llama3" or missing:
+            raise ValueError(
+                f"model.rope_scaling={self.rope_scaling} is not supported: only Llama 3's, with "
+                f"pos_encoding=rope and the keys rope_type: llama3, {', '.join(LLAMA3_SCALING)} "
+                "(as in a Llama 3 config.json); or null for plain RoPE"
+            )
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        """Width of one attention head."""
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_head for multi-head attention, fewer for grouped-query attention."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width: 4 * n_embd (GPT-2); for swiglu, whose gate makes it three
+        matrices instead of two, 2/3 of that (Llama's 8/3 * n_embd, same parameter count),
+        rounded up to a multiple of SWIGLU_MULTIPLE."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp != "swiglu":
+            return 4 * self.n_embd
+        width = 8 * self.n_embd // 3
+        return -(-width // SWIGLU_MULTIPLE) * SWIGLU_MULTIPLE
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so it can go into checkpoints, JSON and logger hparams."""

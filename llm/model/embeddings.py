@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,16 +19,43 @@ def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
     return table
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoFormer): rotates q and k so scores depend on offsets only."""
+def llama3_scaled(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Llama 3's long-context RoPE: slow frequencies (wavelength past the pretraining context /
+    low_freq_factor) divided by `factor`, fast ones kept, a smooth blend in between."""
+    factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, blended)
+    return torch.where(wavelen < old / high, inv_freq, scaled)
 
-    def __init__(self, head_size: int, max_len: int, base: float = 10000.0) -> None:
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer): rotates q and k so scores depend on offsets only.
+
+    Dims (2i, 2i + 1) rotate together by angle pos * theta^(-2i / head_size) (the interleaved
+    layout of RoFormer and Meta's Llama code; llm.model.hf converts Hugging Face's "rotate half").
+    """
+
+    def __init__(
+        self,
+        head_size: int,
+        max_len: int,
+        theta: float = 10000.0,
+        scaling: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        if scaling is not None:
+            inv_freq = llama3_scaled(inv_freq, scaling)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
         # Non-persistent: derived from the config, so never part of a checkpoint.
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def crop(self, max_len: int) -> None:
+        self.cos, self.sin = self.cos[:max_len], self.sin[:max_len]
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """x: (B, n_head, T, hs); positions start at `offset` (the KV-cache length)."""
@@ -52,6 +80,15 @@ class Embeddings(nn.Module):
         elif pos_encoding == "sinusoidal":
             self.register_buffer("pe", sinusoidal_table(block_size, n_embd), persistent=False)
         self.drop = nn.Dropout(dropout)
+
+    def crop(self, block_size: int) -> None:
+        """Keep the first block_size positions (see GPT.crop_block_size)."""
+        if self.pos_encoding == "learned":
+            old = self.wpe.weight
+            self.wpe.weight = nn.Parameter(old[:block_size].clone(), old.requires_grad)
+            self.wpe.num_embeddings = block_size
+        elif self.pos_encoding == "sinusoidal":
+            self.pe = self.pe[:block_size]
 
     def forward(self, idx: Tensor, offset: int = 0) -> Tensor:
         x = self.wte(idx)

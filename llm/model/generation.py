@@ -12,29 +12,34 @@ if TYPE_CHECKING:
 
 
 class LayerKVCache:
-    """Keys and values of the tokens seen so far, so each step only runs the new token."""
+    """Keys and values of the tokens seen so far, so each step only runs the new token.
 
-    def __init__(self) -> None:
+    Only the key/value heads are stored (n_kv_head of them: grouped-query attention shrinks the
+    cache too); with a sliding window only the last window - 1 tokens are kept, as no later
+    token can see further back.
+    """
+
+    def __init__(self, window: int | None = None) -> None:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.size(-2)
+        self.window = window
+        self.length = 0  # tokens seen, the next token's position (kept ones may be fewer)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """k, v: (B, n_head, T_new, hs); returns the full (B, n_head, T_past + T_new, hs)."""
+        """k, v: (B, n_kv_head, T_new, hs); returns the kept past + new, (B, n_kv_head, T_k, hs)."""
+        self.length += k.size(-2)
         if self.k is not None and self.v is not None:
             k, v = torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
-        self.k, self.v = k, v
+        keep = k.size(-2) if self.window is None else min(k.size(-2), self.window - 1)
+        self.k, self.v = k[..., k.size(-2) - keep :, :], v[..., v.size(-2) - keep :, :]
         return k, v
 
 
 class KVCache(list):
     """One LayerKVCache per transformer block."""
 
-    def __init__(self, n_layer: int) -> None:
-        super().__init__(LayerKVCache() for _ in range(n_layer))
+    def __init__(self, n_layer: int, window: int | None = None) -> None:
+        super().__init__(LayerKVCache(window) for _ in range(n_layer))
 
     @property
     def length(self) -> int:
@@ -116,7 +121,7 @@ def generate(
             elif cache is None or cache.length >= block_size:
                 # (Re)prefill: learned positions cannot go past block_size, so past it we crop
                 # the context like nanoGPT does, which keeps cached == uncached exactly.
-                cache = KVCache(model.config.n_layer)
+                cache = KVCache(model.config.n_layer, model.config.sliding_window)
                 logits, _ = model(idx[:, -block_size:], cache=cache)
             else:
                 logits, _ = model(idx[:, -1:], cache=cache)

@@ -1,7 +1,8 @@
-"""The GPT language model: embeddings, a stack of blocks, a final LayerNorm and the LM head."""
+"""The GPT language model: embeddings, a stack of blocks, a final norm and the LM head."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -10,14 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llm.model.block import Block
+from llm.model import hf
+from llm.model.block import Block, make_norm
 from llm.model.config import GPTConfig
 from llm.model.embeddings import Embeddings, RotaryEmbedding
 from llm.model.generation import KVCache, generate
 
 
 class GPT(nn.Module):
-    """GPT-2 architecture (nanoGPT layout) with a choice of positional encoding."""
+    """GPT-2 architecture (nanoGPT layout); the config swaps in the modern parts (Llama, Qwen3)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -25,13 +27,13 @@ class GPT(nn.Module):
         self.embed = Embeddings(
             config.vocab_size, config.n_embd, config.block_size, config.pos_encoding, config.dropout
         )
-        rope = (
-            RotaryEmbedding(config.head_size, config.block_size)
-            if config.pos_encoding == "rope"
-            else None
-        )
+        rope = None
+        if config.pos_encoding == "rope":  # one table, shared by every block
+            rope = RotaryEmbedding(
+                config.head_size, config.block_size, config.rope_theta, config.rope_scaling
+            )
         self.h = nn.ModuleList(Block(config, rope) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # Input and output embeddings share one matrix: fewer parameters, and it helps LMs
@@ -53,34 +55,35 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def _check_input(self, idx: Tensor, offset: int = 0) -> None:
-        length = offset + idx.size(1)
-        if length > self.config.block_size:
+    def _check_length(self, T: int, offset: int = 0) -> None:
+        """Plain ints only: the forward pass never waits on the device to check its input."""
+        if offset + T > self.config.block_size:
             raise ValueError(
-                f"sequence length {length} exceeds block_size {self.config.block_size}; "
+                f"sequence length {offset + T} exceeds block_size {self.config.block_size}; "
                 f"crop the input to its last {self.config.block_size} tokens"
             )
-        if torch.compiler.is_compiling() or idx.numel() == 0:
-            return
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = hi if hi >= self.config.vocab_size else lo
-            raise ValueError(
-                f"token id {bad} is out of range for vocab_size {self.config.vocab_size} "
-                f"(ids must be in [0, {self.config.vocab_size - 1}]; max id in batch is {hi}); "
-                "does the tokenizer match the model?"
-            )
+
+    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The final norm's output (B, T, n_embd): the whole model but the LM head, for task heads.
+
+        Token ids are not range-checked here (that would sync with the device every step): the
+        tokenizer and the token cache that make them check them.
+        """
+        offset = cache.length if cache is not None else 0
+        self._check_length(idx.size(1), offset)
+        x = self.embed(idx, offset)
+        for i, block in enumerate(self.h):
+            x = block(x, cache[i] if cache is not None else None)
+        return self.ln_f(x)
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """idx, targets: (B, T) -> logits (B, T, vocab), mean cross-entropy ignoring -100."""
-        offset = cache.length if cache is not None else 0
-        self._check_input(idx, offset)
-        x = self.embed(idx, offset)
-        for i, block in enumerate(self.h):
-            x = block(x, cache[i] if cache is not None else None)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.hidden_states(idx, cache))
+        if self.config.logit_softcap is not None:  # Gemma 2: smoothly bounded to +-cap
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
@@ -88,12 +91,34 @@ class GPT(nn.Module):
             )
         return logits, loss
 
+    def top_layers(self, n: int) -> list[nn.Module]:
+        """The last n blocks and the final norm: what a classifier with trainable_layers=n
+        trains."""
+        if not 0 <= n <= self.config.n_layer:
+            raise ValueError(f"top_layers({n}): n must be in [0, n_layer={self.config.n_layer}]")
+        return [*self.h[self.config.n_layer - n :], self.ln_f]
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context window (nanoGPT's model surgery), e.g. 1024 -> 256 to finetune on
+        short texts with less memory; positions past the old block_size were never trained."""
+        old = self.config.block_size
+        if not 0 < block_size <= old:
+            raise ValueError(
+                f"block_size={block_size} exceeds the pretrained block_size {old}: a model can "
+                f"only shrink its context, positions past {old} were never trained; use "
+                f"block_size<={old}"
+            )
+        self.config.block_size = block_size
+        for module in self.modules():  # the shared RotaryEmbedding is visited once
+            if isinstance(module, Embeddings | RotaryEmbedding):
+                module.crop(block_size)
+
     @torch.no_grad()
     def attention_maps(self, idx: Tensor, layer: int) -> Tensor:
         """Attention weights (B, n_head, T, T) of one layer, for plots and sanity checks."""
         if not -self.config.n_layer <= layer < self.config.n_layer:
             raise IndexError(f"layer {layer} out of range for n_layer={self.config.n_layer}")
-        self._check_input(idx)
+        self._check_length(idx.size(1))
         was_training = self.training
         self.eval()
         try:
@@ -135,13 +160,26 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path, **overrides: Any) -> GPT:
-        """Load GPT-2 weights from a Hugging Face checkpoint directory or hub name."""
-        from llm.model.hf import load_gpt2
+        """Load a Hugging Face GPT-2, Llama or Qwen3 checkpoint (a folder or a hub name).
 
-        return load_gpt2(cls, name_or_dir, **overrides)
+        Overrides may change only what no weight depends on: dropout, attn_impl, and block_size,
+        which may only shrink (see crop_block_size).
+        """
+        bad = sorted(set(overrides) - {"dropout", "attn_impl", "block_size"})
+        if bad:
+            raise ValueError(
+                f"cannot override {bad} of a pretrained model; allowed: dropout, attn_impl, "
+                "block_size (shrink only)"
+            )
+        block_size = overrides.pop("block_size", None)
+        config, state_dict = hf.load(name_or_dir)
+        model = cls(dataclasses.replace(config, **overrides))
+        model.load_state_dict(state_dict)
+        if block_size is not None:
+            model.crop_block_size(int(block_size))
+        return model
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write a Hugging Face GPT-2 checkpoint (config.json + model.safetensors)."""
-        from llm.model.hf import save_gpt2
-
-        return save_gpt2(self, directory)
+        """Write a Hugging Face checkpoint (config.json + model.safetensors) of the architecture
+        that fits the config: GPT-2, Llama or Qwen3."""
+        return hf.save(self.config, self.state_dict(), directory)

@@ -1,29 +1,57 @@
-"""Import and export Hugging Face GPT-2 checkpoints, so pretrained weights can be finetuned here."""
+"""Hugging Face checkpoints <-> our GPTConfig and state_dict: GPT-2, Llama and Qwen3.
+
+A pure converter: it reads and writes config.json + safetensors and renames and reshapes
+tensors; it never builds a model (GPT.from_pretrained and GPT.save_pretrained do).
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from llm.io import temp_file_beside
-from llm.model.config import GPTConfig
-
-if TYPE_CHECKING:
-    from llm.model.gpt import GPT
+from llm.io import atomic_path, atomic_write_json
+from llm.model.config import LLAMA3_SCALING, GPTConfig
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # GPT-2 stores these as Conv1D, i.e. (in, out): the transpose of nn.Linear's weight.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Overrides that do not change any weight's shape (block_size may only shrink: wpe is cropped).
-_SAFE_OVERRIDES = ("dropout", "attn_impl", "block_size")
+# What each Hugging Face architecture fixes in our config (save_pretrained picks the one that
+# fits); Qwen3 is Llama with RMSNorm on queries and keys and without biases.
+_GPT2 = {
+    "pos_encoding": "learned",
+    "norm": "layernorm",
+    "mlp": "gelu",
+    "qk_norm": False,
+    "bias": True,
+    "tie_weights": True,
+    "logit_softcap": None,
+    "sliding_window": None,
+}
+_LLAMA = {
+    "pos_encoding": "rope",
+    "norm": "rmsnorm",
+    "mlp": "swiglu",
+    "qk_norm": False,
+    "logit_softcap": None,
+    "sliding_window": None,
+}
+_QWEN3 = {**_LLAMA, "qk_norm": True, "bias": False, "sliding_window": "any"}
+ARCHITECTURES = {
+    "gpt2": ("GPT2LMHeadModel", _GPT2),
+    "llama": ("LlamaForCausalLM", _LLAMA),
+    "qwen3": ("Qwen3ForCausalLM", _QWEN3),
+}
 
 
-def _resolve(name_or_dir: str | Path) -> Path:
+# --- files -------------------------------------------------------------------------------------
+
+
+def resolve(name_or_dir: str | Path) -> Path:
+    """A local checkpoint folder: `name_or_dir` itself, or a hub download of it."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         return path
@@ -32,7 +60,7 @@ def _resolve(name_or_dir: str | Path) -> Path:
 
         local = snapshot_download(
             repo_id=str(name_or_dir),
-            allow_patterns=["config.json", "model.safetensors", "pytorch_model.bin"],
+            allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin", "*.jinja"],
         )
     except Exception as e:
         raise OSError(
@@ -44,103 +72,130 @@ def _resolve(name_or_dir: str | Path) -> Path:
     return Path(local)
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if (path / "model.safetensors").exists():
-        from safetensors.torch import load_file
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """model.safetensors, its shards (model.safetensors.index.json) or pytorch_model.bin."""
+    from safetensors.torch import load_file
 
+    if (path / "model.safetensors").exists():
         return load_file(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
     if (path / "pytorch_model.bin").exists():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    raise FileNotFoundError(
+        f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
 
 
-def _hf_to_ours(key: str) -> str | None:
-    key = key.removeprefix("transformer.")
-    if key.endswith((".attn.bias", ".attn.masked_bias")):
-        return None  # causal-mask buffers in old checkpoints, not weights
-    if key.startswith(("wte.", "wpe.")):
-        return "embed." + key
-    return key
-
-
-def load_gpt2(cls: type[GPT], name_or_dir: str | Path, **overrides: Any) -> GPT:
-    """Build a GPT with the checkpoint's shape and copy its weights in."""
-    path = _resolve(name_or_dir)
+def load(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, Tensor]]:
+    """The checkpoint's config and its weights under our names; by config.json's model_type."""
+    path = resolve(name_or_dir)
     hf = json.loads((path / "config.json").read_text())
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{path} holds a {hf['model_type']!r} model, not GPT-2")
-    bad = sorted(set(overrides) - set(_SAFE_OVERRIDES))
-    if bad:
-        raise ValueError(f"cannot override {bad} of a pretrained model; allowed: {_SAFE_OVERRIDES}")
-    n_positions = hf.get("n_positions", hf.get("n_ctx", 1024))
-    if overrides.get("block_size", n_positions) > n_positions:
-        raise ValueError(f"block_size can only shrink below the checkpoint's {n_positions}")
-    config = GPTConfig(
+    kind = hf.get("model_type", "gpt2")
+    if kind not in ARCHITECTURES:
+        raise ValueError(
+            f"{path} holds a {kind!r} model; loadable model_types: {sorted(ARCHITECTURES)}"
+        )
+    tensors = read_tensors(path)
+    if kind == "gpt2":
+        return _gpt2_config(hf), _gpt2_from_hf(tensors, path)
+    config = _llama_config(hf)
+    return config, _llama_from_hf(tensors, config, path)
+
+
+def save(config: GPTConfig, state_dict: dict[str, Tensor], directory: str | Path) -> Path:
+    """Write config.json + model.safetensors that transformers loads with the architecture that
+    fits the config (GPT-2, Llama or Qwen3); a config none of them can express is refused."""
+    from safetensors.torch import save_file
+
+    kind = architecture(config)
+    if kind == "gpt2":
+        hf_config, tensors = _gpt2_to_hf_config(config), _gpt2_to_hf(state_dict)
+    else:
+        hf_config, tensors = _llama_to_hf_config(config, kind), _llama_to_hf(state_dict, config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / "config.json", hf_config)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file({k: _plain(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    return directory
+
+
+def architecture(config: GPTConfig) -> str:
+    """The Hugging Face model_type whose architecture the config matches, else a ValueError
+    that names, for each, the model.<key> settings that differ."""
+    misses = {}
+    for kind, (_, fixed) in ARCHITECTURES.items():
+        miss = [
+            f"model.{k}={getattr(config, k)!r} (needs {v!r})"
+            for k, v in fixed.items()
+            if v != "any" and getattr(config, k) != v
+        ]
+        if config.n_embd % config.n_head:  # transformers' configs require it
+            miss.append(f"model.n_embd={config.n_embd} (needs a multiple of n_head)")
+        if kind == "gpt2" and config.kv_heads != config.n_head:
+            miss.append(f"model.n_kv_head={config.n_kv_head} (needs null)")
+        if kind == "gpt2" and config.head_size * config.n_head != config.n_embd:
+            miss.append(f"model.head_dim={config.head_dim} (needs null)")
+        if kind == "gpt2" and config.mlp_width != 4 * config.n_embd:
+            miss.append(f"model.mlp_hidden={config.mlp_hidden} (needs null)")
+        if not miss:
+            return kind
+        misses[kind] = miss
+    raise ValueError(
+        "this model cannot be saved as a Hugging Face checkpoint: only GPT-2 shaped models, "
+        "Llama or Qwen3 can be; it differs from\n"
+        + "\n".join(f"  {ARCHITECTURES[k][0]} in: {', '.join(m)}" for k, m in misses.items())
+    )
+
+
+def _plain(t: Tensor) -> Tensor:
+    """A contiguous CPU copy: safetensors refuses views and tensors that share storage."""
+    return t.detach().cpu().clone(memory_format=torch.contiguous_format)
+
+
+# --- GPT-2 -------------------------------------------------------------------------------------
+
+
+def _gpt2_config(hf: dict[str, Any]) -> GPTConfig:
+    return GPTConfig(
         vocab_size=hf["vocab_size"],
-        block_size=n_positions,
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
         n_layer=hf["n_layer"],
         n_head=hf["n_head"],
         n_embd=hf["n_embd"],
-        bias=True,
-        pos_encoding="learned",
-        tie_weights=True,
-        **{k: v for k, v in overrides.items() if k != "block_size"},
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        **_GPT2,
     )
-    model = cls(config)
-    ours = model.state_dict()
-    loaded: dict[str, Tensor] = {}
-    for key, value in _read_state_dict(path).items():
-        name = _hf_to_ours(key)
-        if name is None:
-            continue
-        if name not in ours:
-            raise KeyError(f"unexpected GPT-2 weight {key!r} in {path}")
-        loaded[name] = value.t() if name.endswith(_CONV1D) else value
-    loaded.setdefault("lm_head.weight", loaded["embed.wte.weight"])  # tied, often not saved
-    missing = sorted(set(ours) - set(loaded))
-    if missing:
-        raise KeyError(f"checkpoint {path} lacks weights: {missing[:5]}")
-    for name, value in loaded.items():
-        if value.shape != ours[name].shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != {ours[name].shape}")
-    model.load_state_dict(loaded)
-    if "block_size" in overrides:
-        crop_block_size(model, overrides["block_size"])
-    return model
 
 
-def crop_block_size(model: GPT, block_size: int) -> None:
-    """Shrink the context window (e.g. 1024 -> 256) to save memory when finetuning."""
-    from torch import nn
+def _gpt2_from_hf(tensors: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    ours: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers in old checkpoints, not weights
+        if key.startswith(("wte.", "wpe.")):
+            key = "embed." + key
+        ours[key] = value.t() if key.endswith(_CONV1D) else value
+    if "embed.wte.weight" not in ours:
+        raise KeyError(f"{path} holds no GPT-2 token embedding (transformer.wte.weight)")
+    ours.setdefault("lm_head.weight", ours["embed.wte.weight"])  # tied, often not saved
+    return ours
 
-    model.config.block_size = block_size
-    model.embed.wpe.weight = nn.Parameter(model.embed.wpe.weight[:block_size].clone())
-    for block in model.h:
-        block.attn.causal = block.attn.causal[:block_size, :block_size]
+
+def _gpt2_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {
+        "transformer." + name.removeprefix("embed."): value.t() if name.endswith(_CONV1D) else value
+        for name, value in state_dict.items()
+        if name != "lm_head.weight"  # tied to wte; transformers re-ties it on load
+    }
 
 
-def save_gpt2(model: GPT, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors that transformers.GPT2LMHeadModel can load."""
-    from safetensors.torch import save_file
-
-    c = model.config
-    if not (c.pos_encoding == "learned" and c.bias and c.tie_weights):
-        raise ValueError(
-            "only GPT-2 shaped models can be exported: need pos_encoding='learned', bias=True, "
-            f"tie_weights=True (got {c.pos_encoding!r}, bias={c.bias}, tie_weights={c.tie_weights})"
-        )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, Tensor] = {}
-    for name, value in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to wte; transformers re-ties it on load
-        value = value.t() if name.endswith(_CONV1D) else value
-        # clone: safetensors refuses tensors that share storage
-        tensors["transformer." + name.removeprefix("embed.")] = (
-            value.detach().cpu().clone(memory_format=torch.contiguous_format)
-        )
-    config = {
+def _gpt2_to_hf_config(c: GPTConfig) -> dict[str, Any]:
+    return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": c.vocab_size,
@@ -154,24 +209,187 @@ def save_gpt2(model: GPT, directory: str | Path) -> Path:
         "resid_pdrop": c.dropout,
         "embd_pdrop": c.dropout,
         "attn_pdrop": c.dropout,
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": c.norm_eps,
         "initializer_range": 0.02,
         "tie_word_embeddings": True,
     }
-    _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-    _atomic_write(
-        directory / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})
+
+
+# --- Llama and Qwen3 ---------------------------------------------------------------------------
+
+
+def _llama_config(hf: dict[str, Any]) -> GPTConfig:
+    """Llama / Qwen3 config.json -> GPTConfig; refuses what our model cannot reproduce."""
+    kind = hf["model_type"]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (Llama's is silu)")
+    attention_bias = bool(hf.get("attention_bias", False))
+    mlp_bias = bool(hf.get("mlp_bias", False)) if kind == "llama" else False
+    if attention_bias != mlp_bias:
+        raise ValueError(
+            f"attention_bias={attention_bias} with mlp_bias={mlp_bias} is not supported: "
+            "model.bias is one switch for every projection"
+        )
+    # transformers 5 writes rope_parameters; older config.json files rope_theta + rope_scaling
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"RoPE type {rope_type!r} is not supported (default and llama3 are)")
+    scaling = None
+    if rope_type == "llama3":
+        scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_SCALING}}
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    head_dim = hf.get("head_dim") or hidden // heads
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        block_size=hf["max_position_embeddings"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=heads,
+        n_embd=hidden,
+        dropout=float(hf.get("attention_dropout") or 0.0),
+        bias=attention_bias,
+        tie_weights=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp_hidden=hf["intermediate_size"],
+        n_kv_head=None if kv_heads == heads else kv_heads,
+        head_dim=None if head_dim * heads == hidden else head_dim,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=scaling,
+        sliding_window=_qwen3_window(hf) if kind == "qwen3" else None,
+        **{k: v for k, v in ARCHITECTURES[kind][1].items() if k not in ("bias", "sliding_window")},
     )
-    return directory
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    """Write to a temp file in the same directory, then rename: no half-written checkpoints."""
-    fd, tmp = temp_file_beside(target)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _qwen3_window(hf: dict[str, Any]) -> int | None:
+    """Qwen3 may slide the window in its top layers only; we have one window for all."""
+    if not hf.get("use_sliding_window"):
+        return None
+    n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 0)
+    layers = hf.get("layer_types") or ["full" if i < first else "sliding" for i in range(n)]
+    if any(not t.startswith("sliding") for t in layers):
+        raise ValueError("a Qwen3 model with sliding windows in only some layers is not supported")
+    return int(hf["sliding_window"])
+
+
+def _llama_to_hf_config(c: GPTConfig, kind: str) -> dict[str, Any]:
+    hf = {
+        "architectures": [ARCHITECTURES[kind][0]],
+        "model_type": kind,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.block_size,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_size,
+        "hidden_size": c.n_embd,
+        "intermediate_size": c.mlp_width,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.norm_eps,
+        "tie_word_embeddings": c.tie_weights,
+        "attention_bias": c.bias,
+        "attention_dropout": c.dropout,
+        "initializer_range": 0.02,
+        # the long-standing keys, read by transformers 4 and 5 alike
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling,
+    }
+    if kind == "llama":
+        hf["mlp_bias"] = c.bias
+    else:  # Qwen3: every layer slides or none does
+        window = c.sliding_window
+        hf["use_sliding_window"] = window is not None
+        hf["sliding_window"] = window
+        hf["max_window_layers"] = 0 if window is not None else c.n_layer
+        hf["layer_types"] = ["sliding_attention" if window else "full_attention"] * c.n_layer
+    return hf
+
+
+def _rope_rows(w: Tensor, head_size: int, to_hf: bool) -> Tensor:
+    """Reorder the query/key rows of each head between the two RoPE layouts.
+
+    Hugging Face's Llama and Qwen3 rotate dims (i, i + hs/2) together ("rotate half"); our
+    RotaryEmbedding rotates (2i, 2i + 1) (interleaved, as RoFormer and Meta's original code).
+    Permuting the projection rows (and q/k norm gains) converts one into the other, which leaves
+    our RoPE, and every checkpoint trained with it, unchanged.
+    """
+    half = head_size // 2
+    order = torch.arange(head_size).view(*((half, 2) if to_hf else (2, half))).t().flatten()
+    return w.reshape(-1, head_size, *w.shape[1:])[:, order].reshape(w.shape)
+
+
+def _llama_pairs(c: GPTConfig) -> list[tuple[str, list[tuple[str, int, bool]]]]:
+    """(our name, its Hugging Face parts: (name, rows, rope-layout rows)), in order: a fused
+    tensor of ours is its parts concatenated on dim 0 (c_attn = q|k|v, c_fc = gate|up)."""
+    hs, q, kv, width = c.head_size, c.n_head * c.head_size, c.kv_heads * c.head_size, c.mlp_width
+    pairs = [
+        ("embed.wte.weight", [("model.embed_tokens.weight", c.vocab_size, False)]),
+        ("ln_f.weight", [("model.norm.weight", c.n_embd, False)]),
+    ]
+    if not c.tie_weights:
+        pairs.append(("lm_head.weight", [("lm_head.weight", c.vocab_size, False)]))
+    for i in range(c.n_layer):
+        ours, hf = f"h.{i}.", f"model.layers.{i}."
+        pairs += [
+            (ours + "ln_1.weight", [(hf + "input_layernorm.weight", c.n_embd, False)]),
+            (ours + "ln_2.weight", [(hf + "post_attention_layernorm.weight", c.n_embd, False)]),
+        ]
+        for kind in ("weight", "bias") if c.bias else ("weight",):
+            attn, mlp = f"{hf}self_attn.", f"{hf}mlp."
+            pairs += [
+                (
+                    f"{ours}attn.c_attn.{kind}",
+                    [
+                        (f"{attn}q_proj.{kind}", q, True),
+                        (f"{attn}k_proj.{kind}", kv, True),
+                        (f"{attn}v_proj.{kind}", kv, False),
+                    ],
+                ),
+                (f"{ours}attn.c_proj.{kind}", [(f"{attn}o_proj.{kind}", c.n_embd, False)]),
+                (
+                    f"{ours}mlp.c_fc.{kind}",
+                    [
+                        (f"{mlp}gate_proj.{kind}", width, False),
+                        (f"{mlp}up_proj.{kind}", width, False),
+                    ],
+                ),
+                (f"{ours}mlp.c_proj.{kind}", [(f"{mlp}down_proj.{kind}", c.n_embd, False)]),
+            ]
+        if c.qk_norm:
+            pairs += [
+                (ours + "attn.q_norm.weight", [(hf + "self_attn.q_norm.weight", hs, True)]),
+                (ours + "attn.k_norm.weight", [(hf + "self_attn.k_norm.weight", hs, True)]),
+            ]
+    return pairs
+
+
+def _llama_from_hf(tensors: dict[str, Tensor], c: GPTConfig, path: Path) -> dict[str, Tensor]:
+    used = {k for k in tensors if k.endswith("rotary_emb.inv_freq")}  # derived, not weights
+    ours: dict[str, Tensor] = {}
+    for name, parts in _llama_pairs(c):
+        missing = [p for p, _, _ in parts if p not in tensors]
+        if missing:
+            raise KeyError(f"{path} lacks {missing} (needed for {name})")
+        used.update(p for p, _, _ in parts)
+        ours[name] = torch.cat(
+            [
+                _rope_rows(tensors[p], c.head_size, False) if rope else tensors[p]
+                for p, _, rope in parts
+            ]
+        )
+    if c.tie_weights:
+        used.add("lm_head.weight")  # some tied checkpoints store the copy anyway
+        ours["lm_head.weight"] = ours["embed.wte.weight"]
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise KeyError(f"{path} holds weights this config has no place for: {unexpected[:5]}")
+    return ours
+
+
+def _llama_to_hf(state_dict: dict[str, Tensor], c: GPTConfig) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, parts in _llama_pairs(c):
+        pieces = state_dict[name].split([rows for _, rows, _ in parts])
+        for (p, _, rope), t in zip(parts, pieces, strict=True):
+            out[p] = _rope_rows(t, c.head_size, True) if rope else t
+    return out

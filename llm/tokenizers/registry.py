@@ -7,6 +7,7 @@ import os
 
 from llm.tokenizers.base import Tokenizer
 from llm.tokenizers.char import CharTokenizer
+from llm.tokenizers.hf import HFTokenizer
 from llm.tokenizers.tiktoken_bpe import TiktokenTokenizer
 from llm.tokenizers.trained_bpe import BPETokenizer
 
@@ -14,6 +15,7 @@ KINDS: dict[str, type[Tokenizer]] = {
     CharTokenizer.kind: CharTokenizer,
     TiktokenTokenizer.kind: TiktokenTokenizer,
     BPETokenizer.kind: BPETokenizer,
+    HFTokenizer.kind: HFTokenizer,
 }
 
 

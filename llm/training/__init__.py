@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm.training.optim import build_optimizer, cosine_schedule, lr_at, param_groups
+from llm.training.optim import build_optimizer, build_scheduler, lr_at, param_groups
 
 __all__ = [
     "AttentionHeatmapCallback",
     "GPTLitModule",
     "SampleTextCallback",
     "build_optimizer",
-    "cosine_schedule",
+    "build_scheduler",
     "lr_at",
     "param_groups",
 ]

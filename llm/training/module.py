@@ -19,7 +19,7 @@ from torch import Tensor
 
 from llm.finetuning.lora import apply_lora
 from llm.model import GPT, GPTConfig
-from llm.training.optim import build_optimizer, cosine_schedule
+from llm.training.optim import build_optimizer, build_scheduler
 
 
 def plain(obj: Any) -> Any:
@@ -235,16 +235,6 @@ class GPTLitModule(L.LightningModule):
         o = self.hparams["optim"]
         if not o:
             raise ValueError("no optimizer settings: pass optim= (conf/optim/*.yaml) to train")
-        opt = build_optimizer(
-            self.model,
-            lr=o["lr"],
-            weight_decay=o["weight_decay"],
-            betas=o["betas"],
-            eps=o["eps"],
-            fused=o.get("fused"),
-        )
-        decay = o.get("decay_steps") or self.trainer.max_steps
-        if decay is None or decay <= 0:
-            decay = max(int(o["warmup_steps"]), 1)
-        sched = cosine_schedule(opt, o["lr"], o["min_lr"], int(o["warmup_steps"]), int(decay))
+        opt = build_optimizer(self.model, o)
+        sched = build_scheduler(opt, o, int(self.trainer.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
