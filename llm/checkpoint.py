@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 KINDS = ("lm", "classifier")
 _HINT = "runs write logs/<train|finetune>/runs/<date>/checkpoints/last.ckpt"
-# GPTConfig fields that fix parameter shapes; dropout and attn_impl may change on resume
-_SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_encoding")
+# GPTConfig fields that may change on resume (they fix no weight and no computation's result)
+_FREE_KEYS = ("dropout", "attn_impl")
 
 
 class CheckpointError(ValueError):
@@ -172,8 +172,8 @@ def check_resumable(path: str | os.PathLike[str], module: GPTLitModule, max_step
     ours = module.hparams["model"]
     diffs = [
         f"model.{k}: checkpoint {hp['model'].get(k)!r}, this run {ours.get(k)!r}"
-        for k in _SHAPE_KEYS
-        if hp["model"].get(k) != ours.get(k)
+        for k in sorted(set(ours) | set(hp["model"]))
+        if k not in _FREE_KEYS and hp["model"].get(k) != ours.get(k)
     ]
     if hp.get("tokenizer") != module.hparams["tokenizer"]:
         theirs, mine = hp.get("tokenizer") or {}, module.hparams["tokenizer"] or {}

@@ -7,13 +7,24 @@ import math
 
 import pytest
 import torch
+from helpers import ROOT
+from omegaconf import OmegaConf
 from torch import nn
 
 from llm.training.optim import build_optimizer, build_scheduler, lr_at, param_groups
 
 LR, MIN_LR, WARMUP, DECAY = 1e-3, 1e-4, 10, 100
-OPTIM = {"lr": LR, "min_lr": MIN_LR, "weight_decay": 0.1, "warmup_steps": WARMUP,
-         "decay_steps": DECAY}  # fmt: skip
+# conf/optim/adamw.yaml (the defaults' one home) with a short schedule
+OPTIM = {
+    **OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "optim" / "adamw.yaml")),  # type: ignore[dict-item]
+    **{
+        "lr": LR,
+        "min_lr": MIN_LR,
+        "weight_decay": 0.1,
+        "warmup_steps": WARMUP,
+        "decay_steps": DECAY,
+    },
+}
 
 
 class _Net(nn.Module):

@@ -48,12 +48,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable 2-D weights inside the transformer blocks (LoRA adapters included): what
-    Muon is for. Embeddings, the LM head (tied or not) and task heads live outside the blocks."""
+    """The trainable 2-D weights inside the transformer blocks: what Muon is for. Embeddings,
+    the LM head (tied or not), task heads and LoRA's low-rank adapters go to AdamW."""
     from llm.model import Block
 
     blocks = [m for m in model.modules() if isinstance(m, Block)]
-    return _trainable(p for b in blocks for p in b.parameters() if p.dim() == 2)
+    return _trainable(
+        p
+        for b in blocks
+        for name, p in b.named_parameters()
+        if p.dim() == 2 and not name.rsplit(".", 1)[-1].startswith("lora_")
+    )
 
 
 def _adamw(groups: list[dict[str, Any]], optim: Mapping[str, Any]) -> torch.optim.AdamW:
@@ -63,10 +68,8 @@ def _adamw(groups: list[dict[str, Any]], optim: Mapping[str, Any]) -> torch.opti
         params = [p for g in groups for p in g["params"]]
         fused = bool(params) and all(p.is_cuda for p in params)
     kwargs: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
-    betas = tuple(optim.get("betas", (0.9, 0.95)))
-    return torch.optim.AdamW(
-        groups, lr=optim["lr"], betas=betas, eps=optim.get("eps", 1e-8), **kwargs
-    )
+    betas = tuple(optim["betas"])
+    return torch.optim.AdamW(groups, lr=optim["lr"], betas=betas, eps=optim["eps"], **kwargs)
 
 
 def newton_schulz(
@@ -169,11 +172,11 @@ class CombinedOptimizer(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, optim: Mapping[str, Any]) -> torch.optim.Optimizer:
     """The optimizer `optim` describes (conf/optim/*.yaml) over `model`'s trainable parameters.
 
-    `name` (default adamw, as for settings saved before it existed): adamw, or muon: Muon (the
-    `muon` settings) on `hidden_matrices`, AdamW on every other parameter; the AdamW groups
-    come first, so param_groups[0] is AdamW's decayed group under either.
+    `name`: adamw, or muon: Muon (the `muon` settings) on `hidden_matrices`, AdamW on every
+    other parameter; the AdamW groups come first, so param_groups[0] is AdamW's decayed group
+    under either.
     """
-    name = optim.get("name", "adamw")
+    name = optim["name"]
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optim.name={name!r}; choose one of {list(OPTIMIZERS)}")
     params = _trainable(model.parameters())
@@ -237,7 +240,7 @@ def build_scheduler(
     groups follow one shape, each from its own peak.
     """
     lr, min_lr, warmup = float(optim["lr"]), float(optim["min_lr"]), int(optim["warmup_steps"])
-    schedule, fraction = optim.get("schedule", "cosine"), float(optim.get("decay_fraction", 0.2))
+    schedule, fraction = optim["schedule"], float(optim["decay_fraction"])
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown optim.schedule={schedule!r}; choose one of {list(SCHEDULES)}")
     if lr <= 0:
