@@ -1,9 +1,9 @@
 """LightningDataModule: corpus + tokenizer -> token cache -> sliding-window train/val loaders.
 
 The cache's shards are read as one token stream: windows may span a shard boundary, so the
-windows (and a run) are the same whatever ``shard_tokens`` is. Under DDP, Lightning hands each
-rank every world_size-th index of the one seeded order; a resumed run continues that order
-exactly, on one process or several.
+windows (and a run) are the same whatever ``shard_tokens`` is. Under DDP, rank r takes
+positions r, r + W, ... of the one seeded order of the train windows (as Lightning's sampler
+wrapper would), and a run resumed mid-epoch continues each rank's share exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from llm.data.cache import (
     DEFAULT_SHARD_TOKENS,
@@ -38,17 +38,13 @@ class ResumableRandomSampler(Sampler[int]):
 
     Lightning calls ``set_epoch`` at the start of every epoch. ``skip`` drops that many leading
     indices of the *next* iteration only (the samples a resumed run has already consumed).
-    With ``wrap`` they move to the end instead: the order keeps its length, as Lightning's
-    DDP wrapper needs (it indexes the whole epoch and gives rank r positions r, r+W, ...; the
-    resumed epoch stops after its remaining batches, before reaching the moved ones).
     """
 
-    def __init__(self, num_samples: int, seed: int = 1337, skip: int = 0, wrap: bool = False):
+    def __init__(self, num_samples: int, seed: int = 1337, skip: int = 0) -> None:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.epoch = 0
         self.skip = max(0, int(skip))
-        self.wrap = bool(wrap)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -63,8 +59,34 @@ class ResumableRandomSampler(Sampler[int]):
         perm = torch.randperm(self.num_samples, generator=g).tolist()
         skip, self.skip = self.skip, 0
         yield from perm[skip:]
-        if self.wrap:
-            yield from perm[:skip]
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """This rank's share of ResumableRandomSampler's order, able to resume mid-epoch.
+
+    Rank r gets positions r, r + W, ... of the order padded to a multiple of W, exactly what
+    Lightning's DistributedSamplerWrapper made of a ResumableRandomSampler (so DDP runs keep
+    their order). Being a DistributedSampler, Lightning uses it as it is; that wrapper could
+    not skip: it indexes the whole epoch. ``skip`` drops that many of this rank's leading
+    indices in the next iteration only; ``len`` stays the full share (Lightning sizes the
+    epoch from it and counts the resumed epoch's batches from its restored progress).
+    """
+
+    def __init__(
+        self, num_samples: int, seed: int, rank: int, world_size: int, skip: int = 0
+    ) -> None:
+        super().__init__(
+            range(int(num_samples)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+        self.skip = max(0, int(skip))
+
+    def __iter__(self) -> Any:
+        order = list(ResumableRandomSampler(len(self.dataset), self.seed + self.epoch))
+        pad = self.total_size - len(order)
+        order += (order * (pad // len(order) + 1))[:pad]  # as DistributedSampler pads
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        skip, self.skip = self.skip, 0
+        return iter(mine[skip:])
 
 
 class SpreadSampler(Sampler[int]):
@@ -201,14 +223,19 @@ class TextDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         sampler: Sampler[int]
         if shuffle:
-            world = self._world_size()
+            world, rank = self._world_size(), self._rank()
             skip, self._resume_samples = self._resume_samples, None
             if skip is None:  # a checkpoint from before samples were counted: this run's sizes
                 skip = self._resume_batches * self.batch_size * world
             self._resume_batches = 0
             if skip >= len(dataset):
                 skip = 0  # the checkpoint ended its epoch: the next one starts from the top
-            sampler = ResumableRandomSampler(len(dataset), self.seed, skip=skip, wrap=world > 1)
+            if world > 1:  # each rank skips its share (all the same: equal batch counts)
+                sampler = ResumableDistributedSampler(
+                    len(dataset), self.seed, rank, world, skip=skip // world
+                )
+            else:
+                sampler = ResumableRandomSampler(len(dataset), self.seed, skip=skip)
         else:
             sampler = SpreadSampler(len(dataset))
         return DataLoader(
@@ -225,6 +252,10 @@ class TextDataModule(L.LightningDataModule):
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
         return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
