@@ -61,11 +61,13 @@ def _not_utf8(path: str | os.PathLike[str], byte: int, offset: int, reason: str)
     )
 
 
-def iter_utf8(path: str | os.PathLike[str], block: int = TEXT_BLOCK) -> Iterator[str]:
-    """Read a UTF-8 file ``block`` bytes at a time (memory stays bounded by the block).
+def iter_utf8(path: str | os.PathLike[str], block: int | None = None) -> Iterator[str]:
+    """Read a UTF-8 file ``block`` bytes (default ``TEXT_BLOCK``) at a time: memory stays
+    bounded by the block whatever the file size.
 
     A bad byte raises the ValueError of :func:`read_utf8`, naming the byte offset in the file.
     """
+    block = block or TEXT_BLOCK
     decoder = codecs.getincrementaldecoder("utf-8")()
     consumed = 0
     with open(path, "rb") as f:
