@@ -79,6 +79,7 @@ def cache_folder(
     tokenizer: Any,
     cache_root: str | os.PathLike[str],
     max_tokens: int | None = None,
+    checksum: str | None = None,
 ) -> Path:
     """Where the cache for this corpus content, tokenizer and token cap lives.
 
@@ -88,7 +89,8 @@ def cache_folder(
     folder of its own, so ids are never read back with another vocabulary.
     """
     cap = f"-max{int(max_tokens)}" if max_tokens else ""
-    folder = Path(cache_root) / f"{corpus.checksum()[:12]}-{tokenizer.identity()}{cap}"
+    checksum = checksum or corpus.checksum()  # one pass over a big corpus is enough
+    folder = Path(cache_root) / f"{checksum[:12]}-{tokenizer.identity()}{cap}"
     if tokenizer.needs_fit:
         return folder
     state = json.loads(json.dumps(tokenizer.to_dict()))  # as tokenizer.json holds it
@@ -175,7 +177,8 @@ def ensure_token_cache(
     it. A folder whose build was killed is resumed; an invalid cache is rebuilt, the reason
     logged.
     """
-    folder = cache_folder(corpus, tokenizer, cache_root, max_tokens)
+    checksum = corpus.checksum()
+    folder = cache_folder(corpus, tokenizer, cache_root, max_tokens, checksum)
     if check_cache(folder) is None:
         log.info("reusing token cache %s", folder)
         return folder, False
@@ -193,7 +196,7 @@ def ensure_token_cache(
             return folder, False
         if (folder / "meta.json").exists():
             log.warning("rebuilding token cache %s: %s", folder, reason)
-        _build(corpus, tokenizer, folder, workers, shard_tokens, max_tokens)
+        _build(corpus, checksum, tokenizer, folder, workers, shard_tokens, max_tokens)
     finally:
         lock.release()
     return folder, True
@@ -227,7 +230,7 @@ def _fitted(corpus: Corpus, tokenizer: Any, folder: Path) -> Any:
     """The tokenizer to encode with: fitted now, or as an interrupted build fitted and saved."""
     from llm.tokenizers import load_tokenizer
 
-    if not any(doc for doc in corpus.iter_documents()):
+    if not any(text for _, text in corpus.iter_blocks()):  # reads up to the first text
         raise ValueError(f"corpus {corpus.name!r} at {corpus.path} is empty: it contains no text")
     if not getattr(tokenizer, "needs_fit", False):
         tokenizer.save(folder / "tokenizer.json")
@@ -245,6 +248,7 @@ def _fitted(corpus: Corpus, tokenizer: Any, folder: Path) -> Any:
 
 def _build(
     corpus: Corpus,
+    checksum: str,
     tokenizer: Any,
     folder: Path,
     workers: int | None,
@@ -264,7 +268,7 @@ def _build(
     encoder = Encoder(tokenizer, vocab, eot, dtype, what)
     key = {
         "version": CACHE_VERSION,
-        "corpus": corpus.checksum(),
+        "corpus": checksum,
         "tokenizer": short_hash(tokenizer.to_dict()),
         "vocab_size": vocab,
         "eot_id": eot,
@@ -287,17 +291,18 @@ def _build(
         "max_tokens": max_tokens,
         "shards": done["shards"],
         "text_bytes": done["text_bytes"],
-        "corpus": {"name": corpus.name, "path": str(corpus.path), "checksum": corpus.checksum()},
+        "corpus": {"name": corpus.name, "path": str(corpus.path), "checksum": checksum},
         "workers": workers,
         "seconds": round(seconds, 3),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(folder / "meta.json", meta)  # last: its presence marks the cache valid
     log.info(
-        "built token cache %s: %d tokens in %d shards, %.1fs",
+        "built token cache %s: %d tokens in %d shards, %.1f MB of text in %.1fs",
         folder,
         done["total"],
         len(done["shards"]),
+        done["text_bytes"] / 1e6,
         seconds,
     )
 

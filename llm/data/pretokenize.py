@@ -312,6 +312,13 @@ def write_shards(
         initial_bytes=text_bytes,
         initial_tokens=total,
     )
+    log.info(
+        "tokenizing %s with %d worker process%s into shards of %d tokens",
+        corpus.name,
+        workers,
+        "es" if workers > 1 else "",
+        shard_tokens,
+    )
     blocks = corpus.iter_blocks(start_doc=pos["doc"])
     specials = list(getattr(encoder.tokenizer, "special_tokens", {}) or {})
     pieces = chunking.iter_pieces(blocks, chunking.CHUNK_CHARS, specials, start_char=pos["char"])
