@@ -273,6 +273,14 @@ def _finished_shards(cache: Path) -> int:
         return 0
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _wait_for_shards(proc: subprocess.Popen[str], cache: Path, n: int) -> None:
     deadline = time.monotonic() + 60
     while _finished_shards(cache) < n:
@@ -293,11 +301,12 @@ def test_killed_build_resumes_to_the_same_bytes(
     proc = _start_build(tmp_path / "docs", cache)
     try:
         _wait_for_shards(proc, cache, 3)
-        if sig == signal.SIGKILL:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)  # the main process only: it stops its workers itself
+        proc.send_signal(sig)  # the main process only: its workers must not outlive it
         _, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while _group_alive(proc.pid):
+            assert time.monotonic() < deadline, "tokenizer workers outlived their build"
+            time.sleep(0.05)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -308,7 +317,8 @@ def test_killed_build_resumes_to_the_same_bytes(
     first = (folder / "shard-000000.bin").stat().st_mtime_ns
     if sig == signal.SIGTERM:
         assert proc.returncode == 130, err
-        assert "interrupted by SIGTERM" in err and f"{kept} finished shards kept" in err
+        assert "interrupted by SIGTERM" in err, err
+        assert f"{kept} finished shards kept" in err, err
         assert "run the same command again to resume" in err
         assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files
 

@@ -99,11 +99,25 @@ class Encoder:
 _ENCODER: Encoder | None = None
 
 
-def _init_worker(encoder: Encoder) -> None:
+def _init_worker(encoder: Encoder, parent: int) -> None:
     # Ctrl-C reaches the whole process group: the main process stops the workers itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
     global _ENCODER
     _ENCODER = encoder
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker whose main process was killed (SIGKILL, out of memory) would wait for tasks
+    forever: on Linux the kernel kills it with its parent instead."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
 
 
 def _encode_in_worker(items: list[tuple[bool, str]]) -> tuple[np.ndarray, int]:
@@ -134,7 +148,7 @@ def encoded(
         max_workers=workers,
         mp_context=_mp_context(),
         initializer=_init_worker,
-        initargs=(encoder,),
+        initargs=(encoder, os.getpid()),
     )
 
     def results() -> Iterator[tuple[chunking.Task, np.ndarray, int]]:
@@ -216,8 +230,13 @@ def _signals_raise() -> Iterator[None]:
         yield
         return
 
+    raised = False
+
     def handler(signum: int, frame: Any) -> None:
-        raise BuildInterrupted(signal.Signals(signum).name)
+        nonlocal raised
+        if not raised:  # a second Ctrl-C must not break off the cleanup of the first
+            raised = True
+            raise BuildInterrupted(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -358,13 +377,22 @@ def write_shards(
         save()
     except BuildInterrupted as e:
         raise BuildInterrupted(
-            f"token cache build interrupted by {e}: {len(shards)} finished shards kept in "
+            f"token cache build interrupted by {e}: {_recorded(folder)} finished shards kept in "
             f"{folder}, no temp files left; run the same command again to resume"
         ) from None
     finally:
         writer.abort()
         progress.close()
     return _summary(shards, total, text_bytes, resumed_from)
+
+
+def _recorded(folder: Path) -> int:
+    """Shards progress.json lists: those a resumed build keeps (a signal may have come between
+    a shard's rename and its record)."""
+    try:
+        return len(json.loads((folder / PROGRESS).read_text(encoding="utf-8"))["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _summary(
