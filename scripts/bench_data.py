@@ -104,7 +104,7 @@ def build_once(corpus: str, cache: str, workers: int, tokenizer: str, shard_toke
 
 
 def bench_pretokenize(args: argparse.Namespace) -> None:
-    from llm.data.pretokenize import default_workers
+    from llm.data.encoding import default_workers
 
     counts = [default_workers() if w == "all" else int(w) for w in args.workers]
     with tempfile.TemporaryDirectory() as tmp:

@@ -319,8 +319,9 @@ def test_damaged_cache_is_rebuilt(
         _edit_meta(folder, lambda m: m["shards"][0].update(tokens=1999))
     elif damage == "tokenizer_vs_meta":
         _edit_meta(folder, lambda m: m.update(eot_id=0))
-    else:
+    else:  # a cache of version 1: train.bin and val.bin, which the rebuild removes
         _edit_meta(folder, lambda m: m.update(version=1))
+        (folder / "train.bin").write_bytes(b"\0\0")
     with pytest.raises(ValueError, match="not usable"):
         load_token_cache(folder)
     with caplog.at_level("WARNING"):
@@ -331,6 +332,7 @@ def test_damaged_cache_is_rebuilt(
     assert [f.read_bytes() for f in sorted(folder.glob("shard-*.bin"))] == good
     assert load_token_cache(folder)[2]["total"] == 5145
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no tmp files left
+    assert not (folder / "train.bin").exists()
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tiny shakespeare not available")

@@ -13,7 +13,8 @@ from llm.data.cache import (
     token_dtype,
 )
 from llm.data.corpus import Corpus, HFDataset, TextFiles, TinyShakespeare, read_utf8
-from llm.data.pretokenize import BuildInterrupted, TokenIdError
+from llm.data.encoding import TokenIdError
+from llm.data.pretokenize import BuildInterrupted
 from llm.data.shards import TokenShards
 
 __all__ = [

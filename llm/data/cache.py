@@ -28,14 +28,8 @@ from filelock import FileLock, Timeout
 from llm.data import chunking
 from llm.data.chunking import CHUNK_CHARS, split_text
 from llm.data.corpus import Corpus
-from llm.data.pretokenize import (
-    BuildInterrupted,
-    Encoder,
-    TokenIdError,
-    default_workers,
-    remove_temp_files,
-    write_shards,
-)
+from llm.data.encoding import Encoder, TokenIdError, default_workers
+from llm.data.pretokenize import BuildInterrupted, remove_temp_files, write_shards
 from llm.data.shards import TokenShards
 from llm.io import atomic_write_json
 from llm.tokenizers.base import Tokenizer, short_hash
@@ -258,6 +252,9 @@ def _build(
     t0 = time.perf_counter()
     with contextlib.suppress(FileNotFoundError):
         (folder / "meta.json").unlink()  # invalid from now on, whatever happens next
+    for old in ("train.bin", "val.bin"):  # a version-1 cache's split files
+        with contextlib.suppress(FileNotFoundError):
+            (folder / old).unlink()
     removed = remove_temp_files(folder)
     if removed:
         log.info("removed the temp files of an interrupted build: %s", ", ".join(removed))

@@ -1,10 +1,9 @@
 """Encode a corpus with worker processes into token shards: bounded memory, resumable.
 
 The main process reads the corpus, cuts it into pieces (:mod:`llm.data.chunking`) and groups
-them into tasks of ~1 MB; ``workers`` processes encode the tasks and the main process writes
-their ids in task order, so the stream is exactly a single-process encoding whatever the
-number of workers. At most ``2 * workers`` tasks are in flight: memory stays at a few MB per
-worker whatever the corpus size.
+them into tasks of ~1 MB; ``workers`` processes encode the tasks (:mod:`llm.data.encoding`)
+and the main process writes their ids in task order, so the stream is exactly a
+single-process encoding whatever the number of workers, in bounded memory.
 
 The stream is written as ``shard-000000.bin``, ``shard-000001.bin``, ... of ``shard_tokens``
 ids each (the last one shorter), each written to a temporary file and renamed when full.
@@ -19,16 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import signal
-import sys
 import threading
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +29,7 @@ import numpy as np
 
 from llm.data import chunking
 from llm.data.corpus import Corpus
+from llm.data.encoding import Encoder, default_workers, encoded
 from llm.data.progress import BuildProgress
 from llm.io import atomic_write_json, temp_file_beside
 
@@ -49,133 +43,8 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.bin"
 
 
-def default_workers() -> int:
-    """All the cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-class TokenIdError(ValueError):
-    """A tokenizer made an id its vocabulary does not have (the model would index past it)."""
-
-
 class BuildInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped a build: workers stopped, temp files removed, shards kept."""
-
-
-@dataclass
-class Encoder:
-    """Encodes a task's items into one id array of ``dtype``, checking every id is < vocab."""
-
-    tokenizer: Any
-    vocab_size: int
-    eot_id: int | None
-    dtype: np.dtype
-    what: str  # "tokenizer X on corpus Y", for error messages
-
-    def __call__(self, items: list[tuple[bool, str]]) -> tuple[np.ndarray, int]:
-        parts: list[np.ndarray] = []
-        nbytes = 0
-        for eot_first, text in items:
-            if eot_first and self.eot_id is not None:
-                parts.append(np.array([self.eot_id], dtype=np.int64))
-            if text:
-                parts.append(np.asarray(self.tokenizer.encode_to_array(text)))
-                nbytes += len(text) if text.isascii() else len(text.encode("utf-8"))
-        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        if ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.vocab_size:
-                bad = hi if hi >= self.vocab_size else lo
-                raise TokenIdError(
-                    f"{self.what} made token id {bad}, outside its vocab_size "
-                    f"{self.vocab_size}: the tokenizer is broken or its vocab_size is wrong; "
-                    f"no cache was written with it"
-                )
-        return ids.astype(self.dtype, copy=False), nbytes
-
-
-_ENCODER: Encoder | None = None
-
-
-def _init_worker(encoder: Encoder, parent: int) -> None:
-    # Ctrl-C reaches the whole process group: the main process stops the workers itself
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent)
-    global _ENCODER
-    _ENCODER = encoder
-
-
-def _die_with_parent(parent: int) -> None:
-    """A worker whose main process was killed (SIGKILL, out of memory) would wait for tasks
-    forever: on Linux the kernel kills it with its parent instead."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl
-        os._exit(1)
-
-
-def _encode_in_worker(items: list[tuple[bool, str]]) -> tuple[np.ndarray, int]:
-    assert _ENCODER is not None
-    return _ENCODER(items)
-
-
-def _mp_context() -> Any:
-    # fork: workers start in milliseconds and do not re-import the caller (llm.train imports
-    # torch); macOS and Windows get spawn
-    if sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
-
-
-@contextlib.contextmanager
-def encoded(
-    encoder: Encoder, tasks: Iterable[chunking.Task], workers: int
-) -> Iterator[Iterator[tuple[chunking.Task, np.ndarray, int]]]:
-    """``(task, ids, text bytes)`` in task order, encoded by ``workers`` processes (1: here).
-
-    Leaving the context stops the workers (pending tasks cancelled), however it is left.
-    """
-    if workers <= 1:
-        yield ((t, *encoder(t.items)) for t in tasks)
-        return
-    pool = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=_mp_context(),
-        initializer=_init_worker,
-        initargs=(encoder, os.getpid()),
-    )
-
-    def results() -> Iterator[tuple[chunking.Task, np.ndarray, int]]:
-        pending: deque[Any] = deque()
-        for task in tasks:
-            pending.append((task, pool.submit(_encode_in_worker, task.items)))
-            task.items = []  # the worker has its copy: hold only the in-flight ones
-            while len(pending) >= 2 * workers:
-                yield _result(*pending.popleft())
-        while pending:
-            yield _result(*pending.popleft())
-
-    try:
-        yield results()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _result(task: chunking.Task, future: Any) -> tuple[chunking.Task, np.ndarray, int]:
-    try:
-        ids, nbytes = future.result()
-    except BrokenProcessPool as e:
-        raise RuntimeError(
-            "a tokenizer worker process died (killed, or out of memory?); finished shards are "
-            "kept: run again to resume"
-        ) from e
-    return task, ids, nbytes
 
 
 class ShardWriter:
