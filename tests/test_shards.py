@@ -408,6 +408,9 @@ def test_progress_logs_plain_lines_off_a_terminal(caplog) -> None:
     capped = BuildProgress("t", max_tokens=1_000_000, stream=out, every=0)
     capped.update(2_000_000, 500_000)
     assert "of 4.00MB (50.0%)" in capped.line() and "500k/1.00M tokens" in capped.line()
+    both = BuildProgress("t", total_bytes=3_000_000, max_tokens=1_000_000, stream=out, every=0)
+    both.update(2_000_000, 500_000)  # the corpus ends before the cap
+    assert "of 3.00MB (66.7%)" in both.line()
 
 
 def test_progress_draws_a_bar_on_a_terminal() -> None:

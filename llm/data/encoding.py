@@ -1,8 +1,8 @@
 """Encode tasks of text in worker processes, in order, with every id checked against the vocab.
 
-At most ``2 * workers`` tasks are in flight, so the main process holds a few MB of text
-whatever the corpus size; results come back in task order, so the ids are exactly those of a
-single process whatever the number of workers.
+At most ``2 * workers`` tasks are in flight, so the main process holds about 2 MB of text per
+worker whatever the corpus size; results come back in task order, so the ids are exactly
+those of a single process whatever the number of workers.
 """
 
 from __future__ import annotations

@@ -193,19 +193,19 @@ def write_shards(
     def save() -> None:
         atomic_write_json(folder / PROGRESS, {**state, "text_bytes": text_bytes}, indent=None)
 
-    progress = BuildProgress(
-        f"tokenizing {corpus.name}",
-        total_bytes=corpus.size_bytes() if max_tokens is None else None,
-        max_tokens=max_tokens,
-        initial_bytes=text_bytes,
-        initial_tokens=total,
-    )
     log.info(
         "tokenizing %s with %d worker process%s into shards of %d tokens",
         corpus.name,
         workers,
         "es" if workers > 1 else "",
         shard_tokens,
+    )
+    progress = BuildProgress(
+        f"tokenizing {corpus.name}",
+        total_bytes=corpus.size_bytes(),
+        max_tokens=max_tokens,
+        initial_bytes=text_bytes,
+        initial_tokens=total,
     )
     blocks = corpus.iter_blocks(start_doc=pos["doc"])
     specials = list(getattr(encoder.tokenizer, "special_tokens", {}) or {})

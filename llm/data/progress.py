@@ -27,8 +27,9 @@ def _count(n: float) -> str:
 class BuildProgress:
     """Counts text bytes and tokens done; the total comes from the corpus size or ``max_tokens``.
 
-    Without a byte total, ``max_tokens`` still gives an ETA (bytes per token so far); without
-    either, only rates are shown. ``initial_*`` are what a resumed build had already done.
+    ``max_tokens`` gives an ETA too (bytes per token so far), also where the corpus size is not
+    known (a stream); without either, only rates are shown. ``initial_*`` are what a resumed
+    build had already done.
     """
 
     def __init__(
@@ -66,11 +67,12 @@ class BuildProgress:
             self._bar.set_postfix_str(self._tokens_text(), refresh=False)
 
     def _total(self) -> int | None:
-        if self.total_bytes is not None:
-            return self.total_bytes
-        if self.max_tokens and self.tokens:
-            return max(self.bytes, int(self.bytes * self.max_tokens / self.tokens))
-        return None
+        capped = None
+        if self.max_tokens and self.tokens:  # the bytes the cap will take, at the rate so far
+            capped = max(self.bytes, int(self.bytes * self.max_tokens / self.tokens))
+        if self.total_bytes is None:
+            return capped
+        return self.total_bytes if capped is None else min(self.total_bytes, capped)
 
     def _tokens_text(self) -> str:
         cap = f"/{_count(self.max_tokens)}" if self.max_tokens else ""
