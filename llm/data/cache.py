@@ -29,7 +29,13 @@ from llm.data import chunking
 from llm.data.chunking import CHUNK_CHARS, split_text
 from llm.data.corpus import Corpus
 from llm.data.encoding import Encoder, TokenIdError, default_workers
-from llm.data.pretokenize import BuildInterrupted, remove_temp_files, write_shards
+from llm.data.pretokenize import (
+    BuildInterrupted,
+    recorded_shards,
+    remove_temp_files,
+    signals_raise,
+    write_shards,
+)
 from llm.data.shards import TokenShards
 from llm.io import atomic_write_json
 from llm.tokenizers.base import Tokenizer, short_hash
@@ -169,7 +175,8 @@ def ensure_token_cache(
 
     One process builds a given cache at a time (a file lock): another one waits, then reuses
     it. A folder whose build was killed is resumed; an invalid cache is rebuilt, the reason
-    logged.
+    logged. SIGINT or SIGTERM during the build raises :class:`BuildInterrupted` (a
+    KeyboardInterrupt) whose message says what was kept, once workers and temp files are gone.
     """
     checksum = corpus.checksum()
     folder = cache_folder(corpus, tokenizer, cache_root, max_tokens, checksum)
@@ -190,7 +197,13 @@ def ensure_token_cache(
             return folder, False
         if (folder / "meta.json").exists():
             log.warning("rebuilding token cache %s: %s", folder, reason)
-        _build(corpus, checksum, tokenizer, folder, workers, shard_tokens, max_tokens)
+        with signals_raise():
+            _build(corpus, checksum, tokenizer, folder, workers, shard_tokens, max_tokens)
+    except BuildInterrupted as e:
+        raise BuildInterrupted(
+            f"token cache build interrupted by {e}: {recorded_shards(folder)} finished shards "
+            f"kept in {folder}, no temp files left; run the same command again to resume"
+        ) from None
     finally:
         lock.release()
     return folder, True

@@ -93,7 +93,7 @@ class ShardWriter:
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     """SIGINT and SIGTERM raise BuildInterrupted here (main thread only), so cleanup runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -169,7 +169,8 @@ def write_shards(
 
     ``key`` holds whatever decides the ids (tokenizer, corpus checksum, shard size, cap): a
     partial build made with another key is discarded. Returns ``{"shards", "total",
-    "text_bytes", "resumed_from"}``. Raises :class:`BuildInterrupted` on SIGINT/SIGTERM.
+    "text_bytes", "resumed_from"}``. However it ends, no temp file is left and the workers are
+    stopped (wrap it in :func:`signals_raise` for SIGTERM to end it that way too).
     """
     if shard_tokens <= 0:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens}")
@@ -213,7 +214,7 @@ def write_shards(
     tasks = chunking.iter_tasks(pieces, chunking.TASK_CHARS, first_index=pos["task"])
     skip = pos["skip"]
     try:
-        with _signals_raise(), encoded(encoder, tasks, workers) as results:
+        with encoded(encoder, tasks, workers) as results:
             for task, ids, nbytes in results:
                 off, skip = skip, 0
                 end = len(ids) if max_tokens is None else min(len(ids), off + max_tokens - total)
@@ -244,18 +245,13 @@ def write_shards(
             raise ValueError(f"corpus {corpus.name!r} at {corpus.path} gave no tokens")
         state["finished"] = True
         save()
-    except BuildInterrupted as e:
-        raise BuildInterrupted(
-            f"token cache build interrupted by {e}: {_recorded(folder)} finished shards kept in "
-            f"{folder}, no temp files left; run the same command again to resume"
-        ) from None
     finally:
         writer.abort()
         progress.close()
     return _summary(shards, total, text_bytes, resumed_from)
 
 
-def _recorded(folder: Path) -> int:
+def recorded_shards(folder: Path) -> int:
     """Shards progress.json lists: those a resumed build keeps (a signal may have come between
     a shard's rename and its record)."""
     try:
