@@ -153,31 +153,35 @@ def test_shards_are_read_as_one_stream(tmp_path: Path, small_tasks: None) -> Non
 
     _write_docs(tmp_path / "docs")
     corpus = TextFiles(tmp_path / "docs")
-    folder = build_token_cache(corpus, CharTokenizer(), tmp_path / "c", shard_tokens=100)
+    folder = build_token_cache(corpus, CharTokenizer(), tmp_path / "c", shard_tokens=1000)
     meta = json.loads((folder / "meta.json").read_text())
     counts = [s["tokens"] for s in meta["shards"]]
-    assert set(counts[:-1]) == {100} and 0 < counts[-1] <= 100 and sum(counts) == meta["total"]
+    assert set(counts[:-1]) == {1000} and 0 < counts[-1] <= 1000 and sum(counts) == meta["total"]
     files = [folder / s["file"] for s in meta["shards"]]
     assert [f.stat().st_size for f in files] == [2 * c for c in counts]  # uint16
     flat = np.concatenate([np.fromfile(f, dtype=np.uint16) for f in files])
     stream = TokenShards(files, counts, "uint16")
     n = len(flat)
-    for a, b in [(0, 100), (95, 105), (50, 350), (199, 200), (0, n), (n - 3, n + 5), (7, 7)]:
+    for a, b in [(0, 1000), (995, 1005), (500, 3500), (1999, 2000), (0, n), (n - 3, n + 5), (7, 7)]:
         assert np.array_equal(stream[a:b], flat[a:b])
-    assert stream[-1] == flat[-1] and stream[150] == flat[150]
+    assert stream[-1] == flat[-1] and stream[1500] == flat[1500]
     with pytest.raises(IndexError):
         stream[n]
-    view = stream.view(150, 420)
-    assert len(view) == 270 and np.array_equal(view[10:30], flat[160:180])
-    assert np.array_equal(np.asarray(pickle.loads(pickle.dumps(view))), flat[150:420])
+    view = stream.view(1500, 4200)
+    assert len(view) == 2700 and np.array_equal(view[490:530], flat[1990:2030])
+    assert np.array_equal(np.asarray(pickle.loads(pickle.dumps(view))), flat[1500:4200])
 
-    # windows span shard boundaries: the datasets are those of a one-shard cache
+    # windows span shard boundaries: the splits are those of a one-shard cache
     whole = build_token_cache(corpus, CharTokenizer(), tmp_path / "w", shard_tokens=10**9)
     for a, b in zip(load_token_cache(folder)[:2], load_token_cache(whole)[:2], strict=True):
-        da, db = SlidingWindowDataset(a, 16, 7), SlidingWindowDataset(b, 16, 7)
-        assert len(da) == len(db)
-        for i in range(0, len(da), 5):
-            assert all(np.array_equal(x, y) for x, y in zip(da[i], db[i], strict=True))
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    ds = SlidingWindowDataset(load_token_cache(folder)[0], 16, 7)
+    crossing = [i for i in range(len(ds)) if (7 * i) // 1000 != (7 * i + 16) // 1000]
+    assert len(crossing) > 10
+    for i in crossing:
+        x, y = ds[i]
+        assert x.tolist() == flat[7 * i : 7 * i + 16].tolist()
+        assert y.tolist() == flat[7 * i + 1 : 7 * i + 17].tolist()
 
 
 def test_max_tokens_caps_the_stream(tmp_path: Path, small_tasks: None) -> None:
