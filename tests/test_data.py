@@ -213,28 +213,33 @@ def test_split_text_keeps_gpt2_ids(gpt2: TiktokenTokenizer) -> None:
 
 def test_cache_verdict_gpt2(verdict: Path, tmp_path: Path, gpt2: TiktokenTokenizer) -> None:
     corpus = TextFiles(verdict)
-    folder, built = ensure_token_cache(corpus, gpt2, tmp_path / "cache", val_fraction=0.1)
+    folder, built = ensure_token_cache(corpus, gpt2, tmp_path / "cache", shard_tokens=2000)
     assert built and folder.name.startswith(corpus.checksum()[:12])
     assert folder.name.endswith(gpt2.identity())
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["total"] == 5145 and meta["dtype"] == "uint16" and meta["vocab_size"] == 50257
-    assert meta["tokens"] == {"train": int(5145 * 0.9), "val": 5145 - int(5145 * 0.9)}
-    assert meta["corpus"]["checksum"] == corpus.checksum() and meta["val_fraction"] == 0.1
-    train, val, meta2, tok = load_token_cache(folder)
+    assert [s["tokens"] for s in meta["shards"]] == [2000, 2000, 1145]
+    assert meta["corpus"]["checksum"] == corpus.checksum() and meta["shard_tokens"] == 2000
+    train, val, meta2, tok = load_token_cache(folder, val_fraction=0.1)
     assert meta2 == meta and train.dtype == np.uint16
+    assert (len(train), len(val)) == (int(5145 * 0.9), 5145 - int(5145 * 0.9))
     stream = gpt2.encode(verdict.read_text(encoding="utf-8"))
     assert train.tolist() + val.tolist() == stream  # val is the tail of the stream
     assert tok.decode(val.tolist()) == gpt2.decode(stream[len(train) :])
     assert sorted(p.name for p in folder.iterdir()) == [
+        "build.lock",
         "meta.json",
+        "progress.json",
+        "shard-000000.bin",
+        "shard-000001.bin",
+        "shard-000002.bin",
         "tokenizer.json",
-        "train.bin",
-        "val.bin",
     ]
-    # second run: reused, nothing rewritten
-    mtime = (folder / "train.bin").stat().st_mtime_ns
+    # second run: reused, nothing rewritten; val_fraction is taken at load time
+    mtime = (folder / "shard-000000.bin").stat().st_mtime_ns
     assert ensure_token_cache(corpus, gpt2, tmp_path / "cache") == (folder, False)
-    assert (folder / "train.bin").stat().st_mtime_ns == mtime
+    assert (folder / "shard-000000.bin").stat().st_mtime_ns == mtime
+    assert len(load_token_cache(folder, val_fraction=0.5)[1]) == 5145 - int(5145 * 0.5)
     # a changed corpus gets a new folder
     verdict.write_text(verdict.read_text(encoding="utf-8") + "\nThe end.", encoding="utf-8")
     folder2 = build_token_cache(TextFiles(verdict), gpt2, tmp_path / "cache")
@@ -247,40 +252,75 @@ def test_cache_char_tokenizer_fitted_and_eot_between_docs(tmp_path: Path) -> Non
     (tmp_path / "docs" / "2.txt").write_text("cab", encoding="utf-8")
     tok = CharTokenizer()
     identity = tok.identity()
-    folder = build_token_cache(TextFiles(tmp_path / "docs"), tok, tmp_path / "cache", 0.25)
+    folder = build_token_cache(TextFiles(tmp_path / "docs"), tok, tmp_path / "cache")
     assert folder.name.endswith(identity)  # named by the config, fixed before fitting
-    train, val, meta, fitted = load_token_cache(folder)
+    train, val, meta, fitted = load_token_cache(folder, 0.25)
     assert fitted.eot_id is not None and meta["vocab_size"] == fitted.vocab_size
     ids = train.tolist() + val.tolist()
     assert len(ids) == 8 and ids[4] == fitted.eot_id  # "abc\n" <eot> "cab"
     assert fitted.decode(ids[:4]) == "abc\n" and fitted.decode(ids[5:]) == "cab"
-    assert meta["tokens"] == {"train": 6, "val": 2}
+    assert (len(train), len(val), meta["total"]) == (6, 2, 8)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete_val", "bad_meta", "bad_tokenizer"])
+def _edit_meta(folder: Path, edit) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    edit(meta)
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+# each way the data and meta.json can disagree, and the reason logged for it
+DAMAGE = {
+    "truncate": "shard-000001.bin has 1000 bytes",  # as a run killed while writing
+    "delete_shard": "missing shard-000002.bin",
+    "bad_meta": "bad meta.json",
+    "bad_tokenizer": "bad tokenizer.json",
+    "dtype": "dtype uint32 is not the one for vocab_size 50257",
+    "total": "the shards hold 5145 tokens, meta.json's total is 5000",
+    "shard_count": "shard-000000.bin has 4000 bytes, meta.json says 1999 x 2",
+    "tokenizer_vs_meta": "disagrees with meta.json",
+    "old_version": "cache version 1 != 2",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_cache_is_rebuilt(
     damage: str, verdict: Path, tmp_path: Path, gpt2: TiktokenTokenizer, caplog
 ) -> None:
     corpus = TextFiles(verdict)
-    folder = build_token_cache(corpus, gpt2, tmp_path / "cache")
-    good = (folder / "train.bin").read_bytes(), (folder / "val.bin").read_bytes()
-    if damage == "truncate":  # as a run killed while writing would leave it
-        with open(folder / "train.bin", "r+b") as f:
+    folder = build_token_cache(corpus, gpt2, tmp_path / "cache", shard_tokens=2000)
+    shards = sorted(folder.glob("shard-*.bin"))
+    good = [f.read_bytes() for f in shards]
+    if damage == "truncate":
+        with open(folder / "shard-000001.bin", "r+b") as f:
             f.truncate(1000)
-    elif damage == "delete_val":
-        (folder / "val.bin").unlink()
+    elif damage == "delete_shard":
+        (folder / "shard-000002.bin").unlink()
     elif damage == "bad_meta":
         (folder / "meta.json").write_text("{not json", encoding="utf-8")
-    else:
+    elif damage == "bad_tokenizer":
         (folder / "tokenizer.json").write_text("", encoding="utf-8")
+    elif damage == "dtype":
+        _edit_meta(folder, lambda m: m.update(dtype="uint32"))
+    elif damage == "total":
+        _edit_meta(folder, lambda m: m.update(total=5000))
+    elif damage == "shard_count":
+        _edit_meta(folder, lambda m: m["shards"][0].update(tokens=1999))
+    elif damage == "tokenizer_vs_meta":
+        _edit_meta(folder, lambda m: m.update(eot_id=0))
+    else:  # a cache of version 1: train.bin and val.bin, which the rebuild removes
+        _edit_meta(folder, lambda m: m.update(version=1))
+        (folder / "train.bin").write_bytes(b"\0\0")
     with pytest.raises(ValueError, match="not usable"):
         load_token_cache(folder)
     with caplog.at_level("WARNING"):
-        again, built = ensure_token_cache(corpus, gpt2, tmp_path / "cache")
-    assert built and again == folder and "rebuilding" in caplog.text
-    assert ((folder / "train.bin").read_bytes(), (folder / "val.bin").read_bytes()) == good
+        again, built = ensure_token_cache(corpus, gpt2, tmp_path / "cache", shard_tokens=2000)
+    assert built and again == folder
+    assert f"rebuilding token cache {folder}: " in caplog.text
+    assert DAMAGE[damage] in caplog.text
+    assert [f.read_bytes() for f in sorted(folder.glob("shard-*.bin"))] == good
     assert load_token_cache(folder)[2]["total"] == 5145
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no tmp files left
+    assert not (folder / "train.bin").exists()
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tiny shakespeare not available")
@@ -431,17 +471,18 @@ def test_prepare_cli_builds_reuses_and_repairs(tmp_path: Path) -> None:
     r = _prepare(*args)
     assert r.returncode == 0, r.stderr
     assert "token cache built" in r.stdout and "338,025 tokens" in r.stdout
-    assert "uint16" in r.stdout and "train.bin" in r.stdout
+    assert "uint16" in r.stdout and "1 (shard-*.bin)" in r.stdout
     (folder,) = (data_dir / "cache").iterdir()
-    good = (folder / "train.bin").read_bytes()
+    good = (folder / "shard-000000.bin").read_bytes()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("prepare", overrides=list(args))
     stats = prepare(cfg)  # in-process: a second run reuses the cache
     assert stats["status"] == "reused" and stats["total_tokens"] == 338_025
     assert stats["train_tokens"] == int(338_025 * 0.9)
-    with open(folder / "train.bin", "r+b") as f:  # a killed run
+    with open(folder / "shard-000000.bin", "r+b") as f:  # damaged
         f.truncate(len(good) // 3)
     r = _prepare(*args)
     assert r.returncode == 0 and "token cache built" in r.stdout, r.stderr
-    assert (folder / "train.bin").read_bytes() == good
+    assert "rebuilding token cache" in r.stderr and "shard-000000.bin has" in r.stderr
+    assert (folder / "shard-000000.bin").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written elsewhere

@@ -10,7 +10,7 @@ import torch
 from helpers import ENV, ROOT, compose, tiny_overrides, write_corpus
 from omegaconf import DictConfig
 
-from llm.data.datamodule import ResumableRandomSampler
+from llm.data.datamodule import ResumableDistributedSampler, ResumableRandomSampler
 
 
 def test_resumable_sampler_is_seeded_per_epoch_and_skips() -> None:
@@ -22,6 +22,35 @@ def test_resumable_sampler_is_seeded_per_epoch_and_skips() -> None:
     resumed = ResumableRandomSampler(20, seed=3, skip=8)
     assert len(resumed) == 20 and list(resumed) == first[8:]
     assert list(resumed) == first  # the skip applies to the first iteration only
+
+
+@pytest.mark.parametrize(("n", "world", "batch"), [(103, 2, 4), (100, 4, 3), (13, 2, 3), (9, 3, 5)])
+def test_ddp_ranks_share_one_order_and_resume_exactly(n: int, world: int, batch: int) -> None:
+    """Each rank's windows are Lightning's wrapper's; after k batches a resumed run goes on
+    with the same batches, to the same end of the epoch."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    def batches(sampler: object) -> list[list[int]]:
+        order = list(sampler)
+        return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+    shares = []
+    for rank in range(world):
+        ours = ResumableDistributedSampler(n, 3, rank, world)
+        ours.set_epoch(2)
+        wrapped = DistributedSamplerWrapper(
+            ResumableRandomSampler(n, seed=3), num_replicas=world, rank=rank, shuffle=False
+        )
+        wrapped.set_epoch(2)
+        straight = batches(ours)
+        assert straight == batches(wrapped) and len(ours) == len(wrapped)
+        shares += [i for b in straight for i in b]
+        for k in range(len(straight)):
+            resumed = ResumableDistributedSampler(n, 3, rank, world, skip=k * batch)
+            resumed.set_epoch(2)
+            assert batches(resumed) == straight[k:] and len(resumed) == len(ours)
+            assert batches(resumed) == straight  # the skip applies to one iteration only
+    assert set(shares) == set(range(n))  # every window, on some rank
 
 
 def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
@@ -63,6 +92,26 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, batch: int, dropout: f
     resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, *opts, f"ckpt_path={last}"))
 
     assert resumed["trainer"].global_step == straight["trainer"].global_step == 8
+    a = float(straight["trainer"].callback_metrics["val/loss"])
+    b = float(resumed["trainer"].callback_metrics["val/loss"])
+    assert abs(a - b) < 1e-6, (a, b)
+    sa, sb = straight["module"].state_dict(), resumed["module"].state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_resume_across_shards_matches_uninterrupted_run(tmp_path: Path) -> None:
+    """A cache of 64-token shards: windows span shard boundaries, resume is still exact."""
+    from llm.train import train
+
+    opts = ("data.batch_size=4", "data.shard_tokens=64")
+    straight = train(_cfg(tmp_path, tmp_path / "straight", 8, *opts))
+    assert len(straight["trainer"].datamodule.meta["shards"]) > 100
+    first = train(_cfg(tmp_path, tmp_path / "first", 4, *opts))
+    last = first["last_model_path"]
+    resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, *opts, f"ckpt_path={last}"))
+    assert resumed["trainer"].global_step == 8
     a = float(straight["trainer"].callback_metrics["val/loss"])
     b = float(resumed["trainer"].callback_metrics["val/loss"])
     assert abs(a - b) < 1e-6, (a, b)

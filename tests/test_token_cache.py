@@ -64,13 +64,13 @@ def test_split_text_never_cuts_inside_a_special_token() -> None:
 
 
 def test_special_token_survives_a_chunk_boundary(tmp_path: Path, monkeypatch) -> None:
-    import llm.data.cache as cache_mod
+    from llm.data import chunking
 
     special = "<|user turn|>"
-    monkeypatch.setattr(cache_mod, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(chunking, "CHUNK_CHARS", 64)
     text = "ab " * 18 + special + " cd" * 20
     tok = CharTokenizer(special_tokens=["<|endoftext|>", special])
-    folder, _ = ensure_token_cache(_corpus(tmp_path / "c", text), tok, tmp_path / "cache", 0.1)
+    folder, _ = ensure_token_cache(_corpus(tmp_path / "c", text), tok, tmp_path / "cache")
     train, val, _, fitted = load_token_cache(folder)
     assert np.concatenate([train, val]).tolist() == fitted.encode(text)
     assert fitted.special_tokens[special] in train.tolist()
@@ -96,4 +96,5 @@ def test_cache_files_get_the_users_default_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
-    assert modes == dict.fromkeys(["train.bin", "val.bin", "tokenizer.json", "meta.json"], 0o644)
+    files = ["shard-000000.bin", "tokenizer.json", "progress.json", "meta.json", "build.lock"]
+    assert modes == dict.fromkeys(files, 0o644)

@@ -171,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(verb.module)
         result = run_verb(module.main, rest, verb.free_text)
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a message says what was kept and how to resume
+        print(str(e) or "Interrupted.", file=sys.stderr)
         return 130
     except Exception as e:
         if debug():

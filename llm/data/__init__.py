@@ -1,4 +1,4 @@
-"""Data layer: corpora -> token cache (flat binary ids) -> sliding-window datasets -> DataModule."""
+"""Data layer: corpora -> token cache (shards of ids) -> sliding-window datasets -> DataModule."""
 
 from typing import Any
 
@@ -8,24 +8,32 @@ from llm.data.cache import (
     check_cache,
     ensure_token_cache,
     load_token_cache,
+    split_counts,
     split_text,
     token_dtype,
 )
 from llm.data.corpus import Corpus, HFDataset, TextFiles, TinyShakespeare, read_utf8
+from llm.data.encoding import TokenIdError
+from llm.data.pretokenize import BuildInterrupted
+from llm.data.shards import TokenShards
 
 __all__ = [
+    "BuildInterrupted",
     "Corpus",
     "HFDataset",
     "SlidingWindowDataset",
     "TextDataModule",
     "TextFiles",
     "TinyShakespeare",
+    "TokenIdError",
+    "TokenShards",
     "build_token_cache",
     "cache_folder",
     "check_cache",
     "ensure_token_cache",
     "load_token_cache",
     "read_utf8",
+    "split_counts",
     "split_text",
     "token_dtype",
 ]

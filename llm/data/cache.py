@@ -1,8 +1,14 @@
-"""Token cache: tokenize a corpus once into flat binary id files that training memory-maps.
+"""Token cache: tokenize a corpus once into shard files of ids that training memory-maps.
 
-Layout of ``cache_root/<corpus checksum[:12]>-<tokenizer identity>/``:
-``train.bin`` and ``val.bin`` (raw uint16/uint32 ids), ``tokenizer.json`` (the fitted tokenizer)
-and ``meta.json``, written last: a folder without a valid meta is never trusted.
+Layout of ``cache_root/<corpus checksum[:12]>-<tokenizer identity>[-max<N>]/``:
+``shard-000000.bin``, ... (raw uint16/uint32 ids, ``shard_tokens`` each, the last one shorter:
+together the token stream, documents separated by end-of-text), ``tokenizer.json`` (the fitted
+tokenizer), ``progress.json`` (where each shard ends in the corpus, to resume a killed build),
+``build.lock`` (held while building) and ``meta.json``, written last: a folder without a valid
+meta is never trusted. See :mod:`llm.data.pretokenize` for how the shards are written.
+
+The validation split is not in the cache: it is the last ``val_fraction`` of the token stream,
+taken when the cache is loaded (as nanoGPT does), so changing it needs no new tokenization.
 """
 
 from __future__ import annotations
@@ -12,24 +18,47 @@ import datetime as _dt
 import json
 import logging
 import os
-import re
-import shutil
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
+from llm.data import chunking
+from llm.data.chunking import CHUNK_CHARS, split_text
 from llm.data.corpus import Corpus
-from llm.io import atomic_open, atomic_write_json, temp_file_beside
-from llm.tokenizers.base import Tokenizer, short_hash, special_regex
+from llm.data.encoding import Encoder, TokenIdError, default_workers
+from llm.data.pretokenize import (
+    BuildInterrupted,
+    recorded_shards,
+    remove_temp_files,
+    signals_raise,
+    write_shards,
+)
+from llm.data.shards import TokenShards
+from llm.io import atomic_write_json
+from llm.tokenizers.base import Tokenizer, short_hash
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-CHUNK_CHARS = 1 << 20  # tokenize at most ~1 MB of text at a time
-_COPY_BLOCK = 16 << 20
+__all__ = [
+    "CHUNK_CHARS",
+    "BuildInterrupted",
+    "TokenIdError",
+    "build_token_cache",
+    "cache_folder",
+    "check_cache",
+    "ensure_token_cache",
+    "load_token_cache",
+    "split_counts",
+    "split_text",
+    "token_dtype",
+]
+
+CACHE_VERSION = 2
+DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 ids a shard
+LOCK = "build.lock"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -37,60 +66,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
 
 
-# Places where no GPT-2/cl100k/o200k/BPE pre-token crosses: between a letter and a newline, or
-# between a non-space character and a single space that starts a word ("end| word").
-_SAFE_CUT = re.compile(r"(?<=[^\W\d_])\n|(?<=\S) (?=[^\W\d_])")
+def split_counts(total: int, val_fraction: float) -> tuple[int, int]:
+    """(train, val) token counts: val is the last ``val_fraction`` of the stream."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_train = int(total * (1.0 - val_fraction))
+    return n_train, total - n_train
 
 
-def split_text(
-    text: str, max_chars: int = CHUNK_CHARS, specials: Iterable[str] = ()
-) -> Iterator[str]:
-    """Cut ``text`` into pieces of at most ``max_chars`` where encoding can't tell the difference.
-
-    Each cut is at the last safe place (see ``_SAFE_CUT``) in the window that is not inside one
-    of the ``specials`` (a cut there would split a special token into plain text), so encoding
-    the pieces one by one gives the same ids as encoding the whole text; without one, a hard
-    cut, moved off any special token it would split.
-    """
-    specials = [s for s in specials if s]
-    special = special_regex(specials)
-    longest = max((len(s) for s in specials), default=0)
-    start, n = 0, len(text)
-    while n - start > max_chars:
-        end = start + max_chars
-        spans = [] if special is None else _spans(special, text, start, end + longest)
-        cut = hard = end
-        for m in _SAFE_CUT.finditer(text, start + 1, end):
-            if not _inside(m.start(), spans):
-                cut = m.start()
-        if cut == hard:  # no safe place: cut hard, but before (or after) a special token
-            for a, b in spans:
-                if a < cut < b:
-                    cut = a if a > start else b
-        yield text[start:cut]
-        start = cut
-    if start < n:
-        yield text[start:]
-
-
-def _spans(pattern: re.Pattern[str], text: str, start: int, stop: int) -> list[tuple[int, int]]:
-    # matches from `start` on suffice: a piece never starts inside a special token
-    return [m.span() for m in pattern.finditer(text, start, min(stop, len(text)))]
-
-
-def _inside(pos: int, spans: list[tuple[int, int]]) -> bool:
-    return any(a < pos < b for a, b in spans)
-
-
-def cache_folder(corpus: Corpus, tokenizer: Any, cache_root: str | os.PathLike[str]) -> Path:
-    """Where the cache for this corpus content and tokenizer lives.
+def cache_folder(
+    corpus: Corpus,
+    tokenizer: Any,
+    cache_root: str | os.PathLike[str],
+    max_tokens: int | None = None,
+    checksum: str | None = None,
+) -> Path:
+    """Where the cache for this corpus content, tokenizer and token cap lives.
 
     The name holds the tokenizer's config, and the cache there the vocabulary fitted on this
     corpus. A tokenizer fitted elsewhere (a checkpoint's, for llm.evaluate or llm.finetune)
     shares that folder only when its vocabulary is the one cached there; otherwise it gets a
     folder of its own, so ids are never read back with another vocabulary.
     """
-    folder = Path(cache_root) / f"{corpus.checksum()[:12]}-{tokenizer.identity()}"
+    cap = f"-max{int(max_tokens)}" if max_tokens else ""
+    checksum = checksum or corpus.checksum()  # one pass over a big corpus is enough
+    folder = Path(cache_root) / f"{checksum[:12]}-{tokenizer.identity()}{cap}"
     if tokenizer.needs_fit:
         return folder
     state = json.loads(json.dumps(tokenizer.to_dict()))  # as tokenizer.json holds it
@@ -116,33 +116,49 @@ def _tokenizer_kind(tokenizer: Any) -> str:
     return type(tokenizer).__name__
 
 
-def check_cache(folder: str | os.PathLike[str], val_fraction: float | None = None) -> str | None:
-    """Why the cache at ``folder`` can't be used (a short reason), or None when it is valid."""
+def check_cache(folder: str | os.PathLike[str]) -> str | None:
+    """Why the cache at ``folder`` can't be used (a short reason), or None when it is valid.
+
+    meta.json is checked against the data: its dtype against its vocab size, each shard's
+    size against its count, the counts against the total, and tokenizer.json against it.
+    """
+    from llm.tokenizers import tokenizer_from_dict
+
     folder = Path(folder)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         return "no meta.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        counts = {s: int(meta["tokens"][s]) for s in ("train", "val")}
+        if meta.get("version") != CACHE_VERSION:
+            return f"cache version {meta.get('version')} != {CACHE_VERSION}"
+        dtype, vocab = np.dtype(meta["dtype"]), int(meta["vocab_size"])
+        shards = [(str(s["file"]), int(s["tokens"])) for s in meta["shards"]]
+        total = int(meta["total"])
+        identity, eot = meta["tokenizer"]["identity"], meta["eot_id"]
     except (ValueError, KeyError, TypeError) as e:
         return f"bad meta.json ({e!r})"
-    if meta.get("version") != CACHE_VERSION:
-        return f"cache version {meta.get('version')} != {CACHE_VERSION}"
-    if val_fraction is not None and abs(float(meta.get("val_fraction", -1)) - val_fraction) > 1e-12:
-        return f"val_fraction {meta.get('val_fraction')} != {val_fraction}"
-    for split, count in counts.items():
-        f = folder / f"{split}.bin"
+    if dtype != token_dtype(vocab):
+        want = token_dtype(vocab)
+        return f"meta.json's dtype {dtype} is not the one for vocab_size {vocab} ({want})"
+    for name, count in shards:
+        f = folder / name
         if not f.is_file():
-            return f"missing {f.name}"
-        if f.stat().st_size != count * itemsize:
-            return f"{f.name} has {f.stat().st_size} bytes, meta says {count} x {itemsize}"
-    tok = folder / "tokenizer.json"
+            return f"missing {name}"
+        if f.stat().st_size != count * dtype.itemsize:
+            return f"{name} has {f.stat().st_size} bytes, meta.json says {count} x {dtype.itemsize}"
+    if sum(c for _, c in shards) != total or total <= 0:
+        return f"the shards hold {sum(c for _, c in shards)} tokens, meta.json's total is {total}"
     try:
-        json.loads(tok.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        tok = tokenizer_from_dict(json.loads((folder / "tokenizer.json").read_text("utf-8")))
+        theirs = (tok.identity(), tok.vocab_size, tok.eot_id)
+    except Exception as e:  # any way a damaged file can fail to load
         return f"bad tokenizer.json ({e!r})"
+    if theirs != (identity, vocab, eot):
+        return (
+            f"tokenizer.json (identity, vocab_size, eot_id) = {theirs} disagrees with meta.json's "
+            f"{(identity, vocab, eot)}"
+        )
     return None
 
 
@@ -150,21 +166,46 @@ def ensure_token_cache(
     corpus: Corpus,
     tokenizer: Any,
     cache_root: str | os.PathLike[str],
-    val_fraction: float = 0.1,
+    *,
+    workers: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    max_tokens: int | None = None,
 ) -> tuple[Path, bool]:
-    """Like :func:`build_token_cache` but also says whether it was built (True) or reused."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    folder = cache_folder(corpus, tokenizer, cache_root)
-    reason = check_cache(folder, val_fraction)
-    if reason is None:
+    """Like :func:`build_token_cache` but also says whether it was built (True) or reused.
+
+    One process builds a given cache at a time (a file lock): another one waits, then reuses
+    it. A folder whose build was killed is resumed; an invalid cache is rebuilt, the reason
+    logged. SIGINT or SIGTERM during the build raises :class:`BuildInterrupted` (a
+    KeyboardInterrupt) whose message says what was kept, once workers and temp files are gone.
+    """
+    checksum = corpus.checksum()
+    folder = cache_folder(corpus, tokenizer, cache_root, max_tokens, checksum)
+    if check_cache(folder) is None:
         log.info("reusing token cache %s", folder)
         return folder, False
-    if folder.exists():
-        log.warning("rebuilding token cache %s: %s", folder, reason)
-        with contextlib.suppress(FileNotFoundError):
-            (folder / "meta.json").unlink()  # invalid from now on, whatever happens next
-    _build(corpus, tokenizer, folder, val_fraction)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is building %s: waiting for it", folder)
+        lock.acquire()
+    try:
+        reason = check_cache(folder)
+        if reason is None:
+            log.info("reusing token cache %s, built by another process", folder)
+            return folder, False
+        if (folder / "meta.json").exists():
+            log.warning("rebuilding token cache %s: %s", folder, reason)
+        with signals_raise():
+            _build(corpus, checksum, tokenizer, folder, workers, shard_tokens, max_tokens)
+    except BuildInterrupted as e:
+        raise BuildInterrupted(
+            f"token cache build interrupted by {e}: {recorded_shards(folder)} finished shards "
+            f"kept in {folder}, no temp files left; run the same command again to resume"
+        ) from None
+    finally:
+        lock.release()
     return folder, True
 
 
@@ -172,81 +213,118 @@ def build_token_cache(
     corpus: Corpus,
     tokenizer: Any,
     cache_root: str | os.PathLike[str],
-    val_fraction: float = 0.1,
+    *,
+    workers: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    max_tokens: int | None = None,
 ) -> Path:
     """Tokenize ``corpus`` once (fitting the tokenizer first if it needs it); reuse a valid cache.
 
-    The validation split is the last ``val_fraction`` of the token stream (as nanoGPT does).
+    ``workers`` processes encode (None: all cores; the ids do not depend on it); the stream is
+    written as shards of ``shard_tokens`` ids; ``max_tokens`` caps the tokens taken.
     """
-    return ensure_token_cache(corpus, tokenizer, cache_root, val_fraction)[0]
+    return ensure_token_cache(
+        corpus,
+        tokenizer,
+        cache_root,
+        workers=workers,
+        shard_tokens=shard_tokens,
+        max_tokens=max_tokens,
+    )[0]
 
 
-def _build(corpus: Corpus, tokenizer: Any, folder: Path, val_fraction: float) -> None:
-    t0 = time.perf_counter()
-    if not any(doc for doc in corpus.iter_documents()):
+def _fitted(corpus: Corpus, tokenizer: Any, folder: Path) -> Any:
+    """The tokenizer to encode with: fitted now, or as an interrupted build fitted and saved."""
+    from llm.tokenizers import load_tokenizer
+
+    if not any(text for _, text in corpus.iter_blocks()):  # reads up to the first text
         raise ValueError(f"corpus {corpus.name!r} at {corpus.path} is empty: it contains no text")
-    if getattr(tokenizer, "needs_fit", False):
-        log.info("fitting %s on %s", type(tokenizer).__name__, corpus.name)
-        tokenizer.fit(corpus.iter_documents())
-    dtype = token_dtype(tokenizer.vocab_size)
-    eot = tokenizer.eot_id
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(folder / "train.bin")
-    try:
-        total = 0
-        with os.fdopen(fd, "wb") as out:
-            for i, doc in enumerate(corpus.iter_documents()):
-                if i > 0 and eot is not None:
-                    np.array([eot], dtype=dtype).tofile(out)
-                    total += 1
-                for piece in split_text(doc, CHUNK_CHARS, tokenizer.special_tokens):
-                    ids = np.asarray(tokenizer.encode_to_array(piece))
-                    if ids.size and (ids.min() < 0 or ids.max() >= np.iinfo(dtype).max + 1):
-                        raise ValueError(f"token id out of range for {dtype}: {ids.max()}")
-                    ids.astype(dtype).tofile(out)
-                    total += int(ids.size)
-        if total == 0:
-            raise ValueError(f"corpus {corpus.name!r} at {corpus.path} gave no tokens")
-        n_train = int(total * (1.0 - val_fraction))
-        n_val = total - n_train
-        # val.bin = the tail, copied; train.bin = the head, the tmp file truncated in place.
-        with open(tmp, "rb") as src, atomic_open(folder / "val.bin", "wb") as dst:
-            src.seek(n_train * dtype.itemsize)
-            shutil.copyfileobj(src, dst, _COPY_BLOCK)
-        os.truncate(tmp, n_train * dtype.itemsize)
-        os.replace(tmp, folder / "train.bin")
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    if not getattr(tokenizer, "needs_fit", False):
+        tokenizer.save(folder / "tokenizer.json")
+        return tokenizer
+    with contextlib.suppress(Exception):
+        saved = load_tokenizer(folder / "tokenizer.json")
+        if saved.identity() == tokenizer.identity() and not saved.needs_fit:
+            log.info("using the tokenizer an interrupted build fitted: %s", folder)
+            return saved
+    log.info("fitting %s on %s", type(tokenizer).__name__, corpus.name)
+    tokenizer.fit(corpus.iter_documents())
     tokenizer.save(folder / "tokenizer.json")
+    return tokenizer
+
+
+def _build(
+    corpus: Corpus,
+    checksum: str,
+    tokenizer: Any,
+    folder: Path,
+    workers: int | None,
+    shard_tokens: int,
+    max_tokens: int | None,
+) -> None:
+    t0 = time.perf_counter()
+    with contextlib.suppress(FileNotFoundError):
+        (folder / "meta.json").unlink()  # invalid from now on, whatever happens next
+    for old in ("train.bin", "val.bin"):  # a version-1 cache's split files
+        with contextlib.suppress(FileNotFoundError):
+            (folder / old).unlink()
+    removed = remove_temp_files(folder)
+    if removed:
+        log.info("removed the temp files of an interrupted build: %s", ", ".join(removed))
+    tokenizer = _fitted(corpus, tokenizer, folder)
+    vocab, eot = int(tokenizer.vocab_size), tokenizer.eot_id
+    dtype = token_dtype(vocab)
+    what = f"tokenizer {tokenizer.identity()!r} on corpus {corpus.name!r} ({corpus.path})"
+    encoder = Encoder(tokenizer, vocab, eot, dtype, what)
+    key = {
+        "version": CACHE_VERSION,
+        "corpus": checksum,
+        "tokenizer": short_hash(tokenizer.to_dict()),
+        "vocab_size": vocab,
+        "eot_id": eot,
+        "dtype": dtype.name,
+        "shard_tokens": int(shard_tokens),
+        "max_tokens": max_tokens,
+        "chunk_chars": chunking.CHUNK_CHARS,
+    }
+    workers = default_workers() if workers is None else max(1, int(workers))
+    done = write_shards(folder, corpus, encoder, key, shard_tokens, max_tokens, workers)
     seconds = time.perf_counter() - t0
     meta = {
         "version": CACHE_VERSION,
         "tokenizer": {"identity": tokenizer.identity(), "kind": _tokenizer_kind(tokenizer)},
-        "vocab_size": int(tokenizer.vocab_size),
+        "vocab_size": vocab,
         "eot_id": eot,
         "dtype": dtype.name,
-        "tokens": {"train": n_train, "val": n_val},
-        "total": total,
-        "val_fraction": val_fraction,
-        "corpus": {"name": corpus.name, "path": str(corpus.path), "checksum": corpus.checksum()},
+        "total": done["total"],
+        "shard_tokens": int(shard_tokens),
+        "max_tokens": max_tokens,
+        "shards": done["shards"],
+        "text_bytes": done["text_bytes"],
+        "corpus": {"name": corpus.name, "path": str(corpus.path), "checksum": checksum},
+        "workers": workers,
         "seconds": round(seconds, 3),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(folder / "meta.json", meta)  # last: its presence marks the cache valid
-    log.info("built token cache %s: %d tokens in %.1fs", folder, total, seconds)
-
-
-def _memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
-    if count == 0:  # numpy cannot mmap an empty file
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    log.info(
+        "built token cache %s: %d tokens in %d shards, %.1f MB of text in %.1fs",
+        folder,
+        done["total"],
+        len(done["shards"]),
+        done["text_bytes"] / 1e6,
+        seconds,
+    )
 
 
 def load_token_cache(
-    folder: str | os.PathLike[str],
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Any]:
-    """Memory-map a valid cache: (train ids, val ids, meta, fitted tokenizer)."""
+    folder: str | os.PathLike[str], val_fraction: float = 0.1
+) -> tuple[TokenShards, TokenShards, dict[str, Any], Any]:
+    """Memory-map a valid cache: (train ids, val ids, meta, fitted tokenizer).
+
+    The shards are read as one stream (a window may span two shards); val is its last
+    ``val_fraction``, train the rest.
+    """
     from llm.tokenizers import load_tokenizer
 
     folder = Path(folder)
@@ -256,7 +334,8 @@ def load_token_cache(
             f"token cache {folder} is not usable ({reason}); run prepare to rebuild it"
         )
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    dtype = np.dtype(meta["dtype"])
-    train = _memmap(folder / "train.bin", dtype, meta["tokens"]["train"])
-    val = _memmap(folder / "val.bin", dtype, meta["tokens"]["val"])
+    files = [folder / s["file"] for s in meta["shards"]]
+    stream = TokenShards(files, [s["tokens"] for s in meta["shards"]], meta["dtype"])
+    n_train, _ = split_counts(len(stream), val_fraction)
+    train, val = stream.view(0, n_train), stream.view(n_train, len(stream))
     return train, val, meta, load_tokenizer(folder / "tokenizer.json")

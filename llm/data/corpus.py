@@ -5,6 +5,7 @@ The checksum names the token cache, so a changed corpus can never reuse stale to
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -23,6 +24,7 @@ from llm.io import atomic_open
 log = logging.getLogger(__name__)
 
 _READ_BLOCK = 1 << 20
+TEXT_BLOCK = 8 << 20  # bytes of a file read at a time when streaming it
 
 
 def _sha256_file(path: Path, h: Any | None = None) -> Any:
@@ -49,10 +51,40 @@ def read_utf8(path: str | os.PathLike[str]) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not valid UTF-8: byte {data[e.start]:#04x} at byte offset {e.start} "
-            f"({e.reason}). Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it."
-        ) from e
+        raise _not_utf8(path, data[e.start], e.start, e.reason) from e
+
+
+def _not_utf8(path: str | os.PathLike[str], byte: int, offset: int, reason: str) -> ValueError:
+    return ValueError(
+        f"{path} is not valid UTF-8: byte {byte:#04x} at byte offset {offset} ({reason}). "
+        f"Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it."
+    )
+
+
+def iter_utf8(path: str | os.PathLike[str], block: int | None = None) -> Iterator[str]:
+    """Read a UTF-8 file ``block`` bytes (default ``TEXT_BLOCK``) at a time: memory stays
+    bounded by the block whatever the file size.
+
+    A bad byte raises the ValueError of :func:`read_utf8`, naming the byte offset in the file.
+    """
+    block = block or TEXT_BLOCK
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    consumed = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            final = not data
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(data, final=final)
+            except UnicodeDecodeError as e:
+                offset = consumed - pending + e.start
+                raise _not_utf8(path, e.object[e.start], offset, e.reason) from e
+            consumed += len(data)
+            if text:
+                yield text
+            if final:
+                return
 
 
 class Corpus:
@@ -64,6 +96,21 @@ class Corpus:
     def iter_documents(self) -> Iterator[str]:
         """Yield the documents in a fixed order (end-of-text is inserted between them)."""
         raise NotImplementedError
+
+    def iter_blocks(self, start_doc: int = 0) -> Iterator[tuple[int, str]]:
+        """``(document index, text)`` from document ``start_doc`` on; a long document may come
+        as several consecutive blocks, an empty one as ``""``.
+
+        The token cache reads this way, so that a huge file is never held in memory whole and a
+        resumed build skips the documents it has encoded without reading them where it can.
+        """
+        for i, doc in enumerate(self.iter_documents()):
+            if i >= start_doc:
+                yield i, doc
+
+    def size_bytes(self) -> int | None:
+        """UTF-8 bytes of text in the corpus when cheap to know (for an ETA), else None."""
+        return None
 
     def checksum(self) -> str:
         """Hex sha256 identifying the content; it keys the token cache."""
@@ -126,6 +173,13 @@ class TinyShakespeare(Corpus):
     def iter_documents(self) -> Iterator[str]:
         yield read_utf8(self.ensure())
 
+    def iter_blocks(self, start_doc: int = 0) -> Iterator[tuple[int, str]]:
+        if start_doc == 0:
+            yield from ((0, t) for t in _blocks_or_empty(self.ensure()))
+
+    def size_bytes(self) -> int | None:
+        return self.ensure().stat().st_size
+
     def checksum(self) -> str:
         self.ensure()
         return self.sha256
@@ -169,8 +223,25 @@ class TextFiles(Corpus):
         for f in self.files():
             yield read_utf8(f)
 
+    def iter_blocks(self, start_doc: int = 0) -> Iterator[tuple[int, str]]:
+        files = self.files()
+        for i in range(start_doc, len(files)):
+            yield from ((i, t) for t in _blocks_or_empty(files[i]))
+
+    def size_bytes(self) -> int | None:
+        return sum(f.stat().st_size for f in self.files())
+
     def checksum(self) -> str:
         return _hash_files((self._rel(f), f) for f in self.files()).hexdigest()
+
+
+def _blocks_or_empty(path: Path) -> Iterator[str]:
+    empty = True
+    for text in iter_utf8(path):
+        empty = False
+        yield text
+    if empty:
+        yield ""
 
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

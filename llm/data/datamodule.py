@@ -1,4 +1,10 @@
-"""LightningDataModule: corpus + tokenizer -> token cache -> sliding-window train/val loaders."""
+"""LightningDataModule: corpus + tokenizer -> token cache -> sliding-window train/val loaders.
+
+The cache's shards are read as one token stream: windows may span a shard boundary, so the
+windows (and a run) are the same whatever ``shard_tokens`` is. Under DDP, rank r takes
+positions r, r + W, ... of the one seeded order of the train windows (as Lightning's sampler
+wrapper would), and a run resumed mid-epoch continues each rank's share exactly.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from llm.data.cache import cache_folder, ensure_token_cache, load_token_cache
+from llm.data.cache import (
+    DEFAULT_SHARD_TOKENS,
+    cache_folder,
+    ensure_token_cache,
+    load_token_cache,
+)
 from llm.data.corpus import Corpus
 from llm.data.dataset import SlidingWindowDataset
 
@@ -48,6 +59,34 @@ class ResumableRandomSampler(Sampler[int]):
         perm = torch.randperm(self.num_samples, generator=g).tolist()
         skip, self.skip = self.skip, 0
         yield from perm[skip:]
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """This rank's share of ResumableRandomSampler's order, able to resume mid-epoch.
+
+    Rank r gets positions r, r + W, ... of the order padded to a multiple of W, exactly what
+    Lightning's DistributedSamplerWrapper made of a ResumableRandomSampler (so DDP runs keep
+    their order). Being a DistributedSampler, Lightning uses it as it is; that wrapper could
+    not skip: it indexes the whole epoch. ``skip`` drops that many of this rank's leading
+    indices in the next iteration only; ``len`` stays the full share (Lightning sizes the
+    epoch from it and counts the resumed epoch's batches from its restored progress).
+    """
+
+    def __init__(
+        self, num_samples: int, seed: int, rank: int, world_size: int, skip: int = 0
+    ) -> None:
+        super().__init__(
+            range(int(num_samples)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+        self.skip = max(0, int(skip))
+
+    def __iter__(self) -> Any:
+        order = list(ResumableRandomSampler(len(self.dataset), self.seed + self.epoch))
+        pad = self.total_size - len(order)
+        order += (order * (pad // len(order) + 1))[:pad]  # as DistributedSampler pads
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        skip, self.skip = self.skip, 0
+        return iter(mine[skip:])
 
 
 class SpreadSampler(Sampler[int]):
@@ -94,6 +133,9 @@ class TextDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         path: str | os.PathLike[str] | None = None,
         seed: int = 1337,
+        tokenize_workers: int | None = None,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        max_tokens: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(corpus, Corpus) or not callable(corpus):
@@ -121,12 +163,22 @@ class TextDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.seed = int(seed)
+        if tokenize_workers is not None and int(tokenize_workers) < 1:
+            raise ValueError(f"tokenize_workers must be >= 1 or null, got {tokenize_workers}")
+        if int(shard_tokens) < 1:
+            raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens}")
+        if max_tokens is not None and int(max_tokens) < 1:
+            raise ValueError(f"max_tokens must be a positive integer or null, got {max_tokens}")
+        self.tokenize_workers = None if tokenize_workers is None else int(tokenize_workers)
+        self.shard_tokens = int(shard_tokens)
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
         self.cache_path: Path | None = None
         self.cache_built: bool | None = None
         self.meta: dict[str, Any] | None = None
         self.train_dataset: SlidingWindowDataset | None = None
         self.val_dataset: SlidingWindowDataset | None = None
         self._resume_batches = 0  # train batches of the current epoch a checkpoint consumed
+        self._resume_samples: int | None = None  # and the samples of the order, all ranks
 
     @property
     def vocab_size(self) -> int:
@@ -135,7 +187,12 @@ class TextDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Build the token cache (cheap when cached); afterwards ``self.tokenizer`` is fitted."""
         self.cache_path, self.cache_built = ensure_token_cache(
-            self.corpus, self.tokenizer, self.cache_dir, self.val_fraction
+            self.corpus,
+            self.tokenizer,
+            self.cache_dir,
+            workers=self.tokenize_workers,
+            shard_tokens=self.shard_tokens,
+            max_tokens=self.max_tokens,
         )
         from llm.tokenizers import load_tokenizer
 
@@ -145,8 +202,10 @@ class TextDataModule(L.LightningDataModule):
         """Memory-map the cache on every process (DDP ranks that skipped prepare_data too)."""
         if self.train_dataset is not None:
             return
-        folder = self.cache_path or cache_folder(self.corpus, self.tokenizer, self.cache_dir)
-        train, val, self.meta, self.tokenizer = load_token_cache(folder)
+        folder = self.cache_path or cache_folder(
+            self.corpus, self.tokenizer, self.cache_dir, self.max_tokens
+        )
+        train, val, self.meta, self.tokenizer = load_token_cache(folder, self.val_fraction)
         self.cache_path = folder
         self.train_dataset = self._dataset("train", train, self.stride)
         self.val_dataset = self._dataset("val", val, self.block_size)
@@ -164,12 +223,19 @@ class TextDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         sampler: Sampler[int]
         if shuffle:
-            skip, self._resume_batches = self._resume_batches * self.batch_size, 0
+            world, rank = self._world_size(), self._rank()
+            skip, self._resume_samples = self._resume_samples, None
+            if skip is None:  # a checkpoint from before samples were counted: this run's sizes
+                skip = self._resume_batches * self.batch_size * world
+            self._resume_batches = 0
             if skip >= len(dataset):
                 skip = 0  # the checkpoint ended its epoch: the next one starts from the top
-            if skip and self._world_size() > 1:
-                skip = 0  # Lightning wraps the sampler per rank; resume at the epoch start
-            sampler = ResumableRandomSampler(len(dataset), self.seed, skip=skip)
+            if world > 1:  # each rank skips its share (all the same: equal batch counts)
+                sampler = ResumableDistributedSampler(
+                    len(dataset), self.seed, rank, world, skip=skip // world
+                )
+            else:
+                sampler = ResumableRandomSampler(len(dataset), self.seed, skip=skip)
         else:
             sampler = SpreadSampler(len(dataset))
         return DataLoader(
@@ -187,6 +253,10 @@ class TextDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
 
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
 
@@ -197,13 +267,20 @@ class TextDataModule(L.LightningDataModule):
         """Saved in checkpoints: how many train batches of the current epoch were consumed.
 
         ``processed`` (not ``completed``) so a checkpoint written in ``on_train_batch_end``
-        counts the batch it was written after.
+        counts the batch it was written after. ``train_samples_consumed`` counts them over all
+        ranks (each rank took ``batch_size`` a batch), so a run resumed on another number of
+        devices still starts where the order was left.
         """
         trainer = getattr(self, "trainer", None)
         batches = 0
         if trainer is not None:
             batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        return {"train_batches_consumed": batches, "seed": self.seed}
+        samples = batches * self.batch_size * self._world_size()
+        return {
+            "train_batches_consumed": batches,
+            "train_samples_consumed": samples,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the shuffled train order mid-epoch where the checkpoint left it.
@@ -211,6 +288,8 @@ class TextDataModule(L.LightningDataModule):
         The order is the checkpoint's (its seed), whatever seed the resumed run was given.
         """
         self._resume_batches = int(state_dict.get("train_batches_consumed", 0))
+        samples = state_dict.get("train_samples_consumed")
+        self._resume_samples = None if samples is None else int(samples)
         seed = int(state_dict.get("seed", self.seed))
         if seed != self.seed:
             log.info("resuming the train order of data seed %d (this run: %d)", seed, self.seed)
