@@ -1,6 +1,6 @@
 """Every option of every config group of `conf/train.yaml` composes and instantiates.
 
-Through Hydra's compose API, as `python -m llm.train group=option` would. GPU trainers are
+Through Hydra's compose API, as `llm train group=option` would. GPU trainers are
 instantiated with `accelerator=cpu` so the test runs here; their GPU settings are asserted.
 """
 
@@ -127,7 +127,7 @@ def test_logger_and_callback_options_instantiate(group: str, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("name", _options("experiment"))
 def test_experiment_options_compose(name: str) -> None:
-    if name.startswith("finetune"):  # recipes of `python -m llm.finetune`, tested with it
+    if name.startswith("finetune"):  # recipes of `llm finetune`, tested with it
         pytest.skip("a llm.finetune recipe")
     cfg = _compose(f"experiment={name}")
     OmegaConf.resolve(cfg)

@@ -62,7 +62,7 @@ def test_ddp_cpu_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
             f"output_dir={out}",
             *extra,
         ]
-        proc = run_cli("llm.train", *overrides, cwd=tmp_path)
+        proc = run_cli("train", *overrides, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return out / "checkpoints" / "last.ckpt"
 

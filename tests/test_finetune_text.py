@@ -126,7 +126,7 @@ def test_text_lora_trains_adapters_only_and_merged_export_matches(tmp_path: Path
 
 @pytest.mark.slow
 def test_cli_from_hf_gpt2_dir(tmp_path: Path) -> None:
-    """`python -m llm.finetune` end to end from a Hugging Face GPT-2 folder (GPT-2 BPE)."""
+    """`llm finetune` end to end from a Hugging Face GPT-2 folder (GPT-2 BPE)."""
     if not os.environ.get("TIKTOKEN_CACHE_DIR"):
         pytest.skip("GPT-2 BPE needs a tiktoken cache offline")
     hf = hf_gpt2_dir(tmp_path / "gpt2-tiny", n_positions=64)

@@ -1,4 +1,4 @@
-"""`python -m llm.report`: run discovery, statuses from disk, ranking and the files it writes.
+"""`llm report`: run discovery, statuses from disk, ranking and the files it writes.
 
 The runs here are synthetic (Hydra files + TensorBoard events written directly) so every status
 can be produced without training; tests/test_sweep.py reports on real sweeps.

@@ -103,7 +103,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, batch: int, dropout: f
 @pytest.mark.slow
 def test_resume_across_shards_matches_uninterrupted_run(tmp_path: Path) -> None:
     """A cache of 64-token shards: windows span shard boundaries, resume is still exact."""
-    from llm.train import train
+    from llm.cli.train import train
 
     opts = ("data.batch_size=4", "data.shard_tokens=64")
     straight = train(_cfg(tmp_path, tmp_path / "straight", 8, *opts))

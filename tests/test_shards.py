@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _stack import ENV, ROOT, compose_train
+from helpers import ENV, ROOT, compose
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -340,7 +340,7 @@ def test_ctrl_c_during_prepare_cli_ends_with_a_message(tmp_path: Path) -> None:
     """Ctrl-C reaches the whole process group: workers ignore it, the CLI prints one message."""
     _write_docs(tmp_path / "docs", n=60)
     argv = [
-        str(ROOT / "llm" / "prepare.py"),
+        "prepare",
         "data=text_files",
         f"data.path={tmp_path / 'docs'}",
         "data.shard_tokens=300",
@@ -350,9 +350,9 @@ def test_ctrl_c_during_prepare_cli_ends_with_a_message(tmp_path: Path) -> None:
         "+tokenizer.delay=0.03",
         f"paths.data_dir={tmp_path}",
     ]
-    script = (  # `python -m llm.prepare ...` with small tasks
-        "import runpy, sys; from llm.data import chunking; chunking.TASK_CHARS = 400; "
-        f"sys.argv = {argv!r}; runpy.run_module('llm.prepare', run_name='__main__')"
+    script = (  # `llm prepare ...` with small tasks
+        "import sys; from llm.data import chunking; chunking.TASK_CHARS = 400; "
+        f"from llm.cli import main; sys.argv = ['llm', *{argv!r}]; sys.exit(main())"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
@@ -463,17 +463,18 @@ def test_fineweb_and_openwebtext_configs_read_local_files(tmp_path: Path) -> Non
     gpt2 = TiktokenTokenizer("gpt2")
     expected = _joined(gpt2, texts)
 
-    hub = compose_train(["data=fineweb_edu"]).data
+    hub = compose("train", ["data=fineweb_edu"]).data
     assert (hub.path, hub.corpus.name, hub.corpus.text_column) == (
         "HuggingFaceFW/fineweb-edu",
         "sample-10BT",
         "text",
     )
     assert hub.corpus.streaming and hub.corpus._target_ == "llm.data.HFDataset"
-    hub = compose_train(["data=openwebtext"]).data
+    hub = compose("train", ["data=openwebtext"]).data
     assert (hub.path, hub.corpus.text_column) == ("Skylion007/openwebtext", "text")
     for name, path in [("fineweb_edu", fineweb), ("openwebtext", owt)]:
-        cfg = compose_train(
+        cfg = compose(
+            "train",
             [
                 f"data={name}",
                 f"data.path={path}",
@@ -481,7 +482,7 @@ def test_fineweb_and_openwebtext_configs_read_local_files(tmp_path: Path) -> Non
                 "data.tokenize_workers=2",
                 "model.block_size=8",
                 f"paths.data_dir={tmp_path / name}",
-            ]
+            ],
         )
         dm = instantiate(cfg.data, tokenizer=TiktokenTokenizer("gpt2"))
         dm.prepare_data()
@@ -493,12 +494,13 @@ def test_fineweb_and_openwebtext_configs_read_local_files(tmp_path: Path) -> Non
 def test_data_config_keys(tmp_path: Path) -> None:
     from hydra.utils import instantiate
 
-    data = compose_train([]).data
+    data = compose("train", []).data
     assert data.tokenize_workers is None and data.max_tokens is None
     assert data.shard_tokens == 100_000_000
     f = tmp_path / "t.txt"
     f.write_text("hello world\n" * 50, encoding="utf-8")
-    cfg = compose_train(
+    cfg = compose(
+        "train",
         [
             "data=text_files",
             f"data.path={f}",
@@ -507,7 +509,7 @@ def test_data_config_keys(tmp_path: Path) -> None:
             "data.max_tokens=500",
             "model.block_size=8",
             f"paths.data_dir={tmp_path}",
-        ]
+        ],
     )
     dm = instantiate(cfg.data, tokenizer=CharTokenizer())
     dm.prepare_data()

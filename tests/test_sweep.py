@@ -162,7 +162,7 @@ def test_optuna_search_three_trials_then_report(tmp_path: Path, llm_main: Any) -
 
 
 def _fake_train(plan: dict[int, Any]) -> Any:
-    """A stand-in for llm.train.train: per trial number, a value to return or raise."""
+    """A stand-in for llm.cli.train.train: per trial number, a value to return or raise."""
 
     def train(cfg: Any) -> dict[str, Any]:
         outcome = plan.get(int(os.environ["LLM_OPTUNA_TRIAL"]), cfg.optim.lr)
@@ -268,7 +268,7 @@ def test_pruner_stops_trial_at_its_val_loss(tmp_path: Path, llm_main: Any) -> No
 
 @pytest.mark.slow
 def test_finetune_trial_is_pruned_too(tmp_path: Path, llm_main: Any) -> None:
-    """`python -m llm.finetune -m` under the Optuna sweeper gets the same pruning callback."""
+    """`llm finetune -m` under the Optuna sweeper gets the same pruning callback."""
     from helpers import char_checkpoint
 
     corpus = tmp_path / "corpus.txt"

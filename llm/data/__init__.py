@@ -40,7 +40,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import torch/lightning lazily: ``llm.prepare`` and the cache don't need them (~10 s)."""
+    """Import torch/lightning lazily: ``llm prepare`` and the cache don't need them (~10 s)."""
     if name == "TextDataModule":
         from llm.data.datamodule import TextDataModule
 

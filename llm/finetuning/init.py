@@ -1,4 +1,4 @@
-"""Starting weights for finetuning: a `llm.train` checkpoint or Hugging Face weights (GPT-2,
+"""Starting weights for finetuning: a llm checkpoint or Hugging Face weights (GPT-2,
 Llama, Qwen3).
 
 Both paths end as (GPTConfig fields, GPT state dict, tokenizer dict or None), so the task
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from llm.checkpoint import read_checkpoint
 
 _HINT = (
-    "init= takes a llm.train checkpoint (.../checkpoints/last.ckpt), a Hugging Face GPT-2, "
+    "init= takes a llm checkpoint (.../checkpoints/last.ckpt), a Hugging Face GPT-2, "
     "Llama or Qwen3 directory (config.json + model.safetensors) or a hub name such as gpt2"
 )
 
@@ -58,21 +58,17 @@ def load_init(
 
 
 def _from_checkpoint(path: Path) -> InitWeights:
-    raw = read_checkpoint(path)
-    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    if not isinstance(hp, dict) or "model" not in hp or "state_dict" not in raw:
-        raise ValueError(f"{path} is not a llm.train checkpoint (no hyper_parameters.model)")
+    raw = read_checkpoint(path, key="init")
+    hp = raw["hyper_parameters"]
     if hp.get("lora"):
         raise ValueError(
-            f"{path} holds LoRA adapters; merge them first: "
-            f"python -m llm.finetuning.export ckpt_path={path} out=merged.ckpt"
+            f"init={path} holds LoRA adapters; merge them first: "
+            f"llm export ckpt_path={path} out=merged.ckpt"
         )
     sd = {
         k.removeprefix("model."): v for k, v in raw["state_dict"].items() if k.startswith("model.")
     }
-    model = dict(hp["model"])
-    model.pop("_target_", None)
-    return InitWeights(model, sd, hp.get("tokenizer"), str(path))
+    return InitWeights(dict(hp["model"]), sd, hp.get("tokenizer"), str(path))
 
 
 def _from_hf(name_or_dir: str) -> InitWeights:
