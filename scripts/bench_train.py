@@ -50,7 +50,6 @@ QUIET = [
     "trainer.enable_model_summary=false",
     "~logger",
     "callbacks.model_checkpoint=null",
-    "callbacks.lr_monitor=null",
     "callbacks.progress_bar=null",
     "callbacks.sample_text=null",
     "callbacks.attention=null",

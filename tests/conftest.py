@@ -102,7 +102,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "~logger",
         "callbacks.sample_text=null",
         "callbacks.attention=null",
-        "callbacks.lr_monitor=null",
         f"output_dir={tmp / 'run'}",
     ]
     result = train(compose("train", overrides))

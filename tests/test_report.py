@@ -27,6 +27,7 @@ def _make_run(
     tps: list[float] = (),  # type: ignore[assignment]
     finished: bool = False,
     interrupted: bool = False,
+    failed: bool = False,
     age_s: float = 0.0,
 ) -> Path:
     from torch.utils.tensorboard import SummaryWriter
@@ -37,15 +38,17 @@ def _make_run(
     OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
     hydra = {"hydra": {"job": {"config": {"override_dirname": {"exclude_keys": ["data.path"]}}}}}
     OmegaConf.save(OmegaConf.create(hydra), run / ".hydra" / "hydra.yaml")
-    writer = SummaryWriter(str(run / "tensorboard"))
+    writer = SummaryWriter(str(run))  # llm writes its events into the run folder itself
     for i, v in enumerate(tps):
         writer.add_scalar("train/tokens_per_sec", v, i + 1)
         writer.add_scalar("train/loss", 4.0, i + 1)
     for step, v in val:
         writer.add_scalar("val/loss", v, step)
     if finished:
-        writer.add_scalar("hp/best_val_loss", min(v for _, v in val), 0)
+        writer.add_scalar("hp/best_val_loss", min((v for _, v in val), default=0.0), 0)
     writer.close()
+    if failed:  # what the llm command writes into the run's log file when the run fails
+        (run / "train.log").write_text("[t][llm][ERROR] - run failed\nTraceback ...\n")
     if interrupted:
         (run / "checkpoints").mkdir()
         (run / "checkpoints" / "interrupted.ckpt").write_bytes(b"x")
@@ -90,6 +93,12 @@ def test_report_ranks_runs_and_tells_their_status(
     )  # fmt: skip
     _make_run(sweep, "3_optim.lr=0.1", ["optim.lr=0.1", "model=tiny"], [], age_s=3600)
     _make_run(sweep, "4_optim.lr=0.2", ["optim.lr=0.2", "model=tiny"], [])
+    _make_run(  # failed after a validation: ranks after every run, even those without one
+        sweep, "5_optim.lr=0.01", ["optim.lr=0.01", "model=tiny"], [(0, 4.2), (2, 2.0)], failed=True
+    )
+    _make_run(  # validated only before training (step 0): no val/loss of a trained model
+        sweep, "6_optim.lr=0.02", ["optim.lr=0.02", "model=tiny"], [(0, 4.2)], finished=True
+    )
     out = tmp_path / "out"
 
     assert llm_main("report", f"dir={sweep}", f"out={out}") == 0
@@ -102,16 +111,20 @@ def test_report_ranks_runs_and_tells_their_status(
         ("0_optim.lr=0.001", "completed"),
         ("1_optim.lr=0.002", "completed"),
         ("2_optim.lr=0.003", "interrupted"),
-        ("3_optim.lr=0.1", "failed"),
         ("4_optim.lr=0.2", "running"),
+        ("6_optim.lr=0.02", "completed"),
+        ("5_optim.lr=0.01", "failed"),
+        ("3_optim.lr=0.1", "failed"),
     ]
     assert float(rows[0]["best_val_loss"]) == pytest.approx(2.5) and rows[0]["best_step"] == "4"
     assert float(rows[1]["best_val_loss"]) == pytest.approx(2.8) and rows[1]["best_step"] == "2"
     assert float(rows[0]["tokens_per_sec"]) == pytest.approx(200.0)
     assert rows[0]["overrides"] == "optim.lr=0.001 model=tiny"  # data.path is excluded
     assert rows[3]["best_val_loss"] == "" and rows[3]["rank"] == "4"
+    assert float(rows[5]["best_val_loss"]) == pytest.approx(2.0)  # failed, yet its loss shows
 
     md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| 5 | 6_optim.lr=0.02 | completed | no val/loss logged |" in md
     assert "Overrides common to all runs: `model=tiny`" in md
     assert "| 1 | 0_optim.lr=0.001 | completed | 2.5000 | 4 | 4 | 200.0 |  | optim.lr=0.001 |" in md
     assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"

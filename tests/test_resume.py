@@ -68,7 +68,6 @@ def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
         "optim.decay_steps=8",  # the 8-step schedule in both halves (null would follow max_steps)
         "callbacks.sample_text=null",
         "callbacks.attention=null",
-        "callbacks.lr_monitor=null",
         "~logger",
         f"output_dir={out}",
         *extra,
@@ -158,7 +157,7 @@ def test_resume_from_interrupted_checkpoint_matches(tmp_path: Path) -> None:
 
 
 def test_resume_message_replaces_ckpt_path() -> None:
-    from llm.training.callbacks import resume_message
+    from llm.training.shutdown import resume_message
 
     msg = resume_message("/x/interrupted.ckpt", ["model=tiny", "ckpt_path=/old.ckpt"])
     assert "llm train ckpt_path=/x/interrupted.ckpt model=tiny" in msg
@@ -167,7 +166,7 @@ def test_resume_message_replaces_ckpt_path() -> None:
 
 def test_resume_hint_names_the_running_entry_point(tmp_path: Path) -> None:
     """An interrupted finetune run says `llm finetune ...`, not `llm train`."""
-    from llm.training.callbacks import resume_message
+    from llm.training.shutdown import resume_message
 
     train_cfg = _cfg(tmp_path, tmp_path / "out", 4)
     ft_cfg = compose("finetune", ["task=text", "init=a.ckpt", "data.path=b.txt"])
@@ -178,8 +177,10 @@ def test_resume_hint_names_the_running_entry_point(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
-    import signal
+@pytest.mark.parametrize(("signum", "status"), [(15, 143), (2, 130)])  # SIGTERM, Ctrl-C
+def test_signal_saves_checkpoint_and_exits_with_its_status(
+    tmp_path: Path, signum: int, status: int
+) -> None:
     import subprocess
     import sys
     import time
@@ -208,15 +209,19 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == status, output[-3000:]  # schedulers and `&&` see an interruption
     ckpt = out / "checkpoints" / "interrupted.ckpt"
     assert ckpt.is_file(), output[-3000:]
-    assert f"ckpt_path={ckpt}" in output
+    resume = next(line for line in output.splitlines() if line.startswith("Resume with: "))
+    assert resume.startswith(f"Resume with: llm train ckpt_path={ckpt} model=tiny ")
+    assert "trainer.max_steps=100000" in resume and " hydra.run.dir=" in resume  # its own run
+    assert output.rstrip().endswith(resume)  # the last thing it says
+    assert "Traceback" not in output
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert 3 <= raw["global_step"] < 100000

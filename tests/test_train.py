@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def test_callbacks_log_text_and_attention(tmp_path: Path, char_tokenizer: Any) -
     module.tokenizer = tok
     callbacks = [
         SampleTextCallback(prompt="First", max_new_tokens=10),
-        AttentionHeatmapCallback(layer=1, text="hear me speak"),
+        AttentionHeatmapCallback(layers="all", text="hear me speak"),
     ]
     trainer = _trainer(tmp_path, 3, callbacks)
     dl = _loader(tok)
@@ -142,11 +143,15 @@ def test_callbacks_log_text_and_attention(tmp_path: Path, char_tokenizer: Any) -
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
-    assert "attention/layer1" in tags["images"]
+    assert {"attention/layer0", "attention/layer1"} <= set(tags["images"])  # layers=all
     assert any(t.startswith("samples/text") for t in tags["tensors"])
     text_tag = next(t for t in tags["tensors"] if t.startswith("samples/text"))
     sample = events.Tensors(text_tag)[0].tensor_proto.string_val[0].decode()
-    assert sample.strip().startswith("First")
+    settings, body = sample.split("\n\n", 1)
+    assert settings == (
+        "prompt `'First'` · temperature 0.8 · top_k 200 · max_new_tokens 10 · seed 1337"
+    )
+    assert body.strip().startswith("First")
 
 
 def test_callbacks_are_noops_without_tensorboard(tmp_path: Path, char_tokenizer: Any) -> None:
@@ -226,14 +231,18 @@ def test_logged_train_metrics_are_of_their_step_and_tokens_per_sec_survives_vali
     ]
     result = train(compose("train", overrides))
     per_step = next(c for c in result["trainer"].callbacks if isinstance(c, _Losses)).losses
-    events = EventAccumulator(str(out / "tensorboard"))
+    events = EventAccumulator(str(out))
     events.Reload()
+    # train and val points on one numbering: optimizer steps taken (0, 2, 4; the final 6 is
+    # only validated), the train loss being that of the batch that step trained on
     logged = events.Scalars("train/loss")
-    assert [e.step for e in logged] == [1, 3, 5]
-    assert [e.value for e in logged] == pytest.approx([per_step[1], per_step[3], per_step[5]])
-    assert [e.step for e in events.Scalars("train/grad_norm")] == [1, 3, 5]
+    assert [e.step for e in logged] == [0, 2, 4]
+    assert [e.value for e in logged] == pytest.approx([per_step[0], per_step[2], per_step[4]])
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 2, 4, 6]
+    assert [e.step for e in events.Scalars("train/grad_norm")] == [0, 2, 4]
     logged = events.Scalars("train/tokens_per_sec")
-    assert [e.step for e in logged] == [1, 3, 5] and all(e.value > 0 for e in logged)
+    assert [e.step for e in logged] == [2, 4] and all(e.value > 0 for e in logged)
+    assert "epoch" not in events.Tags()["scalars"]
 
 
 def test_train_yaml_composes_for_every_experiment_and_trainer() -> None:
@@ -277,35 +286,40 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
     assert math.isfinite(float(result["trainer"].callback_metrics["train/loss"]))
     last = Path(result["last_model_path"])
     assert last.is_file() and Path(result["best_model_path"]).is_file()
-    assert (out / "tensorboard").is_dir()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "tensorboard"))
+    events = EventAccumulator(str(out))  # the events live in the run folder itself
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec"):
+    for tag in ("train/loss", "lr/decay", "lr/no_decay", "train/grad_norm", "val/loss"):
         assert tag in tags["scalars"], tag
-    for tag in ("val/loss", "val/ppl", "hp/best_val_loss", "lr-AdamW/pg1"):
-        assert tag in tags["scalars"], tag
-    assert [e.step for e in events.Scalars("val/loss")] == [3, 6]  # after steps 3 and 6
-    best = min(e.value for e in events.Scalars("val/loss"))
+    assert not {"epoch", "train/lr"} & set(tags["scalars"])  # one lr curve per group, no epoch
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 3, 6]  # before, after 3 and 6
+    best = min(e.value for e in events.Scalars("val/loss")[1:])  # of the trained model
     assert events.Scalars("hp/best_val_loss")[0].value == pytest.approx(best, abs=1e-6)
     assert result["best_val_loss"] == pytest.approx(best, abs=1e-6)
     assert "samples/text/text_summary" in tags["tensors"]  # the text sample of each validation
     assert len(events.Tensors("samples/text/text_summary")) == 2
     assert "attention/layer0" in tags["images"]  # the heat maps of each validation
     assert len(events.Images("attention/layer0")) == 2
-    # the HPARAMS tab: this run's hyperparameters and its best val loss as the metric
+    # the HPARAMS tab: the overridden keys first, never paths or Hydra's keys, four metrics
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     content = events.PluginTagToContent("hparams")
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    names = [h.name for h in exp.experiment.hparam_infos]
+    assert not [n for n in names if n.endswith(("path", "_dir", "_target_", "_partial_"))]
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hp = start.session_start_info.hparams
-    assert hp["model/n_layer"].number_value == 2 and hp["model/n_embd"].number_value == 64
-    assert hp["optim/lr"].number_value == pytest.approx(cfg.optim.lr)
-    assert hp["data/batch_size"].number_value == 8 and hp["seed"].number_value == cfg.seed
-    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    assert [m.name.tag for m in exp.experiment.metric_infos] == ["hp/best_val_loss"]
+    assert hp["model.n_layer"].number_value == 2 and hp["model.n_embd"].number_value == 64
+    assert hp["optim.lr"].number_value == pytest.approx(cfg.optim.lr)
+    assert hp["data.batch_size"].number_value == 8 and hp["seed"].number_value == cfg.seed
+    assert [m.name.tag for m in exp.experiment.metric_infos] == [
+        "hp/best_val_loss",
+        "hp/final_train_loss",
+        "hp/tokens_per_sec",
+        "hp/params",
+    ]
 
     raw = torch.load(last, map_location="cpu", weights_only=True)
     assert raw["global_step"] == 6
@@ -367,3 +381,27 @@ def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
     x = torch.randint(0, reloaded.config.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x)[0], module.eval()(x)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_hparams_lead_with_the_overridden_keys(tmp_path: Path, llm_main: Any) -> None:
+    """Through `llm train`: HPARAMS starts with what the command line set (a sweep's axes),
+    group choices by name, and holds no path; the run folder is named by the overrides."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    args = [*_overrides(tmp_path, _verdict(tmp_path)), "optim.lr=0.002", "trainer.max_steps=2"]
+    assert llm_main("train", *args) == 0
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    # the date, then the overrides (Hydra sorts them; paths left out), cut after whole ones
+    label = re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_(.*),\+(\d+)", run.name)
+    assert label and label.group(1) == "callbacks.sample_text.max_new_tokens=8,data.batch_size=8"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    names = [h.name for h in exp.experiment.hparam_infos]
+    assert names[:4] == ["model", "tokenizer", "data", "data.batch_size"]
+    assert "optim.lr" in names[:12] and "data.path" not in names and "paths.data_dir" not in names
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert hp["model"].string_value == "tiny" and hp["optim.lr"].number_value == 0.002

@@ -166,17 +166,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(verb_help(name, verb))
         return 0
+    from llm.cli import sweep
     from llm.cli.app import debug, report_error, run_verb
 
+    sweep.swept = None
     try:
         module = importlib.import_module(verb.module)
         result = run_verb(module.main, rest, verb.free_text)
     except KeyboardInterrupt as e:  # a message says what was kept and how to resume
         print(str(e) or "Interrupted.", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_code", 130))
     except Exception as e:
         if debug():
             raise
         print(report_error(e), file=sys.stderr)
         return 1
+    finally:
+        if sweep.swept is not None:  # a -m sweep ends with its jobs' table, failed ones too
+            sweep.print_sweep_report(sweep.swept)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/
 T = TypeVar("T")
@@ -28,6 +28,24 @@ _argv: list[str] | None = None
 # The error a single run failed with, raised again once Hydra has returned (Hydra would print
 # its own lines about a failed job first).
 _failure: BaseException | None = None
+
+
+def run_name(overrides: str | None, experiment: str | None, limit: int = 64) -> str:
+    """The part of a run folder's name after its date: ``_<overrides>``, else
+    ``_<experiment>``; safe for a file name, and cut after whole overrides (``,+N``)."""
+    label = re.sub(r"[^\w.,=+\-\[\]]", "_", str(overrides or experiment or ""))
+    if len(label) > limit:
+        items = re.split(r",(?=[\w.+\-]+=)", label)  # commas inside values stay
+        kept = [items[0][:limit]]
+        for item in items[1:]:
+            if len(",".join([*kept, item])) > limit:
+                break
+            kept.append(item)
+        label = ",".join(kept) + f",+{len(items) - len(kept)}"
+    return f"_{label}" if label else ""
+
+
+OmegaConf.register_new_resolver("llm_run_name", run_name, replace=True)
 
 
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[[], T]]:
@@ -42,6 +60,7 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callabl
             hydra_argv = sys.argv
             if _argv is not None:
                 sys.argv = list(_argv)
+            quiet_other_ranks()
             try:
                 return task(cfg)
             except Exception as e:
@@ -81,6 +100,43 @@ def run_verb(main: Callable[[], Any], args: Sequence[str], free_text: Sequence[s
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = full_error
+
+
+def quiet_other_ranks() -> None:
+    """Under DDP only rank zero speaks: one copy of each line (warnings and errors aside)."""
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    if rank != "0":
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def quiet_libraries() -> None:
+    """No noise on a normal run: Lightning's tips and accelerator census, its second console
+    handler (each of its lines came twice), and dependencies' deprecation warnings."""
+    import importlib
+    import warnings
+
+    importlib.import_module("lightning")  # its console handler exists once it is imported
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    own = logging.getLogger("lightning")
+    for handler in list(own.handlers):  # its own stream handler; the root one stays
+        if type(handler) is logging.StreamHandler:
+            own.removeHandler(handler)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Chatter) for f in logger.filters):
+            logger.addFilter(_Chatter())
+
+
+class _Chatter(logging.Filter):
+    """Lightning's lines that say nothing about this run."""
+
+    NOISE = ("💡", "TPU available", "HPU available", "LOCAL_RANK:", "`Trainer.fit` stopped")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in self.NOISE)
 
 
 def is_multirun() -> bool:

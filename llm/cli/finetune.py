@@ -7,25 +7,30 @@ sweeps). ``finetune(cfg)`` is what tests call; ``main`` returns the best validat
 
 from __future__ import annotations
 
-import math
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from llm.cli.app import hydra_app
+from llm.cli.app import hydra_app, quiet_libraries
 from llm.cli.runs import (
+    announce,
     best_val_loss,
     build_trainer,
     check_steps,
     checkpoint_paths,
-    is_stopped,
+    end_metrics,
+    hparams,
     log_hparams,
     sample_settings,
+    shutdown_of,
+    summary,
 )
 from llm.cli.sweep import end_sweep_job, sweep_pruning
 
 TASKS = ("text", "classify", "instruct")
+log = logging.getLogger("llm")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -113,7 +118,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     from llm.finetuning.lora import count_params
 
     validate(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    quiet_libraries()
+    announce(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     block_size = cfg.get("block_size")
     init = load_init(
         str(cfg.init),
@@ -139,13 +146,14 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
 
     best_path, last_path = checkpoint_paths(trainer)
     result: dict[str, Any] = {
-        "best_val_loss": best_val_loss(trainer),
+        "best_val_loss": best_val_loss(trainer, module),
         "best_model_path": best_path,
         "last_model_path": last_path,
         "trainer": trainer,
         "module": module,
         "datamodule": dm,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},  # last train/val
+        "shutdown": shutdown_of(trainer),
         **counts,
     }
     if best_path:  # test accuracy and responses come from the best weights (every rank)
@@ -165,47 +173,43 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         )
     params = {
         "task": OmegaConf.to_container(cfg.task, resolve=True),
-        "init": str(cfg.init),
         "model": init.model,
         "optim": module.hparams["optim"],
         "lora": module.hparams["lora"] or "none",
         "data": {
             k: v
             for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()  # type: ignore[union-attr]
-            if k not in ("_target_", "corpus")
+            if k != "corpus"
         },
         "seed": int(cfg.seed),
-        "max_steps": int(cfg.trainer.max_steps),
+        "trainer": {"max_steps": int(cfg.trainer.max_steps)},
     }
-    metrics = {"hp/best_val_loss": result["best_val_loss"]}
+    metrics = end_metrics(trainer, module)
     if "test" in result:
         metrics.update({f"hp/{k.replace('/', '_')}": v for k, v in result["test"].items()})
-    log_hparams(trainer, loggers, params, metrics)
-    end_sweep_job(pruning, is_stopped(trainer.callbacks))
+    log_hparams(trainer, loggers, hparams(cfg, params), metrics)
+    if trainer.is_global_zero:
+        log.info("\n%s", summary(cfg, trainer, module, outcome_lines(result)))
+    end_sweep_job(pruning, result["shutdown"])
     return result
 
 
-def summary(result: dict[str, Any]) -> str:
-    """What a finished run produced, one item per line."""
-    lines = [
-        f"best val/loss: {result['best_val_loss']:.4f}",
-        f"trainable parameters: {result['params/trainable']:,} of {result['params/total']:,}",
-        f"best checkpoint: {result['best_model_path']}",
-        f"last checkpoint: {result['last_model_path']}",
-    ]
+def outcome_lines(result: dict[str, Any]) -> list[str]:
+    """What a finetune adds to the run summary: trained share, accuracies, responses."""
+    total, trainable = result["params/total"], result["params/trainable"]
+    lines = [f"Trained:         {trainable:,} of {total:,} parameters ({trainable / total:.2%})"]
     if "val/acc" in result["metrics"]:
-        lines.append(f"val/acc: {result['metrics']['val/acc']:.4f}")
-    lines += [f"{k}: {v:.4f}" for k, v in (result.get("test") or {}).items()]
+        lines.append(f"val/acc:         {result['metrics']['val/acc']:.4f}")
+    lines += [f"{k + ':':<16} {v:.4f}" for k, v in (result.get("test") or {}).items()]
     if result.get("responses_path"):
-        lines.append(f"responses: {result['responses_path']}")
-    return "\n".join(lines)
+        lines.append(f"Responses:       {result['responses_path']}")
+    return lines
 
 
 @hydra_app("finetune")
 def main(cfg: DictConfig) -> float:
-    """The Hydra app; the return value is what ``-m`` sweepers optimise."""
+    """The Hydra app; the return value is what ``-m`` sweepers optimise (NaN: no val loss)."""
     result = finetune(cfg)
-    if result["trainer"].is_global_zero:
-        print(summary(result), flush=True)
-    best = result["best_val_loss"]
-    return best if math.isfinite(best) else float("inf")
+    if result["shutdown"] is not None:
+        raise result["shutdown"]
+    return result["best_val_loss"]

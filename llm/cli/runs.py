@@ -3,13 +3,32 @@ Trainer with its loggers and callbacks, the hyperparameters logged, the end-of-r
 
 from __future__ import annotations
 
+import logging
 import math
+import shlex
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llm.cli.sweep import check_multirun_strategy
+
+log = logging.getLogger("llm")
+# config keys that are Hydra's, paths or plumbing (they change no result): never hyperparameters
+_NOT_HPARAMS = (
+    "_target_", "_partial_", "path", "dir", "num_workers", "tokenize_workers", "shard_tokens",
+    "fused", "attn_impl", "pin_memory", "output_dir", "ckpt_path", "init", "task_name",
+    "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+)  # fmt: skip
+
+
+def _is_hparam(key: str) -> bool:
+    last = key.rsplit(".", 1)[-1]
+    return not (
+        last in _NOT_HPARAMS
+        or last.endswith(("_path", "_dir"))
+        or key.startswith(("paths.", "logger.", "callbacks.", "hydra."))
+    )
 
 
 def check_steps(cfg: DictConfig) -> None:
@@ -58,12 +77,15 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as ``a/b: value`` with plain values, as TensorBoard's HPARAMS wants."""
+    """Nested settings as ``a.b: value`` with plain values (what TensorBoard's HPARAMS takes),
+    without Hydra's ``_target_``/``_partial_`` or paths."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
+        if not _is_hparam(key):
+            continue
         if isinstance(v, dict):
-            out.update(flatten(v, f"{key}/"))
+            out.update(flatten(v, f"{key}."))
         elif v is None:
             out[key] = "None"
         elif isinstance(v, bool | int | float | str):
@@ -73,23 +95,119 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def overridden_keys() -> list[str]:
+    """The config keys this job's command line set (a sweep job's own), in their order."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keys = []
+    for override in HydraConfig.get().overrides.task:
+        key = str(override).split("=", 1)[0].lstrip("+~")
+        if _is_hparam(key):
+            keys.append(key)
+    return keys
+
+
+def hparams(cfg: DictConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """What HPARAMS lists: the overridden keys first (a sweep's axes), then ``params``."""
+    flat = flatten(params)
+    first: dict[str, Any] = {}
+    for key in overridden_keys():
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig):  # a group choice (model=baby): its name
+            choices = _choices()
+            first[key] = str(choices.get(key, "")) or str(value.get("_target_", key))
+        elif key in flat or value is None or isinstance(value, bool | int | float | str):
+            first[key] = flat.get(key, "None" if value is None else value)
+    filtered = flatten(first) if first else {}
+    return {**filtered, **{k: v for k, v in flat.items() if k not in filtered}}
+
+
+def _choices() -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
 def log_hparams(trainer: Any, loggers: list[Any], params: dict[str, Any], metrics: dict) -> None:
     """Hyperparameters and end-of-run metrics to every logger (rank zero), then close them."""
     if not loggers or not trainer.is_global_zero:
         return
-    flat = flatten(params)
+    clean = {k: v for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
     for logger in loggers:
-        logger.log_hyperparams(flat, metrics)
+        logger.log_hyperparams(params, clean)
         logger.finalize("success")
 
 
-def best_val_loss(trainer: Any) -> float:
-    """The checkpoint callback's best val/loss (else the last logged one, else NaN)."""
-    ckpt = trainer.checkpoint_callback
-    score = getattr(ckpt, "best_model_score", None)
-    if score is None:
-        score = trainer.callback_metrics.get("val/loss")
-    return float(score) if score is not None else math.nan
+def end_metrics(trainer: Any, module: Any) -> dict[str, float | None]:
+    """HPARAMS' metrics: best val loss, final train loss, tokens/s, parameter count."""
+    train_loss = trainer.callback_metrics.get("train/loss")
+    return {
+        "hp/best_val_loss": best_val_loss(trainer, module),
+        "hp/final_train_loss": None if train_loss is None else float(train_loss),
+        "hp/tokens_per_sec": module.tokens_per_second(),
+        "hp/params": float(sum(p.numel() for p in module.parameters())),
+    }
+
+
+def announce(cfg: DictConfig) -> None:
+    """First lines of a run (console and log file): where it goes and what it overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    overrides = " ".join(shlex.quote(str(o)) for o in hydra_cfg.overrides.task) or "(none)"
+    log.info("llm %s: %s", cfg.get("task_name", hydra_cfg.job.name), hydra_cfg.runtime.output_dir)
+    log.info("overrides: %s", overrides)
+
+
+def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None = None) -> str:
+    """The end of a run: where it went, how it did, and what to run next."""
+    run_dir = cfg.get("output_dir") or trainer.default_root_dir
+    history = module.val_history
+    lines = [f"Run folder:      {run_dir}"]
+    losses = [(m.get("val/loss", math.nan), step) for step, m in history if step > 0]
+    best = min(((v, step) for v, step in losses if math.isfinite(v)), default=None)
+    if best is not None:
+        lines.append(f"Best val/loss:   {best[0]:.4f} at step {best[1]}")
+    train_loss = trainer.callback_metrics.get("train/loss")
+    final = [f"train {float(train_loss):.4f}"] if train_loss is not None else []
+    if history:
+        final.append(f"val {history[-1][1].get('val/loss', math.nan):.4f}")
+    if final:
+        lines.append(f"Final loss:      {', '.join(final)} (step {trainer.global_step})")
+    tps = module.tokens_per_second()
+    if tps:
+        lines.append(f"Throughput:      {tps:,.0f} tokens/s")
+    lines += extra or []
+    best_path, last_path = checkpoint_paths(trainer)
+    lines += [f"Best checkpoint: {best_path}", f"Last checkpoint: {last_path}", "Next:"]
+    lines.append(f"  tensorboard --logdir {run_dir}")
+    if last_path and module.kind == "classifier":
+        lines.append(f"  llm classify ckpt_path={last_path} 'text=...'")
+    elif last_path:
+        lines.append(f"  llm generate ckpt_path={last_path}")
+        lines.append(f"  llm evaluate ckpt_path={last_path}")
+    return "\n".join(lines)
+
+
+def best_val_loss(trainer: Any, module: Any = None) -> float:
+    """The lowest val/loss of the run (its validations, the checkpoint callback's best), or NaN.
+
+    NaN when no validation ran, which sweepers record as a failed trial, never as a result.
+    """
+    history = getattr(module, "val_history", [])
+    values = [m.get("val/loss", math.nan) for step, m in history if step > 0]  # trained only
+    score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+    if score is not None:
+        values.append(float(score))
+    finite = [v for v in values if math.isfinite(v)]
+    if finite:
+        return min(finite)
+    last = trainer.callback_metrics.get("val/loss")
+    return float(last) if last is not None else math.nan
 
 
 def checkpoint_paths(trainer: Any) -> tuple[str | None, str | None]:
@@ -100,8 +218,11 @@ def checkpoint_paths(trainer: Any) -> tuple[str | None, str | None]:
     return best, last
 
 
-def is_stopped(callbacks: list[Any]) -> bool:
-    """Whether a signal stopped the run (the GracefulShutdown callback caught one)."""
-    from llm.training.callbacks import GracefulShutdown
+def shutdown_of(trainer: Any) -> Any | None:
+    """The ``Interrupted`` a signal left (GracefulShutdown caught one), else None."""
+    from llm.training.shutdown import GracefulShutdown
 
-    return any(isinstance(c, GracefulShutdown) and c.signum is not None for c in callbacks)
+    for callback in trainer.callbacks:
+        if isinstance(callback, GracefulShutdown) and callback.interrupted() is not None:
+            return callback.interrupted()
+    return None

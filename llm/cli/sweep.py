@@ -4,8 +4,10 @@ which strategies a sweep cannot run, and how a job tells the sweeper it was prun
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from llm.cli.app import is_multirun
@@ -39,7 +41,7 @@ def sweep_pruning() -> Any | None:
     return pruning_callback_from_env()
 
 
-def end_sweep_job(pruning: Any, stopped: bool) -> None:
+def end_sweep_job(pruning: Any, interrupted: BaseException | None) -> None:
     """Tell the sweeper how this job ended: pruned (``optuna.TrialPruned``) or interrupted.
 
     Ctrl-C/SIGTERM stops a job cleanly; under a sweep the sweep must stop too, not go on to
@@ -47,5 +49,29 @@ def end_sweep_job(pruning: Any, stopped: bool) -> None:
     """
     if pruning is not None:
         pruning.check_pruned()
-    if stopped and (pruning is not None or is_multirun()):
-        raise KeyboardInterrupt("training was interrupted: stopping the sweep")
+    if interrupted is not None and (pruning is not None or is_multirun()):
+        raise interrupted
+
+
+# The folder of the sweep this process ran (set when a -m sweep starts), for its report.
+swept: Path | None = None
+
+
+class SweepReport(Callback):
+    """Remembers the sweep folder, so the ``llm`` command ends a sweep with its table."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global swept
+        swept = Path(str(config.hydra.sweep.dir))
+
+
+def print_sweep_report(folder: Path) -> None:
+    """The table ``llm report`` prints, and where its files went (nothing if no job ran)."""
+    from llm.sweeps.report import ReportError, report
+
+    try:
+        result = report(folder)
+    except ReportError:
+        return
+    print("\n" + (result["out_dir"] / "report.md").read_text(encoding="utf-8"))
+    print(f"Report folder: {result['out_dir']}  (llm report dir={folder} writes it again)")

@@ -6,21 +6,28 @@ best validation loss, which ``-m`` sweepers (Optuna) minimise.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from llm.cli.app import hydra_app
+from llm.cli.app import hydra_app, quiet_libraries
 from llm.cli.runs import (
+    announce,
     best_val_loss,
     build_trainer,
     check_steps,
     checkpoint_paths,
-    is_stopped,
+    end_metrics,
+    hparams,
     log_hparams,
     sample_settings,
+    shutdown_of,
+    summary,
 )
 from llm.cli.sweep import end_sweep_job, sweep_pruning
+
+log = logging.getLogger("llm")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -43,7 +50,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from llm.training.module import GPTLitModule
 
     validate(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    quiet_libraries()
+    announce(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = hydra.utils.instantiate(cfg.tokenizer)
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
     dm.prepare_data()
@@ -65,30 +74,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_resumable(cfg.ckpt_path, module, int(cfg.trainer.max_steps))
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
-    best = best_val_loss(trainer)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert isinstance(data, dict)
     params = {
         "model": model,
         "optim": optim,
-        "data": {k: v for k, v in data.items() if k not in ("_target_", "corpus")},
-        "tokenizer": str(cfg.tokenizer.get("_target_")),
+        "data": {k: v for k, v in data.items() if k != "corpus"},
+        "tokenizer": dm.tokenizer.identity(),
         "seed": int(cfg.seed),
-        "max_steps": int(cfg.trainer.max_steps),
+        "trainer": {"max_steps": int(cfg.trainer.max_steps)},
     }
-    log_hparams(trainer, loggers, params, {"hp/best_val_loss": best})
-    end_sweep_job(pruning, is_stopped(trainer.callbacks))  # after logging: pruned trials too
+    log_hparams(trainer, loggers, hparams(cfg, params), end_metrics(trainer, module))
     best_path, last_path = checkpoint_paths(trainer)
-    return {
-        "best_val_loss": best,
+    result = {
+        "best_val_loss": best_val_loss(trainer, module),
         "best_model_path": best_path,
         "last_model_path": last_path,
         "trainer": trainer,
         "module": module,
+        "shutdown": shutdown_of(trainer),
     }
+    if trainer.is_global_zero:
+        log.info("\n%s", summary(cfg, trainer, module))
+    end_sweep_job(pruning, result["shutdown"])  # after logging: pruned trials show in HPARAMS
+    return result
 
 
 @hydra_app("train")
 def main(cfg: DictConfig) -> float:
-    """The Hydra app; the return value is what ``-m`` sweepers optimise."""
-    return train(cfg)["best_val_loss"]
+    """The Hydra app; the return value is what ``-m`` sweepers optimise (NaN: no val loss)."""
+    result = train(cfg)
+    if result["shutdown"] is not None:
+        raise result["shutdown"]
+    return result["best_val_loss"]

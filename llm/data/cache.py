@@ -202,7 +202,8 @@ def ensure_token_cache(
     except BuildInterrupted as e:
         raise BuildInterrupted(
             f"token cache build interrupted by {e}: {recorded_shards(folder)} finished shards "
-            f"kept in {folder}, no temp files left; run the same command again to resume"
+            f"kept in {folder}, no temp files left; run the same command again to resume",
+            e.signum,
         ) from None
     finally:
         lock.release()

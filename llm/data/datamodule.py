@@ -185,7 +185,13 @@ class TextDataModule(L.LightningDataModule):
         return int(self.tokenizer.vocab_size)
 
     def prepare_data(self) -> None:
-        """Build the token cache (cheap when cached); afterwards ``self.tokenizer`` is fitted."""
+        """Build the token cache (cheap when cached); afterwards ``self.tokenizer`` is fitted.
+
+        Once per datamodule: the CLI prepares the data before building the model (whose vocab
+        size comes from it), and Lightning's fit asks again.
+        """
+        if self.cache_path is not None:
+            return
         self.cache_path, self.cache_built = ensure_token_cache(
             self.corpus,
             self.tokenizer,

@@ -31,6 +31,7 @@ from llm.data import chunking
 from llm.data.corpus import Corpus
 from llm.data.encoding import Encoder, default_workers, encoded
 from llm.data.progress import BuildProgress
+from llm.interrupts import Interrupted
 from llm.io import atomic_write_json, temp_file_beside
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.bin"
 
 
-class BuildInterrupted(KeyboardInterrupt):
+class BuildInterrupted(Interrupted):
     """SIGINT/SIGTERM stopped a build: workers stopped, temp files removed, shards kept."""
 
 
@@ -105,7 +106,7 @@ def signals_raise() -> Iterator[None]:
         nonlocal raised
         if not raised:  # a second Ctrl-C must not break off the cleanup of the first
             raised = True
-            raise BuildInterrupted(signal.Signals(signum).name)
+            raise BuildInterrupted(signal.Signals(signum).name, signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -238,10 +238,17 @@ class ClassifierModule(GPTLitModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:  # type: ignore[override]
-        return self._step(batch, "val")
+        loss = self._step(batch, "val")
+        self._val_losses.append(loss.detach().float())
+        return loss
 
-    def on_validation_epoch_end(self) -> None:  # metrics are epoch-reduced by self.log
-        pass
+    def on_validation_epoch_end(self) -> None:
+        """Metrics are epoch-reduced by ``self.log``; the check before the first step, which
+        Lightning does not log, is logged as step 0 here."""
+        losses, self._val_losses = self._val_losses, []
+        if self.trainer.sanity_checking and losses:
+            loss = self.all_gather(torch.stack(losses).mean()).float().mean()
+            self.log_initial_validation({"val/loss": loss, "val/acc": self.val_acc.compute()})
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "test")

@@ -58,8 +58,8 @@ class Run:
 
     @property
     def best(self) -> tuple[float, int | None]:
-        """Lowest finite val loss and its step (NaN, None when there is none)."""
-        finite = [(v, s) for s, v in self.val_curve if math.isfinite(v)]
+        """Lowest finite val loss after training began, and its step (NaN, None: none)."""
+        finite = [(v, s) for s, v in self.val_curve if s > 0 and math.isfinite(v)]
         if not finite:
             return math.nan, None
         value, step = min(finite)
@@ -73,7 +73,7 @@ def find_runs(root: Path) -> list[Path]:
     runs = {p.parent.parent for p in root.rglob("config.yaml") if p.parent.name == ".hydra"}
     if not runs:
         raise ReportError(
-            f"No runs under {root}: a run folder has .hydra/config.yaml and tensorboard/ "
+            f"No runs under {root}: a run folder has .hydra/config.yaml and TensorBoard events "
             "(e.g. logs/train/multiruns/<date>/0_optim.lr=0.001). Pass a sweep folder "
             "(logs/train/multiruns/<date>), a logs folder or a run folder."
         )
@@ -123,10 +123,21 @@ def _trial_ref(run_dir: Path) -> tuple[str, str, int] | None:
     return storage, str(env[ENV_STUDY]), int(env[ENV_TRIAL])
 
 
+def _failed(run_dir: Path) -> bool:
+    """Whether the run's log file holds a failure (the ``llm`` command writes its traceback)."""
+    for log_file in run_dir.glob("*.log"):
+        with open(log_file, encoding="utf-8", errors="replace") as f:
+            if any("[ERROR] - run failed" in line for line in f):
+                return True
+    return False
+
+
 def _disk_status(run: Run, scalars: dict[str, list[tuple[int, float]]]) -> str:
     """Status of a run that is not an Optuna trial, from what it left on disk."""
     if (run.path / "checkpoints" / "interrupted.ckpt").is_file():  # GracefulShutdown's
         return "interrupted"
+    if _failed(run.path):
+        return "failed"
     if "hp/best_val_loss" in scalars:  # train() logs it after fit returns
         return "completed"
     newest = max((p.stat().st_mtime for p in run.path.rglob("*") if p.is_file()), default=0.0)
@@ -137,7 +148,7 @@ def load_run(run_dir: Path, root: Path) -> Run:
     """Read one run folder's overrides, scalars and (pre-Optuna) status."""
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
     run = Run(path=run_dir, name=name, overrides=_overrides(run_dir))
-    scalars = _scalars(run_dir / "tensorboard")
+    scalars = _scalars(run_dir)  # the TensorBoard events live in the run folder itself
     run.val_curve = sorted(scalars.get("val/loss", []))
     steps = [s for tag, series in scalars.items() if not tag.startswith("hp/") for s, _ in series]
     run.last_step = max(steps, default=None)
@@ -180,8 +191,14 @@ def _load_studies(runs: list[Run]) -> dict[tuple[str, str], Any]:
     return studies
 
 
+NO_VAL = "no val/loss logged"
+
+
 def _sort_key(run: Run) -> tuple[int, float, str]:
+    """Runs with a val loss by it, then runs without one, then failed runs."""
     value = run.best[0]
+    if run.status == "failed":
+        return (2, value if math.isfinite(value) else math.inf, run.name)
     return (0, value, run.name) if math.isfinite(value) else (1, 0.0, run.name)
 
 
@@ -228,13 +245,20 @@ def to_markdown(table: list[dict[str, Any]], root: Path) -> str:
     """The table as markdown; overrides shared by every run are listed once above it."""
     lists = [row["overrides"].split() for row in table]
     common = set(lists[0]).intersection(*lists[1:]) if len(lists) > 1 else set()
-    lines = [f"# Sweep report: {root}", "", f"{len(table)} runs, best val loss first.", ""]
+    lines = [
+        f"# Sweep report: {root}",
+        "",
+        f"{len(table)} runs: best val loss first, then runs without one, failed runs last.",
+        "",
+    ]
     if common:
         shared = " ".join(o for o in lists[0] if o in common)
         lines += [f"Overrides common to all runs: `{shared}`", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row, overrides in zip(table, lists, strict=True):
         cells = {**row, "overrides": " ".join(o for o in overrides if o not in common)}
+        if cells["best_val_loss"] is None:
+            cells["best_val_loss"] = NO_VAL
         lines.append(
             "| "
             + " | ".join(

@@ -1,18 +1,11 @@
-"""Training callbacks: TensorBoard text samples and attention heat maps during validation,
-and a graceful stop (checkpoint + resume command) on SIGTERM / Ctrl-C.
-
-The TensorBoard ones watch training qualitatively (does the model start to spell? do heads
-specialise?) and do nothing unless the trainer's logger is a `TensorBoardLogger`.
+"""TensorBoard callbacks that watch training qualitatively: a text sample and attention heat
+maps at each validation (does the model start to spell? do heads specialise?). They do
+nothing unless the trainer's logger is a `TensorBoardLogger`.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
-import signal
-import sys
-import threading
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -52,7 +45,8 @@ def _encode(pl_module: L.LightningModule, text: str) -> list[int] | None:
 
 
 class SampleTextCallback(L.Callback):
-    """After each validation, sample from a fixed prompt and log it as TensorBoard text."""
+    """After each validation, sample from a fixed prompt and log it as TensorBoard text, headed
+    by the prompt and the sampling settings (so samples of different runs compare)."""
 
     def __init__(
         self,
@@ -76,7 +70,8 @@ class SampleTextCallback(L.Callback):
         if ids is None:
             return
         model = pl_module.model
-        idx = torch.tensor([ids[-model.config.block_size :]], device=pl_module.device)
+        ids = ids[-model.config.block_size :]
+        idx = torch.tensor([ids], device=pl_module.device)
         with torch.no_grad():
             out = model.generate(
                 idx,
@@ -85,40 +80,94 @@ class SampleTextCallback(L.Callback):
                 top_k=self.top_k,
                 seed=self.seed,
             )
-        text = pl_module.tokenizer.decode(out[0].tolist())
-        # four-space indent = markdown code block, so newlines and spacing survive
-        writer.add_text("samples/text", "    " + text.replace("\n", "\n    "), trainer.global_step)
+        writer.add_text(
+            "samples/text",
+            self.markdown(pl_module.tokenizer, ids, out[0].tolist()),
+            trainer.global_step,
+        )
+
+    def markdown(self, tokenizer: Any, prompt: list[int], ids: list[int]) -> str:
+        """The settings, then prompt and continuation as a code block (spacing survives)."""
+        settings = (
+            f"prompt `{self.prompt!r}` · temperature {self.temperature} · top_k {self.top_k} "
+            f"· max_new_tokens {self.max_new_tokens} · seed {self.seed}"
+        )
+        text = tokenizer.decode(prompt) + tokenizer.decode(ids[len(prompt) :])
+        return settings + "\n\n" + "    " + text.replace("\n", "\n    ")
 
 
 class AttentionHeatmapCallback(L.Callback):
-    """After each validation, log one layer's per-head attention on a fixed input as a figure."""
+    """After each validation, log per-head attention on a fixed input as one figure per layer.
 
-    def __init__(self, layer: int = 0, text: str = "To be, or not to be", max_tokens: int = 32):
-        self.layer = layer
+    ``layers``: a layer index, a list of them, or ``"all"``. ``text`` null reads the first
+    ``max_tokens`` tokens of the validation data, which every tokenizer can encode.
+    """
+
+    def __init__(
+        self,
+        layers: int | Sequence[int] | str = 0,
+        text: str | None = None,
+        max_tokens: int = 32,
+    ) -> None:
+        if isinstance(layers, str) and layers != "all":
+            raise ValueError(f"callbacks.attention.layers={layers!r}: an index, a list or 'all'")
+        self.layers = layers
         self.text = text
         self.max_tokens = max_tokens
+
+    def layer_indices(self, n_layer: int) -> list[int]:
+        if self.layers == "all":
+            return list(range(n_layer))
+        chosen = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+        bad = [i for i in chosen if not -n_layer <= int(i) < n_layer]
+        if bad:
+            raise ValueError(
+                f"callbacks.attention.layers={self.layers}: the model has {n_layer} layers "
+                f"(0..{n_layer - 1}); {bad} are not among them"
+            )
+        return [int(i) % n_layer for i in chosen]
+
+    def _ids(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[int] | None:
+        if self.text is not None:
+            return _encode(pl_module, self.text)
+        loaders = trainer.val_dataloaders
+        dataset = getattr(loaders[0] if isinstance(loaders, list) else loaders, "dataset", None)
+        if dataset is None or len(dataset) == 0:
+            return None
+        return [int(i) for i in dataset[0][0]]  # the first window's inputs
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer = _tensorboard(trainer)
         if writer is None or not _should_run(trainer):
             return
-        ids = _encode(pl_module, self.text)
-        if ids is None:
+        ids = self._ids(trainer, pl_module)
+        if not ids:
             return
         model = pl_module.model
         ids = ids[: min(self.max_tokens, model.config.block_size)]
         idx = torch.tensor([ids], device=pl_module.device)
-        maps = model.attention_maps(idx, self.layer)[0].float().cpu()  # (H, T, T)
         tok = pl_module.tokenizer
         pieces = getattr(tok, "pieces", None)  # per-token strings, when the tokenizer has them
         labels = list(pieces(ids)) if pieces else [tok.decode([i]) for i in ids]
-        writer.add_figure(
-            f"attention/layer{self.layer}", heatmap_figure(maps, labels), trainer.global_step
-        )
+        for layer in self.layer_indices(model.config.n_layer):
+            maps = model.attention_maps(idx, layer)[0].float().cpu()  # (H, T, T)
+            figure = heatmap_figure(maps, labels, title=f"layer {layer}")
+            writer.add_figure(f"attention/layer{layer}", figure, trainer.global_step)
 
 
-def heatmap_figure(maps: torch.Tensor, labels: list[str] | None = None) -> Any:
-    """A grid of (T, T) heat maps, one per head; rows are queries, columns keys."""
+# whitespace made visible, so the token a head attends to can be read off the axis
+_VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+def visible(piece: str) -> str:
+    """A token's text with its whitespace drawn (␣, ↵, ⇥) and other control characters escaped."""
+    out = "".join(_VISIBLE.get(c, c if c.isprintable() else repr(c)[1:-1]) for c in piece)
+    return out or "∅"
+
+
+def heatmap_figure(maps: torch.Tensor, labels: list[str] | None = None, title: str = "") -> Any:
+    """A grid of (T, T) heat maps, one per head: query rows, key columns, one shared colour
+    bar; token labels on the axes (whitespace visible) while they stay legible."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,129 +176,29 @@ def heatmap_figure(maps: torch.Tensor, labels: list[str] | None = None) -> Any:
     n_head, t = maps.shape[0], maps.shape[-1]
     cols = min(n_head, 4)
     rows = (n_head + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    cell = max(3.0, 0.16 * t)  # inches per head: ~0.16 per token keeps 32 labels readable
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cell * cols + 1.2, cell * rows + 0.6), squeeze=False
+    )
+    image = None
     for h, ax in enumerate(axes.flat):
         if h >= n_head:
             ax.axis("off")
             continue
-        ax.imshow(maps[h].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_title(f"head {h}", fontsize=8)
-        if labels is not None and t <= 32:
-            shown = [repr(s)[1:-1] for s in labels]
-            ax.set_xticks(range(t), shown, rotation=90, fontsize=5)
-            ax.set_yticks(range(t), shown, fontsize=5)
+        image = ax.imshow(maps[h].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xlabel("key (attended to)", fontsize=8)
+        ax.set_ylabel("query (attending)", fontsize=8)
+        if labels is not None and t <= 48:
+            shown = [visible(s) for s in labels]
+            ax.set_xticks(range(t), shown, rotation=90, fontsize=7)
+            ax.set_yticks(range(t), shown, fontsize=7)
         else:
             ax.set_xticks([])
             ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
     return fig
-
-
-class GracefulShutdown(L.Callback):
-    """SIGTERM or a first Ctrl-C: finish the current batch, checkpoint, stop cleanly.
-
-    The checkpoint goes to ``dirpath/filename`` (written to a temporary file, then renamed) and
-    the command to resume from it is printed. A second Ctrl-C interrupts at once (Lightning's
-    own KeyboardInterrupt handling). Handlers are installed for the training run only, and only
-    in the main thread (signal handlers cannot be set elsewhere).
-    """
-
-    def __init__(
-        self,
-        dirpath: str | None = None,
-        filename: str = "interrupted.ckpt",
-        command: str = "llm train",
-    ) -> None:
-        self.dirpath = dirpath
-        self.filename = filename
-        self.command = command  # the verb the resume hint names (llm train, llm finetune)
-        self.signum: int | None = None
-        self.ckpt_path: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            self._restore()
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(
-            f"\nReceived {signal.Signals(signum).name}: stopping after this batch "
-            "and saving a checkpoint (Ctrl-C again to abort)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def _restore(self) -> None:
-        for signum, previous in self._previous.items():
-            if signal.getsignal(signum) == self._handler:
-                signal.signal(signum, previous)
-        self._previous = {}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signum, self.ckpt_path = None, None
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._handler)
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        stop = self.signum is not None
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
-            return
-        folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-        path = folder / self.filename
-        tmp = folder / f".{self.filename}.tmp"
-        if trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, path)
-            self.ckpt_path = str(path)
-            print(resume_message(path, command=self.command), file=sys.stderr, flush=True)
-        trainer.strategy.barrier("graceful_shutdown")
-        trainer.should_stop = True
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore()
-
-
-def resume_message(
-    path: str | os.PathLike[str],
-    overrides: list[str] | None = None,
-    command: str = "llm train",
-) -> str:
-    """How to resume from ``path``: this run's overrides with ``ckpt_path`` replaced.
-
-    The overrides are the job's own (Hydra's ``overrides.task``: a sweep job's values, not the
-    sweep's lists); the run folder is pinned so the resumed run continues in the same one.
-    """
-    if overrides is None:
-        overrides = _job_overrides()
-    args = [a for a in overrides if a.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
-    quoted = [shlex.quote(a) for a in [f"ckpt_path={path}", *args]]
-    cmd = " ".join([command, *quoted])
-    return f"Checkpoint saved to {path}\nResume with: {cmd}"
-
-
-def _job_overrides() -> list[str]:
-    """This job's overrides (a sweep job's own values) and its run folder, or the bare argv."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return sys.argv[1:]
-    hydra_cfg = HydraConfig.get()
-    pinned = [o for o in hydra_cfg.overrides.task if not str(o).startswith("hydra.run.dir=")]
-    return [*map(str, pinned), f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]

@@ -7,6 +7,8 @@ own and loads with `torch.load(..., weights_only=True)`.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +22,8 @@ from torch import Tensor
 from llm.finetuning.lora import apply_lora
 from llm.model import GPT, GPTConfig
 from llm.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
 
 
 def plain(obj: Any) -> Any:
@@ -49,13 +53,15 @@ def peak_flops(device: torch.device, precision: Any) -> float | None:
         return None
 
 
-def check_finite(loss: Tensor, step: int) -> None:
-    """Stop on a NaN/inf loss, with what usually causes it (reads the loss on the host)."""
-    if not torch.isfinite(loss.detach()).item():
+def check_finite(loss: Tensor, step: int) -> float:
+    """The loss as a number; a NaN/inf one stops the run, with what usually causes it."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
         raise RuntimeError(
-            f"training loss is {loss.item()} at global step {step} "
+            f"training loss is {value} at global step {step} "
             "(try a lower optim.lr, gradient clipping, or bf16 instead of fp16)"
         )
+    return value
 
 
 class GPTLitModule(L.LightningModule):
@@ -106,6 +112,8 @@ class GPTLitModule(L.LightningModule):
         self._val_losses: list[Tensor] = []
         self._window_start: float | None = None  # throughput window (see training_step)
         self._window_tokens = 0
+        self.train_tokens, self.train_seconds = 0, 0.0  # over the run, validation excluded
+        self.val_history: list[tuple[int, dict[str, float]]] = []  # (step, val metrics), rank 0
         self._val_started: float | None = None
         self._peak_flops: float | None = None
         self._compiled: Any = None
@@ -134,33 +142,58 @@ class GPTLitModule(L.LightningModule):
             self._window_start, self._window_tokens = now, 0
         else:  # one more step (backward, update, next batch, forward) since the last call
             self._window_tokens += x.numel() * self.trainer.world_size
-        # metrics on logging steps only: `self.log` is not free, and the loggers and the
-        # progress bar read them no more often than that anyway
         if self._logging_step():  # the only steps that read the loss on the host
-            check_finite(loss, self.global_step)
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-            opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
-            if opt is not None:
-                self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
-            self._log_throughput(now)
+            self._log_train_metrics(loss, now)
         return loss
 
-    def _logging_step(self) -> bool:
-        """Whether Lightning writes this step's metrics to the loggers (its own rule: after
-        steps log_every_n_steps - 1, 2 * log_every_n_steps - 1, ...), so that what is logged
-        here is this step's value, not one left over from an earlier step."""
-        return (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
+    def _log_train_metrics(self, loss: Tensor, now: float) -> None:
+        """This step's loss, learning rates and throughput, written to the loggers at this step
+        (the number of optimizer steps taken, as val points are), and shown by the progress
+        bar. Written directly rather than through Lightning's cadence, so that train points
+        fall on 0, n, 2n, ... like the validations, and no `epoch` scalar comes along."""
+        metrics = {"train/loss": check_finite(loss, self.global_step)}
+        for opt in self.trainer.optimizers:  # one curve per parameter group, by its name
+            for i, group in enumerate(opt.param_groups):
+                metrics[f"lr/{group.get('name', f'group{i}')}"] = float(group["lr"])
+        metrics.update(self._throughput(now))
+        self.log("train/loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        for key in ("train/tokens_per_sec", "train/mfu"):
+            if key in metrics:
+                shown = key == "train/tokens_per_sec"
+                self.log(key, metrics[key], prog_bar=shown, logger=False, on_step=True)
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
 
-    def _log_throughput(self, now: float) -> None:
+    def _logging_step(self) -> bool:
+        """Every ``trainer.log_every_n_steps`` optimizer steps, from step 0."""
+        return self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
+
+    def tokens_per_second(self) -> float | None:
+        """Training throughput over the run so far (validation time excluded)."""
+        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None
+
+    def _throughput(self, now: float) -> dict[str, float]:
         """Tokens/s (and MFU) over the steps since the last logging step."""
         if not self._window_tokens or self._window_start is None:
-            return
-        tps = self._window_tokens / max(now - self._window_start, 1e-9)
-        self.log("train/tokens_per_sec", tps, prog_bar=True, on_step=True, on_epoch=False)
-        if self._peak_flops:
-            mfu = self.model.estimate_mfu(tps / self.trainer.world_size, self._peak_flops)
-            self.log("train/mfu", mfu, on_step=True, on_epoch=False)
+            return {}
+        seconds = max(now - self._window_start, 1e-9)
+        self.train_tokens += self._window_tokens
+        self.train_seconds += seconds
+        tps = self._window_tokens / seconds
         self._window_start, self._window_tokens = now, 0
+        out = {"train/tokens_per_sec": tps}
+        if self._peak_flops:
+            out["train/mfu"] = self.model.estimate_mfu(
+                tps / self.trainer.world_size, self._peak_flops
+            )
+        return out
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Stop at the last step through ``should_stop``, which makes Lightning validate once
+        more whatever ``val_check_interval`` is: every run ends with a val loss."""
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Total gradient norm before clipping, on logging steps, straight to the loggers.
@@ -187,6 +220,11 @@ class GPTLitModule(L.LightningModule):
         if self._window_start is not None and self._val_started is not None:
             self._window_start += time.perf_counter() - self._val_started
         self._val_started = None
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            metrics = self.trainer.callback_metrics
+            shown = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+            self.val_history.append((self.global_step, shown))
+            self.print_validation(shown, self.global_step)
 
     def on_validation_epoch_start(self) -> None:
         self._val_losses = []
@@ -203,14 +241,36 @@ class GPTLitModule(L.LightningModule):
             return
         mean = torch.stack(self._val_losses).mean()
         mean = self.all_gather(mean).float().mean()  # same value on every rank
+        self._val_losses = []
+        if self.trainer.sanity_checking:
+            self.log_initial_validation({"val/loss": mean, "val/ppl": mean.clamp(max=50.0).exp()})
+            return
         # already identical on every rank; sync_dist only silences Lightning's DDP warning
+        ppl = torch.exp(mean.clamp(max=50.0))
         self.log("val/loss", mean, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(mean.clamp(max=50.0)), sync_dist=True)
+        self.log("val/ppl", ppl, sync_dist=True)
+
         # x-axis = optimizer steps taken (Lightning would log these at global_step - 1, as the
         # validation after step 250 runs before its step counter for loggers moves on)
         if self.trainer.state.fn == "fit":
             self.log("step", float(self.global_step), sync_dist=True)
-        self._val_losses = []
+
+    def log_initial_validation(self, metrics: dict[str, Tensor]) -> None:
+        """The validation Lightning runs before the first step (its sanity check, which it never
+        logs) as step 0 of the curves, as nanoGPT evaluates before training; a resumed run's
+        check is not logged again."""
+        if self.global_step != 0 or not self.trainer.is_global_zero:
+            return
+        values = {k: float(v) for k, v in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=0)
+        self.val_history.append((0, values))
+        self.print_validation(values, step=0)
+
+    def print_validation(self, metrics: dict[str, float], step: int) -> None:
+        """Each validation's losses into the run's log file (and the console's log)."""
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        log.info("validation at step %d: %s", step, shown)
 
     # -- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -32,9 +32,9 @@ def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
 def _decay_split(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    return [  # named: the learning rate is logged per group (lr/decay, lr/no_decay, lr/muon)
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 
@@ -189,7 +189,8 @@ def build_optimizer(model: nn.Module, optim: Mapping[str, Any]) -> torch.optim.O
     if hidden:
         m = dict(optim.get("muon") or {})
         dtype = m.pop("ns_dtype", None)
-        parts.append(Muon(hidden, ns_dtype=getattr(torch, dtype) if dtype else None, **m))
+        muon = [{"params": hidden, "name": "muon"}]
+        parts.append(Muon(muon, ns_dtype=getattr(torch, dtype) if dtype else None, **m))
     if not parts:
         raise ValueError("the model has no trainable parameters")
     return parts[0] if len(parts) == 1 else CombinedOptimizer(*parts)

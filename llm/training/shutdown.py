@@ -1,0 +1,147 @@
+"""A clean stop on SIGTERM or Ctrl-C: finish the batch, checkpoint, say how to resume, and end
+with the signal's exit status (130 for Ctrl-C, 143 for SIGTERM) so schedulers and `&&` chains
+see an interrupted run."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from llm.interrupts import Interrupted
+
+
+class GracefulShutdown(L.Callback):
+    """SIGTERM or a first Ctrl-C: finish the current batch, checkpoint, stop cleanly.
+
+    The checkpoint goes to ``dirpath/filename`` (written to a temporary file, then renamed) and
+    the command to resume from it is printed; :meth:`interrupted` is the exception the command
+    ends with. A second Ctrl-C interrupts at once (Lightning's own KeyboardInterrupt handling).
+    Handlers are installed for the training run only, and only in the main thread (signal
+    handlers cannot be set elsewhere). Under DDP the ranks agree to stop every
+    ``sync_every_n_steps`` steps, so other steps never wait on a collective.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "interrupted.ckpt",
+        command: str = "llm train",
+        sync_every_n_steps: int = 10,
+    ) -> None:
+        self.dirpath = dirpath
+        self.filename = filename
+        self.command = command  # the verb the resume hint names (llm train, llm finetune)
+        self.sync_every_n_steps = max(int(sync_every_n_steps), 1)
+        self.message = ""
+        self.signum: int | None = None
+        self.ckpt_path: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            self._restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\nReceived {signal.Signals(signum).name}: stopping after this batch "
+            "and saving a checkpoint (Ctrl-C again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handler:
+                signal.signal(signum, previous)
+        self._previous = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signum, self.ckpt_path = None, None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handler)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        stop = self.signum is not None
+        if trainer.world_size > 1:
+            if trainer.global_step % self.sync_every_n_steps:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            if stop and self.signum is None:  # another rank's signal
+                self.signum = signal.SIGTERM
+        if not stop:
+            return
+        folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        path = folder / self.filename
+        tmp = folder / f".{self.filename}.tmp"
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+            self.ckpt_path = str(path)
+            self.message = resume_message(path, command=self.command)
+            print(self.message, file=sys.stderr, flush=True)
+        trainer.strategy.barrier("graceful_shutdown")
+        trainer.should_stop = True
+        # should_stop alone also validates once more (the module's end-of-run validation);
+        # a stop on a signal must be quick, so skip it
+        trainer.fit_loop.epoch_loop._skip_next_val = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def interrupted(self) -> Interrupted | None:
+        """What the command ends with after a signal stopped the run (None if none did)."""
+        if self.signum is None:
+            return None
+        name = signal.Signals(self.signum).name
+        return Interrupted(f"Stopped by {name}.\n{self.message}".strip(), self.signum)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+
+def resume_message(
+    path: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    command: str = "llm train",
+) -> str:
+    """How to resume from ``path``: this run's overrides with ``ckpt_path`` replaced.
+
+    The overrides are the job's own (Hydra's ``overrides.task``: a sweep job's values, not the
+    sweep's lists); the run folder is pinned so the resumed run continues in the same one.
+    """
+    if overrides is None:
+        overrides = _job_overrides()
+    args = [a for a in overrides if a.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
+    quoted = [shlex.quote(a) for a in [f"ckpt_path={path}", *args]]
+    cmd = " ".join([command, *quoted])
+    return f"Checkpoint saved to {path}\nResume with: {cmd}"
+
+
+def _job_overrides() -> list[str]:
+    """This job's overrides (a sweep job's own values) and its run folder, or the bare argv."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return sys.argv[1:]
+    hydra_cfg = HydraConfig.get()
+    pinned = [o for o in hydra_cfg.overrides.task if not str(o).startswith("hydra.run.dir=")]
+    return [*map(str, pinned), f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]
