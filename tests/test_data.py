@@ -427,7 +427,8 @@ def test_datamodule_corpus_too_short(tmp_path: Path, gpt2: TiktokenTokenizer) ->
 
 @pytest.mark.parametrize(("block_size", "stride"), [(0, None), (-1, None), (8, 0), (8, -2)])
 def test_datamodule_bad_sizes(block_size: int, stride: int | None, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="must be a positive integer"):
+    key = "data.block_size" if block_size <= 0 else "data.stride"
+    with pytest.raises(ValueError, match=rf"{key}=-?\d+: must be an integer >= 1"):
         TextDataModule(TextFiles(tmp_path), None, block_size=block_size, stride=stride)
 
 

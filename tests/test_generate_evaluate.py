@@ -136,9 +136,9 @@ def test_corrupt_and_foreign_checkpoints_are_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("verb", "arg", "message"),
     [
-        ("generate", "max_new_tokens=-1", "max_new_tokens must be >= 0"),
-        ("generate", "num_samples=0", "num_samples >= 1"),
-        ("evaluate", "limit_batches=0", "limit_batches must be >= 1"),
+        ("generate", "max_new_tokens=-1", "max_new_tokens=-1: must be an integer >= 0"),
+        ("generate", "num_samples=0", "num_samples=0: must be an integer >= 1"),
+        ("evaluate", "limit_batches=0", "limit_batches=0: must be an integer >= 1 or null"),
     ],
 )
 def test_cli_refuses_counts_that_would_do_nothing(

@@ -35,7 +35,9 @@ def test_config_defaults_are_gpt2_small() -> None:
 
 
 def test_config_errors_are_clear() -> None:
-    with pytest.raises(ValueError, match=r"n_embd=100 is not divisible by n_head=3.*try"):
+    with pytest.raises(
+        ValueError, match=r"model.n_embd=100 is not divisible by model.n_head=3.*try"
+    ):
         GPTConfig(vocab_size=10, n_embd=100, n_head=3)
     with pytest.raises(ValueError, match=r"pos_encoding='alibi'.*learned.*sinusoidal.*rope"):
         GPTConfig(vocab_size=10, pos_encoding="alibi")
@@ -43,7 +45,7 @@ def test_config_errors_are_clear() -> None:
         GPTConfig(vocab_size=10, attn_impl="flash")
     with pytest.raises(ValueError, match=r"vocab_size.*tokenizer"):
         GPTConfig(vocab_size=None)
-    with pytest.raises(ValueError, match="n_layer must be a positive int"):
+    with pytest.raises(ValueError, match=r"model\.n_layer=0: must be an integer >= 1"):
         GPTConfig(vocab_size=10, n_layer=0)
     with pytest.raises(ValueError, match="dropout"):
         GPTConfig(vocab_size=10, dropout=1.5)

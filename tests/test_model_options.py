@@ -250,7 +250,7 @@ def test_a_long_context_allocates_no_t_by_t_mask() -> None:
         (dict(rope_theta=-1.0), r"model.rope_theta must be a positive number"),
         (dict(qk_norm="yes"), r"model.qk_norm must be true or false"),
         (dict(rope_scaling={"rope_type": "yarn"}), r"model.rope_scaling.*only Llama 3's"),
-        (dict(n_embd=30, n_head=4), r"not divisible by n_head=4.*model.head_dim"),
+        (dict(n_embd=30, n_head=4), r"not divisible by model.n_head=4.*model.head_dim"),
     ],
 )
 def test_config_errors_name_the_key(kw: dict, message: str) -> None:

@@ -147,7 +147,9 @@ def test_bad_schedule_settings_are_refused() -> None:
     opt = build_optimizer(_Net(), OPTIM)
     with pytest.raises(ValueError, match=r"optim.schedule='step'.*cosine.*wsd"):
         build_scheduler(opt, {**OPTIM, "schedule": "step"}, 10)
-    with pytest.raises(ValueError, match=r"optim.decay_fraction must be in \(0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"optim.decay_fraction=0.0: must be a finite number > 0.0 and <= 1.0"
+    ):
         build_scheduler(opt, {**OPTIM, "schedule": "wsd", "decay_fraction": 0.0}, 10)
     with pytest.raises(ValueError, match=r"optim.name='sgd'.*adamw.*muon"):
         build_optimizer(_Net(), {**OPTIM, "name": "sgd"})

@@ -519,9 +519,9 @@ def test_data_config_keys(tmp_path: Path) -> None:
     from llm.data import TextDataModule
 
     for bad, msg in [
-        ({"shard_tokens": 0}, "shard_tokens must be a positive integer"),
-        ({"max_tokens": 0}, "max_tokens must be a positive integer or null"),
-        ({"tokenize_workers": 0}, "tokenize_workers must be >= 1 or null"),
+        ({"shard_tokens": 0}, "data.shard_tokens=0: must be an integer >= 1"),
+        ({"max_tokens": 0}, "data.max_tokens=0: must be an integer >= 1 or null"),
+        ({"tokenize_workers": 0}, "data.tokenize_workers=0: must be an integer >= 1 or null"),
     ]:
         with pytest.raises(ValueError, match=msg):
             TextDataModule(TextFiles(f), CharTokenizer(), 8, **bad)

@@ -79,7 +79,9 @@ def test_special_token_survives_a_chunk_boundary(tmp_path: Path, monkeypatch) ->
 def test_val_fraction_must_leave_a_val_split(tmp_path: Path) -> None:
     corpus = _corpus(tmp_path / "v", TEXT * 4)
     for bad in (0.0, 1.0, -0.1):
-        with pytest.raises(ValueError, match=r"val_fraction must be between 0 and 1.*held out"):
+        with pytest.raises(
+            ValueError, match=r"data.val_fraction=.*must be between 0 and 1.*held out"
+        ):
             TextDataModule(corpus, CharTokenizer(), block_size=8, val_fraction=bad)
     dm = TextDataModule(
         corpus, CharTokenizer(), block_size=64, val_fraction=0.05, cache_dir=tmp_path / "c"

@@ -165,12 +165,24 @@ def debug() -> bool:
 
 def report_error(error: BaseException) -> str:
     """A failed command as a few lines: what went wrong and where, no traceback."""
-    lines = [f"Error: {describe_error(error)}"]
-    cause = error.__cause__
-    if cause is not None and str(cause) and str(cause) not in lines[0]:
-        lines.append(f"  ({describe_error(cause)})")
-    lines.append("Set HYDRA_FULL_ERROR=1 for the traceback.")
-    return "\n".join(lines)
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(error, InstantiationException) and isinstance(error.__cause__, ValueError):
+        error = error.__cause__  # our own check, raised while Hydra built the object
+    missing = error
+    while missing is not None and not isinstance(missing, MissingMandatoryValue):
+        missing = missing.__cause__ or missing.__context__
+    if missing is not None:
+        error = missing
+    if isinstance(error, MissingMandatoryValue):
+        key = getattr(error, "full_key", None) or "the key"
+        return (
+            f"Error: {key} is required and has no value: set it on the command line, "
+            f"e.g. {key}=...\nSet HYDRA_FULL_ERROR=1 for the traceback."
+        )
+    # our messages say what to do; the exception they were raised from is in the traceback
+    return f"Error: {describe_error(error)}\nSet HYDRA_FULL_ERROR=1 for the traceback."
 
 
 def describe_error(error: BaseException) -> str:

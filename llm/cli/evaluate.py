@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, open_dict
 
+from llm import checks
 from llm.cli.app import hydra_app, resolve_device
 
 
@@ -20,10 +21,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     from llm.evaluation.loss import evaluate
     from llm.tokenizers import tokenizer_from_dict
 
-    if cfg.limit_batches is not None and int(cfg.limit_batches) < 1:
-        raise ValueError(
-            f"limit_batches must be >= 1 (null: the whole split), got {cfg.limit_batches}"
-        )
+    checks.integer("limit_batches", cfg.limit_batches, minimum=1, nullable=True, example=20)
     module = load_checkpoint(cfg.ckpt_path, resolve_device(str(cfg.device)), kind="lm")
     data = cfg.data.copy()
     with open_dict(data):

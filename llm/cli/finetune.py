@@ -18,7 +18,7 @@ from llm.cli.runs import (
     announce,
     best_val_loss,
     build_trainer,
-    check_steps,
+    check_run,
     checkpoint_paths,
     end_metrics,
     hparams,
@@ -43,7 +43,9 @@ def validate(cfg: DictConfig) -> None:
             "init= is required: a llm checkpoint (.ckpt), a Hugging Face model folder, or a "
             "hub name such as init=gpt2"
         )
-    check_steps(cfg)
+    check_run(cfg)
+    if "path" in cfg.data.keys():
+        _ = cfg.data.path  # a `???` left unset raises here, naming data.path, before any load
 
 
 def _tokenizer(cfg: DictConfig, init: Any) -> Any:

@@ -8,7 +8,20 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from llm import checks
 from llm.cli.app import hydra_app, read_free_text, resolve_device
+
+
+def sampling_settings(cfg: DictConfig) -> dict:
+    """The sampling keys, checked (each error names its key)."""
+    checks.integer("num_samples", cfg.get("num_samples", 1), minimum=1, example=3)
+    return {
+        "max_new_tokens": checks.integer("max_new_tokens", cfg.max_new_tokens, minimum=0),
+        "temperature": checks.number("temperature", cfg.temperature, minimum=0.0, example=0.8),
+        "top_k": checks.integer("top_k", cfg.top_k, minimum=1, nullable=True, example=200),
+        "top_p": checks.number("top_p", cfg.top_p, above=0.0, maximum=1.0, nullable=True),
+        "seed": checks.integer("seed", cfg.seed, nullable=True, example=1337),
+    }
 
 
 @hydra_app("generate")
@@ -17,25 +30,21 @@ def main(cfg: DictConfig) -> None:
     from llm.checkpoint import load_language_model
     from llm.inference import generate_text
 
-    if int(cfg.max_new_tokens) < 0 or int(cfg.num_samples) < 1:
-        raise ValueError(
-            "max_new_tokens must be >= 0 and num_samples >= 1, got "
-            f"{cfg.max_new_tokens} and {cfg.num_samples}"
-        )
+    settings = sampling_settings(cfg)
     prompt = read_free_text(cfg, "prompt")
     lm = load_language_model(cfg.ckpt_path, resolve_device(str(cfg.device)))
     for i in range(int(cfg.num_samples)):
         if i:
             print("\n" + "-" * 40)
-        seed = None if cfg.seed is None else int(cfg.seed) + i
+        seed = None if settings["seed"] is None else settings["seed"] + i
         text = generate_text(
             lm.model,
             lm.tokenizer,
             prompt,
-            int(cfg.max_new_tokens),
-            temperature=float(cfg.temperature),
-            top_k=None if cfg.top_k is None else int(cfg.top_k),
-            top_p=None if cfg.top_p is None else float(cfg.top_p),
+            settings["max_new_tokens"],
+            temperature=settings["temperature"],
+            top_k=settings["top_k"],
+            top_p=settings["top_p"],
             seed=seed,
         )
         print(text, flush=True)

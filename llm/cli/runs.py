@@ -11,6 +11,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llm import checks
 from llm.cli.sweep import check_multirun_strategy
 
 log = logging.getLogger("llm")
@@ -31,14 +32,13 @@ def _is_hparam(key: str) -> bool:
     )
 
 
-def check_steps(cfg: DictConfig) -> None:
-    """Fail fast, before any data is read, on step settings that cannot train."""
-    max_steps = cfg.trainer.get("max_steps")
-    if max_steps is None or int(max_steps) <= 0:
-        raise ValueError(
-            f"trainer.max_steps must be > 0 (got {max_steps}): training is step-based, "
-            "e.g. trainer.max_steps=2000"
-        )
+def check_run(cfg: DictConfig) -> None:
+    """Fail fast, before any data is read, on the settings every training run shares."""
+    from llm.training.optim import check_optim
+
+    checks.integer("trainer.max_steps", cfg.trainer.get("max_steps"), minimum=1, example=2000)
+    checks.integer("seed", cfg.get("seed"), example=1337)
+    check_optim(OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
     check_multirun_strategy(cfg)
 
 

@@ -16,7 +16,7 @@ from llm.cli.runs import (
     announce,
     best_val_loss,
     build_trainer,
-    check_steps,
+    check_run,
     checkpoint_paths,
     end_metrics,
     hparams,
@@ -32,7 +32,10 @@ log = logging.getLogger("llm")
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast, before any data is tokenized, on settings that cannot train."""
-    check_steps(cfg)
+    import hydra
+
+    check_run(cfg)
+    hydra.utils.instantiate(cfg.model, vocab_size=1)  # model.* checked (vocab from the data)
     data_bs = cfg.get("data", {}).get("block_size")
     if data_bs is not None and int(data_bs) > int(cfg.model.block_size):
         raise ValueError(

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from llm import checks
 from llm.data.cache import (
     DEFAULT_SHARD_TOKENS,
     cache_folder,
@@ -142,15 +143,15 @@ class TextDataModule(L.LightningDataModule):
             self.corpus = corpus
         else:
             self.corpus = corpus(path=path) if path is not None else corpus()
-        if block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {block_size}")
-        if stride is not None and stride <= 0:
-            raise ValueError(f"stride must be a positive integer, got {stride}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(
-                f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}: it is the "
+        # the keys are the data group's: this module is configured as `data`
+        checks.integer("data.block_size", block_size, minimum=1, example=64)
+        checks.integer("data.stride", stride, minimum=1, nullable=True, example=1)
+        checks.integer("data.batch_size", batch_size, minimum=1, example=12)
+        checks.integer("data.num_workers", num_workers, minimum=0, example=2)
+        checks.integer("data.seed", seed, example=1337)
+        if not (isinstance(val_fraction, float | int) and 0.0 < val_fraction < 1.0):
+            raise checks.SettingError(
+                f"data.val_fraction={val_fraction!r}: must be between 0 and 1 (exclusive): the "
                 "share of tokens held out for validation (to skip validation, keep it and set "
                 "trainer.limit_val_batches=0)"
             )
@@ -163,12 +164,9 @@ class TextDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.seed = int(seed)
-        if tokenize_workers is not None and int(tokenize_workers) < 1:
-            raise ValueError(f"tokenize_workers must be >= 1 or null, got {tokenize_workers}")
-        if int(shard_tokens) < 1:
-            raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens}")
-        if max_tokens is not None and int(max_tokens) < 1:
-            raise ValueError(f"max_tokens must be a positive integer or null, got {max_tokens}")
+        checks.integer("data.tokenize_workers", tokenize_workers, minimum=1, nullable=True)
+        checks.integer("data.shard_tokens", shard_tokens, minimum=1, example=100_000_000)
+        checks.integer("data.max_tokens", max_tokens, minimum=1, nullable=True, example=10**9)
         self.tokenize_workers = None if tokenize_workers is None else int(tokenize_workers)
         self.shard_tokens = int(shard_tokens)
         self.max_tokens = None if max_tokens is None else int(max_tokens)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from llm.finetuning.records import (
+    encode_field,
     examples_loader,
     read_records,
     require_columns,
@@ -130,11 +131,11 @@ class ClassificationDataModule(L.LightningDataModule):
             self.labels = sorted({str(r[self.label_column]) for r in train})
         if len(self.labels) < 2:
             raise ValueError(f"{self.path}: need at least 2 distinct labels, got {self.labels}")
+        encoded = {  # each text once, errors named by file and line
+            id(r): encode_field(self.tokenizer, r, self.text_column) for r in [*train, *val, *test]
+        }
         if self.max_length is None:  # longest training text, as LLMs-from-scratch pads
-            longest = max(
-                len(s)
-                for s in encode_texts(self.tokenizer, [r[self.text_column] for r in train], 1 << 30)
-            )
+            longest = max(len(encoded[id(r)]) for r in train)
             self.max_length = min(longest, self.block_size or longest)
         index = {lab: i for i, lab in enumerate(self.labels)}
         for name, part in (("train", train), ("val", val), ("test", test)):
@@ -144,9 +145,10 @@ class ClassificationDataModule(L.LightningDataModule):
                     f"{name} split has labels {unknown} not among the training labels "
                     f"{self.labels}; add examples or set data.labels"
                 )
-            ids = encode_texts(self.tokenizer, [r[self.text_column] for r in part], self.max_length)
+            pad = [self.tokenizer.eot_id or 0]  # an empty text: the eot token alone
             self.splits[name] = [
-                (s, index[str(r[self.label_column])]) for s, r in zip(ids, part, strict=True)
+                (encoded[id(r)][: self.max_length] or pad, index[str(r[self.label_column])])
+                for r in part
             ]
 
     def setup(self, stage: str | None = None) -> None:

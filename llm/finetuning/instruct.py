@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from llm.finetuning.records import examples_loader, read_records, split_records
+from llm.finetuning.records import (
+    encode_field,
+    examples_loader,
+    read_records,
+    split_records,
+)
 from llm.io import atomic_write_json
 
 PREAMBLE = (
@@ -53,10 +58,44 @@ def check_records(rows: Sequence[dict[str, Any]], path: Any) -> None:
 def encode_example(
     tokenizer: Any, record: dict[str, Any], max_length: int
 ) -> tuple[list[int], int]:
-    """(prompt + response + eot ids truncated to max_length + 1, prompt length)."""
-    prompt = list(tokenizer.encode(format_prompt(record)))
-    ids = prompt + list(tokenizer.encode(record["output"])) + [tokenizer.eot_id]
+    """(prompt + response + eot ids truncated to max_length + 1, prompt length).
+
+    A text the tokenizer cannot encode is named by its file, line and field.
+    """
+    try:
+        prompt = list(tokenizer.encode(format_prompt(record)))
+    except ValueError:
+        for key in ("instruction", "input"):  # which field: the template itself encodes
+            encode_field(tokenizer, record, key)
+        raise
+    ids = prompt + encode_field(tokenizer, record, "output") + [tokenizer.eot_id]
     return ids[: max_length + 1], len(prompt)
+
+
+def check_template(tokenizer: Any) -> None:
+    """The Alpaca template must encode: a char vocabulary fitted on another text may lack its
+    characters ('#', ':', ...), which no record could then work around."""
+    template = format_prompt({"instruction": "", "input": ""}) + format_prompt(
+        {"instruction": "", "input": " "}
+    )
+    try:
+        tokenizer.encode(template)
+    except ValueError as e:
+        missing = sorted({c for c in template if _fails(tokenizer, c)})
+        raise ValueError(
+            f"the tokenizer cannot encode the Alpaca prompt template of task=instruct: its "
+            f"vocabulary lacks {missing} ({e}). A char-level checkpoint only knows the "
+            "characters of its pretraining corpus: pretrain on text that has them, or use a "
+            "BPE tokenizer (tokenizer=gpt2, or init= Hugging Face weights)"
+        ) from e
+
+
+def _fails(tokenizer: Any, text: str) -> bool:
+    try:
+        tokenizer.encode(text)
+    except ValueError:
+        return True
+    return False
 
 
 def collate(
@@ -123,11 +162,17 @@ class InstructDataModule(L.LightningDataModule):
     def _read(self, path: str) -> list[dict[str, Any]]:
         rows = read_records(path)
         check_records(rows, path)
+        if all(not str(r["output"]).strip() for r in rows):
+            raise ValueError(
+                f"{path}: every record's output is empty: there is no response to learn from; "
+                "fill in the output field"
+            )
         return rows
 
     def prepare_data(self) -> None:
         if self.examples:
             return
+        check_template(self.tokenizer)
         rows = self._read(self.path)
         if self.val_path:
             train, val = rows, self._read(self.val_path)

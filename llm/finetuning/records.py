@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -13,7 +14,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from llm.data.corpus import read_utf8
+
 FORMATS = ("csv", "tsv", "jsonl", "json")
+SOURCE = "_source"  # each record's file and line (or index), for errors that name the row
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -30,30 +34,73 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
 
 
 def read_records(path: str | os.PathLike[str], fmt: str = "auto") -> list[dict[str, Any]]:
-    """All rows of `path` as dicts (CSV/TSV header = keys; JSON: a list of objects)."""
+    """All rows of `path` as dicts (CSV/TSV header = keys; JSON: a list of objects).
+
+    UTF-8 with or without a byte-order mark; a bad byte, a malformed line or a CSV/TSV row
+    with a missing or extra field is refused with its byte offset or line number.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     fmt = detect_format(path, fmt)
-    with open(path, encoding="utf-8", newline="") as f:
-        if fmt in ("csv", "tsv"):
-            rows: list[Any] = list(csv.DictReader(f, delimiter="," if fmt == "csv" else "\t"))
-        elif fmt == "jsonl":
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: invalid JSON ({e})") from e
-        else:
-            rows = json.load(f)
-            if isinstance(rows, dict) and isinstance(rows.get("data"), list):
-                rows = rows["data"]
+    text = read_utf8(path).removeprefix("\ufeff")  # Excel and Notepad write a BOM
+    sources: list[str] = []
+    if fmt in ("csv", "tsv"):
+        rows: Any = _table(io.StringIO(text, newline=""), "," if fmt == "csv" else "\t", path)
+        sources = [f"{path}:{row.pop(SOURCE)}" for row in rows]
+    elif fmt == "jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: invalid JSON ({e})") from e
+                sources.append(f"{path}:{n}")
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+            rows = rows["data"]
+        sources = [f"{path} record {i}" for i in range(len(rows) if isinstance(rows, list) else 0)]
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path}: expected a list of objects (one record per row)")
     if not rows:
         raise ValueError(f"{path} holds no records")
+    for row, source in zip(rows, sources, strict=True):
+        row[SOURCE] = source
+    return rows
+
+
+def encode_field(tokenizer: Any, row: dict[str, Any], key: str, hint: str = "") -> list[int]:
+    """The ids of ``row[key]``; a text the tokenizer cannot encode (a character a char
+    vocabulary lacks) is named by its file and line."""
+    try:
+        return list(tokenizer.encode(str(row[key])))
+    except ValueError as e:
+        raise ValueError(f"{row.get(SOURCE, 'a record')}, field {key!r}: {e}{hint}") from e
+
+
+def _table(f: io.StringIO, delimiter: str, path: Path) -> list[dict[str, Any]]:
+    """CSV/TSV rows; a row whose field count is not the header's is named by its line, never
+    guessed at (csv would fill a missing field with None and gather extra ones in a list)."""
+    extra = object()
+    reader = csv.DictReader(f, delimiter=delimiter, restkey=extra)  # type: ignore[arg-type]
+    rows = []
+    for row in reader:
+        header = len(reader.fieldnames or [])
+        if extra in row or any(v is None for v in row.values()):
+            found = header + len(row.get(extra, [])) - sum(v is None for v in row.values())
+            kind = "an unquoted delimiter in a field?" if found > header else "a missing field?"
+            sep = "tab" if delimiter == "\t" else "comma"
+            raise ValueError(
+                f"{path}:{reader.line_num}: {found} {sep}-separated fields where the header "
+                f"has {header} ({kind}); fix that row, or quote fields that hold a {sep}"
+            )
+        row[SOURCE] = reader.line_num
+        rows.append(row)
     return rows
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from llm import checks
+
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
 ATTN_IMPLS = ("sdpa", "manual")
 NORMS = ("layernorm", "rmsnorm")
@@ -67,12 +69,10 @@ class GPTConfig:
                 "(conf/model/*.yaml leave it null); pass vocab_size=tokenizer.vocab_size"
             )
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not _positive_int(value):
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            checks.integer(f"model.{name}", getattr(self, name), minimum=1)
         if self.head_dim is None and self.n_embd % self.n_head != 0:
             raise ValueError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
                 + _divisor_hint(self.n_embd, self.n_head)
             )
         for name, choices in (
@@ -105,8 +105,7 @@ class GPTConfig:
         for name in ("bias", "tie_weights", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        checks.number("model.dropout", self.dropout, minimum=0.0, below=1.0, example=0.1)
         for name in ("norm_eps", "rope_theta", "logit_softcap"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and value > 0):

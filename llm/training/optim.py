@@ -8,15 +8,57 @@ as one optimizer. `optim.schedule`: nanoGPT's warmup + cosine, wsd, linear or co
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from llm import checks
+
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
+
+
+def check_optim(optim: Mapping[str, Any]) -> None:
+    """Refuse settings no run can use, naming the ``optim.<key>`` (before any data is read)."""
+    missing = [
+        k
+        for k in ("name", "lr", "min_lr", "weight_decay", "betas", "eps", "warmup_steps")
+        if k not in optim
+    ]
+    if missing:
+        raise checks.SettingError(
+            f"optim lacks {['optim.' + k for k in missing]}: compose it from conf/optim/"
+        )
+    checks.choice("optim.name", optim["name"], OPTIMIZERS)
+    lr = checks.number("optim.lr", optim["lr"], above=0.0, example=1e-3)
+    min_lr = checks.number("optim.min_lr", optim["min_lr"], minimum=0.0, example=1e-4)
+    assert lr is not None and min_lr is not None
+    if min_lr > lr:
+        raise checks.SettingError(
+            f"optim.min_lr={min_lr} is above optim.lr={lr}: the schedule decays from lr down "
+            f"to min_lr; set optim.min_lr <= {lr} (e.g. lr / 10)"
+        )
+    checks.number("optim.weight_decay", optim["weight_decay"], minimum=0.0, example=0.1)
+    betas = optim["betas"]
+    if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
+        raise checks.SettingError(f"optim.betas={betas!r}: must be two numbers, e.g. [0.9,0.95]")
+    for i, beta in enumerate(betas):
+        checks.number(f"optim.betas[{i}]", beta, minimum=0.0, below=1.0, example=0.95)
+    checks.number("optim.eps", optim["eps"], above=0.0, example=1e-8)
+    checks.integer("optim.warmup_steps", optim["warmup_steps"], minimum=0, example=100)
+    decay = optim.get("decay_steps")
+    checks.integer("optim.decay_steps", decay, minimum=1, nullable=True, example=2000)
+    checks.choice("optim.schedule", optim.get("schedule", "cosine"), SCHEDULES)
+    fraction = optim.get("decay_fraction", 0.2)
+    checks.number("optim.decay_fraction", fraction, above=0.0, maximum=1.0, example=0.2)
+    if optim["name"] == "muon":
+        m = optim.get("muon") or {}
+        checks.number("optim.muon.lr", m.get("lr"), above=0.0, example=0.02)
+        checks.number("optim.muon.momentum", m.get("momentum"), minimum=0.0, below=1.0)
+        checks.integer("optim.muon.ns_steps", m.get("ns_steps", 5), minimum=1, example=5)
 
 
 def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -176,6 +218,7 @@ def build_optimizer(model: nn.Module, optim: Mapping[str, Any]) -> torch.optim.O
     other parameter; the AdamW groups come first, so param_groups[0] is AdamW's decayed group
     under either.
     """
+    check_optim(optim)
     name = optim["name"]
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optim.name={name!r}; choose one of {list(OPTIMIZERS)}")
@@ -240,14 +283,9 @@ def build_scheduler(
     Each group's lr is its own base lr times lr_at(...) / optim.lr, so Muon's and AdamW's
     groups follow one shape, each from its own peak.
     """
+    check_optim(optim)
     lr, min_lr, warmup = float(optim["lr"]), float(optim["min_lr"]), int(optim["warmup_steps"])
     schedule, fraction = optim["schedule"], float(optim["decay_fraction"])
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown optim.schedule={schedule!r}; choose one of {list(SCHEDULES)}")
-    if lr <= 0:
-        raise ValueError(f"optim.lr must be > 0, got {lr}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"optim.decay_fraction must be in (0, 1], got {fraction}")
     decay = optim.get("decay_steps") or max_steps
     decay = int(decay) if decay and decay > 0 else max(warmup, 1)
 
