@@ -265,7 +265,13 @@ def test_validate_rejects_bad_settings() -> None:
 
     from llm.cli.train import validate
 
-    ok = {"trainer": {"max_steps": 5}, "model": {"block_size": 32}, "data": {"block_size": 32}}
+    ok = {
+        "trainer": {"max_steps": 5},
+        "model": {"_target_": "llm.model.GPTConfig", "block_size": 32},
+        "data": {"block_size": 32},
+        "optim": OPTIM,
+        "seed": 1,
+    }
     validate(OmegaConf.create(ok))
     with pytest.raises(ValueError, match="max_steps"):
         validate(OmegaConf.create({**ok, "trainer": {"max_steps": -1}}))

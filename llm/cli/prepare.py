@@ -31,7 +31,7 @@ def prepare(cfg: DictConfig) -> dict:
     """
     tokenizer = instantiate(cfg.tokenizer)
     corpus = instantiate(cfg.data.corpus)
-    path = cfg.data.path if "path" in cfg.data.keys() else None  # `???` raises: data.path
+    path = cfg.data.path if "path" in cfg.data.keys() else None  # noqa: SIM118 - `???` raises
     if callable(corpus) and not isinstance(corpus, Corpus):
         corpus = corpus(path=path) if path is not None else corpus()
     t0 = time.perf_counter()

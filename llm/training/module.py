@@ -112,7 +112,8 @@ class GPTLitModule(L.LightningModule):
         self._val_losses: list[Tensor] = []
         self._window_start: float | None = None  # throughput window (see training_step)
         self._window_tokens = 0
-        self.train_tokens, self.train_seconds = 0, 0.0  # over the run, validation excluded
+        self.train_tokens = 0  # over the run, for its summary (every rank's tokens)
+        self._clock: dict[str, float] = {}  # training time over the run, validation excluded
         self.val_history: list[tuple[int, dict[str, float]]] = []  # (step, val metrics), rank 0
         self._val_started: float | None = None
         self._peak_flops: float | None = None
@@ -132,6 +133,7 @@ class GPTLitModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._window_start = None
         self._peak_flops = peak_flops(self.device, self.trainer.precision)
+        self._clock = {"mark": time.perf_counter(), "train": 0.0}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -142,6 +144,7 @@ class GPTLitModule(L.LightningModule):
             self._window_start, self._window_tokens = now, 0
         else:  # one more step (backward, update, next batch, forward) since the last call
             self._window_tokens += x.numel() * self.trainer.world_size
+        self.train_tokens += x.numel() * self.trainer.world_size
         if self._logging_step():  # the only steps that read the loss on the host
             self._log_train_metrics(loss, now)
         return loss
@@ -171,15 +174,14 @@ class GPTLitModule(L.LightningModule):
 
     def tokens_per_second(self) -> float | None:
         """Training throughput over the run so far (validation time excluded)."""
-        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None
+        seconds = self._clock.get("train", 0.0)
+        return self.train_tokens / seconds if seconds > 0 else None
 
     def _throughput(self, now: float) -> dict[str, float]:
         """Tokens/s (and MFU) over the steps since the last logging step."""
         if not self._window_tokens or self._window_start is None:
             return {}
         seconds = max(now - self._window_start, 1e-9)
-        self.train_tokens += self._window_tokens
-        self.train_seconds += seconds
         tps = self._window_tokens / seconds
         self._window_start, self._window_tokens = now, 0
         out = {"train/tokens_per_sec": tps}
@@ -192,6 +194,10 @@ class GPTLitModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Stop at the last step through ``should_stop``, which makes Lightning validate once
         more whatever ``val_check_interval`` is: every run ends with a val loss."""
+        if self._clock:  # the time since the last step (or validation) is training time
+            now = time.perf_counter()
+            self._clock["train"] += now - self._clock["mark"]
+            self._clock["mark"] = now
         if 0 < self.trainer.max_steps <= self.global_step:
             self.trainer.should_stop = True
 
@@ -217,8 +223,12 @@ class GPTLitModule(L.LightningModule):
         the throughput window's start moves past it rather than restarting (a restart would
         drop every logging step that follows a validation, all of them when both intervals
         are equal)."""
-        if self._window_start is not None and self._val_started is not None:
-            self._window_start += time.perf_counter() - self._val_started
+        if self._val_started is not None:
+            spent = time.perf_counter() - self._val_started
+            if self._window_start is not None:
+                self._window_start += spent
+            if self._clock:
+                self._clock["mark"] = time.perf_counter()
         self._val_started = None
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             metrics = self.trainer.callback_metrics

@@ -1,0 +1,156 @@
+"""What a run says: its summary, its log file, plain progress lines where there is no terminal,
+no noise, and sweeps whose every job validates and whose table ends the command."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import run_cli, tiny_overrides, write_corpus
+
+
+def _args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        *tiny_overrides(tmp_path, write_corpus(tmp_path)),
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+        "callbacks.sample_text.max_new_tokens=4",
+        "callbacks.progress_bar.every_n_steps=2",
+        "trainer.enable_progress_bar=true",  # tiny_overrides turns it off
+        *extra,
+    ]
+
+
+def test_a_run_ends_with_its_summary_and_keeps_a_log(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    assert llm_main("train", *_args(tmp_path)) == 0
+    out = capsys.readouterr().out
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    summary = out[out.index("Run folder:") :].splitlines()
+    assert summary[0] == f"Run folder:      {run}"
+    assert summary[1].startswith("Best val/loss:   ") and summary[1].endswith(" at step 6")
+    assert summary[2].startswith("Final loss:      train ") and summary[2].endswith("(step 6)")
+    assert summary[3].startswith("Throughput:      ") and summary[3].endswith(" tokens/s")
+    assert summary[5] == f"Last checkpoint: {run}/checkpoints/last.ckpt"
+    assert summary[6:] == [
+        "Next:",
+        f"  tensorboard --logdir {run}",
+        f"  llm generate ckpt_path={run}/checkpoints/last.ckpt",
+        f"  llm evaluate ckpt_path={run}/checkpoints/last.ckpt",
+    ]
+    # validations before the first step and after the last, though the interval is 4
+    steps = [int(line.split()[3][:-1]) for line in out.splitlines() if "validation at" in line]
+    assert steps == [0, 4, 6]
+    # the run's log file: what a person needs afterwards
+    log = (run / "train.log").read_text()
+    assert "overrides: model=tiny tokenizer=char data=text_files" in log
+    assert [line.split(" - ", 1)[1] for line in log.splitlines() if "validation at" in line] == [
+        line for line in out.splitlines() if "validation at" in line
+    ]
+    assert "Run folder:" in log and "llm generate ckpt_path=" in log
+    # off a terminal, progress is a plain line every N steps: no carriage returns or escapes
+    progress = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [p.split()[1] for p in progress] == ["2/6", "4/6", "6/6"]
+    assert "\r" not in out and "\x1b" not in out
+
+
+def test_a_failed_run_logs_its_traceback_in_the_run_folder(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "nothing.txt").write_text("", encoding="utf-8")
+    args = [*_args(tmp_path), f"data.path={empty}"]
+    assert llm_main("train", *args) == 1
+    err = capsys.readouterr().err
+    assert "is empty: it contains no text" in err and "Traceback" not in err
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    log = (run / "train.log").read_text()
+    assert "[ERROR] - run failed" in log and "Traceback (most recent call last)" in log
+
+
+@pytest.mark.slow
+def test_a_run_says_each_thing_once_and_nothing_else(tmp_path: Path) -> None:
+    """As a user's terminal would show it (a subprocess): no Lightning tips, no deprecation or
+    future warnings, no module table with a FLOPs column of zeros, no line twice."""
+    proc = run_cli("train", *_args(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout + proc.stderr
+    for noise in ("Tip", "💡", "Warning", "deprecated", "Total FLOPs", "TPU available", "| Name"):
+        assert noise not in text, noise
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), [x for x in lines if lines.count(x) > 1]
+    assert lines[0].startswith("llm train: ") and lines[-1].startswith("  llm evaluate ")
+
+
+@pytest.mark.slow
+def test_every_job_of_a_short_sweep_validates_and_the_sweep_ends_with_its_table(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """`val_check_interval` (250) beyond the run (3 steps): each job still ends validated, so
+    the report ranks them by a val loss and a sweeper gets a finite objective."""
+    sweep = tmp_path / "sweep"
+    args = [
+        *tiny_overrides(tmp_path, write_corpus(tmp_path)),
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=1",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    assert llm_main("train", "-m", *args, "optim.lr=1e-3,3e-3") == 0
+    out = capsys.readouterr().out
+    for job in ("0_", "1_"):
+        (folder,) = sweep.glob(f"{job}*")
+        last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["global_step"] == 3
+        score = last["callbacks"][next(k for k in last["callbacks"] if "ModelCheckpoint" in k)]
+        assert math.isfinite(float(score["best_model_score"]))
+    table = out[out.index("# Sweep report") :]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert len(rows) == 2 and all("completed" in r and "no val/loss" not in r for r in rows)
+    assert f"Report folder: {sweep / 'report'}" in out
+    assert (sweep / "report" / "val_loss.png").is_file()
+
+
+def test_plain_progress_lines_say_step_loss_speed_and_time_left() -> None:
+    from types import SimpleNamespace
+
+    from llm.training.progress import PlainProgress
+
+    bar = PlainProgress(every_n_steps=10)
+    bar._start, bar._start_step = 0.0, 0
+    bar.get_metrics = lambda trainer, module: {  # type: ignore[method-assign]
+        "train/loss": 2.5,
+        "val/loss": 2.75,
+        "train/tokens_per_sec": 12345.6,
+    }
+    trainer = SimpleNamespace(max_steps=200)
+    import time
+
+    bar._start = time.perf_counter() - 5.0  # 50 steps in 5 s: 15 s for the 150 left
+    line = bar.line(trainer, None, 50)  # type: ignore[arg-type]
+    assert line.startswith("step 50/200 (25%)  train/loss 2.5000  val/loss 2.7500  12,346 tokens/s")
+    assert line.endswith("eta 0m15s")
+
+
+def test_attention_figure_is_readable() -> None:
+    from llm.training.callbacks import heatmap_figure, visible
+
+    assert [visible(s) for s in [" the", "\n", "\t", "a", ""]] == ["␣the", "↵", "⇥", "a", "∅"]
+    maps = torch.softmax(torch.randn(3, 5, 5), dim=-1)
+    fig = heatmap_figure(maps, [" To", " be", ",", "\n", "or"], title="layer 1")
+    heads = [ax for ax in fig.axes if ax.get_title().startswith("head")]
+    assert len(heads) == 3
+    assert heads[0].get_xlabel() == "key (attended to)"
+    assert heads[0].get_ylabel() == "query (attending)"
+    assert [t.get_text() for t in heads[0].get_xticklabels()] == ["␣To", "␣be", ",", "↵", "or"]
+    colorbars = [ax for ax in fig.axes if ax.get_ylabel() == "attention weight"]
+    assert len(colorbars) == 1 and fig._suptitle.get_text() == "layer 1"
+    width, height = fig.get_size_inches()
+    assert width >= 9 and height >= 3  # three heads of at least 3 inches each
