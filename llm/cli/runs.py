@@ -180,7 +180,9 @@ def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None 
         lines.append(f"Final loss:      {', '.join(final)} (step {trainer.global_step})")
     tps = module.tokens_per_second()
     if tps:
-        lines.append(f"Throughput:      {tps:,.0f} tokens/s")
+        mfu = module.mfu(tps)
+        shown = f", MFU {mfu:.1%}" if mfu is not None else ""
+        lines.append(f"Throughput:      {tps:,.0f} tokens/s{shown}")
     lines += extra or []
     best_path, last_path = checkpoint_paths(trainer)
     lines += [f"Best checkpoint: {best_path}", f"Last checkpoint: {last_path}", "Next:"]

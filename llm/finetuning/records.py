@@ -112,7 +112,8 @@ def require_columns(
         missing = [c for c in columns if c not in row or row[c] is None]
         if missing:
             raise ValueError(
-                f"{path}: record {i} has no {missing} (columns found: {sorted(row)}){hint}"
+                f"{path}: record {i} has no {missing} "
+                f"(columns found: {sorted(k for k in row if k != SOURCE)}){hint}"
             )
 
 

@@ -177,6 +177,13 @@ class GPTLitModule(L.LightningModule):
         seconds = self._clock.get("train", 0.0)
         return self.train_tokens / seconds if seconds > 0 else None
 
+    def mfu(self, tokens_per_second: float) -> float | None:
+        """Model FLOPs utilisation at this many tokens/s (all ranks), where the peak is known."""
+        if not self._peak_flops:
+            return None
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.model.estimate_mfu(tokens_per_second / world, self._peak_flops)
+
     def _throughput(self, now: float) -> dict[str, float]:
         """Tokens/s (and MFU) over the steps since the last logging step."""
         if not self._window_tokens or self._window_start is None:
@@ -185,10 +192,9 @@ class GPTLitModule(L.LightningModule):
         tps = self._window_tokens / seconds
         self._window_start, self._window_tokens = now, 0
         out = {"train/tokens_per_sec": tps}
-        if self._peak_flops:
-            out["train/mfu"] = self.model.estimate_mfu(
-                tps / self.trainer.world_size, self._peak_flops
-            )
+        mfu = self.mfu(tps)
+        if mfu is not None:
+            out["train/mfu"] = mfu
         return out
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

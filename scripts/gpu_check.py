@@ -1,0 +1,176 @@
+"""The GPU path in one command: GPT-2 (124M) at block 1024, bf16, torch.compile, fused AdamW.
+
+    python scripts/gpu_check.py [--steps 300] [--batch 16] [--nanogpt PATH] [overrides ...]
+
+Checks, each printed as a row with its figures (about 5-8 minutes on one H100/H200):
+
+1. adamw: `llm train model=gpt2 tokenizer=gpt2 trainer=gpu compile=true optim.fused=true` for
+   `--steps` steps, with the training step run under `torch.cuda.set_sync_debug_mode("error")`
+   (callback `NoSyncCheck`: any host sync in a non-logging step fails the run); tokens/s, MFU.
+2. muon: the same with `optim=muon`.
+3. ddp: the same with `trainer=ddp` when there is more than one GPU.
+4. generate: 256 tokens from the adamw checkpoint, KV cache against no cache (same greedy
+   tokens), tokens/s.
+5. nanoGPT (with `--nanogpt PATH`, a nanoGPT checkout): its bench.py at the same batch, block
+   and dtype with compile, so both tokens/s come from the same run on the same GPU.
+
+The data is tiny shakespeare with GPT-2's BPE (throughput does not depend on the text). Extra
+Hydra overrides pass to every training run; `--device cpu` runs the plumbing on a CPU with a
+small model (as the tests do): `python scripts/gpu_check.py --device cpu --steps 4 model=tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = [  # training only: no validation, no samples, no progress bar
+    "trainer.limit_val_batches=0",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "callbacks.sample_text=null",
+    "callbacks.attention=null",
+]
+
+
+def train(name: str, out: Path, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    """One `llm train` run in its own process; its summary's tokens/s and MFU."""
+    gpu = args.device == "cuda"
+    overrides = [
+        "model=gpt2",
+        "tokenizer=gpt2",
+        f"trainer={'gpu' if gpu else 'cpu'}",
+        f"compile={str(gpu).lower()}",
+        f"optim.fused={str(gpu).lower()}",
+        f"data.batch_size={args.batch}",
+        f"trainer.max_steps={args.steps}",
+        "optim.warmup_steps=10",
+        "+callbacks.no_sync._target_=llm.training.diagnostics.NoSyncCheck",
+        f"hydra.run.dir={out / name}",
+        f"paths.data_dir={args.data_dir}",
+        *QUIET,
+        *extra,
+        *args.overrides,
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm", "train", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"check": name, "ok": False, "error": (proc.stderr or proc.stdout)[-2000:]}
+    match = re.search(r"Throughput: +([\d,]+) tokens/s(?:, MFU ([\d.]+)%)?", proc.stdout)
+    return {
+        "check": name,
+        "ok": match is not None,
+        "tokens/s": float(match.group(1).replace(",", "")) if match else None,
+        "mfu": float(match.group(2)) / 100 if match and match.group(2) else None,
+        "seconds": seconds,
+        "ckpt": out / name / "checkpoints" / "last.ckpt",
+    }
+
+
+def generate(ckpt: Path, device: str, new_tokens: int = 256) -> dict[str, Any]:
+    """Greedy tokens with and without the KV cache must agree; tokens/s of each."""
+    import torch
+
+    from llm.checkpoint import load_language_model
+
+    lm = load_language_model(ckpt, device)
+    idx = torch.tensor([lm.tokenizer.encode("ROMEO:")], device=device)
+    n = min(new_tokens, lm.model.config.block_size - idx.size(1))
+    rates, outputs = {}, {}
+    for use_cache in (True, False):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs[use_cache] = lm.model.generate(idx, n, temperature=0.0, use_cache=use_cache)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rates[use_cache] = n / (time.perf_counter() - start)
+    same = torch.equal(outputs[True], outputs[False])
+    return {
+        "check": "generate",
+        "ok": same,
+        "tokens/s": rates[True],
+        "note": f"no cache {rates[False]:,.0f} tokens/s; greedy tokens equal: {same}",
+    }
+
+
+def nanogpt(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """nanoGPT's bench.py at the same batch, block and dtype, compiled: its tokens/s."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench.py",
+            f"--batch_size={args.batch}",
+            "--block_size=1024",
+            "--dtype=bfloat16",
+            "--compile=True",
+            "--real_data=False",
+        ],
+        cwd=path,
+        capture_output=True,
+        text=True,
+    )
+    times = [float(m) for m in re.findall(r"time (\d+\.\d+)ms", proc.stdout)]
+    if proc.returncode != 0 or not times:
+        return {"check": "nanoGPT bench.py", "ok": False, "error": proc.stderr[-2000:]}
+    ms = sorted(times)[len(times) // 2]
+    return {"check": "nanoGPT bench.py", "ok": True, "tokens/s": args.batch * 1024 / ms * 1e3}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout, to run its bench.py")
+    parser.add_argument("--out", type=Path, help="where the runs go (default: a temp folder)")
+    parser.add_argument("--data-dir", default=str(ROOT / "data"), help="paths.data_dir")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU here: run with --device cpu to check the plumbing", file=sys.stderr)
+        return 2
+    out = args.out or Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    rows = [train("adamw", out, args)]
+    rows.append(train("muon", out, args, "optim=muon"))
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    if gpus > 1:
+        rows.append(train("ddp", out, args, "trainer=ddp"))
+    if rows[0]["ok"]:
+        rows.append(generate(rows[0]["ckpt"], args.device))
+    if args.nanogpt is not None:
+        rows.append(nanogpt(args.nanogpt, args))
+
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    print(f"\ngpu_check on {device} ({gpus} GPUs), {args.steps} steps of batch {args.batch}")
+    print(f"{'check':<18} {'ok':<4} {'tokens/s':>12} {'MFU':>7}  note")
+    for row in rows:
+        tps = f"{row['tokens/s']:,.0f}" if row.get("tokens/s") else "-"
+        mfu = f"{row['mfu']:.1%}" if row.get("mfu") else "-"
+        note = row.get("note") or row.get("error", "").strip().splitlines()[-1:] or [""]
+        note = note if isinstance(note, str) else note[0]
+        print(f"{row['check']:<18} {'yes' if row['ok'] else 'NO':<4} {tps:>12} {mfu:>7}  {note}")
+    print(f"runs in {out}")
+    return 0 if all(row["ok"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
