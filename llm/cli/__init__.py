@@ -77,6 +77,20 @@ VERBS: dict[str, Verb] = {
         ),
         free_text=("prompt",),
     ),
+    "chat": Verb(
+        "llm.cli.chat",
+        "chat",
+        "talk to a checkpoint in the terminal, turn by turn",
+        "A multi-turn conversation, replies streamed as they are sampled. Instruction-finetuned\n"
+        "checkpoints get their prompt template (Alpaca), base models continue your text; the\n"
+        "KV cache is kept across turns. /reset starts over, /quit (or end of input) exits.",
+        (
+            "llm chat ckpt_path=logs/finetune/runs/<date>/checkpoints/last.ckpt",
+            "llm chat ckpt_path=last.ckpt temperature=0.7 top_p=0.9 max_new_tokens=128",
+            "printf 'Name three colours.\\n/quit\\n' | llm chat ckpt_path=last.ckpt",
+        ),
+        free_text=("system",),
+    ),
     "classify": Verb(
         "llm.cli.classify",
         "classify",
