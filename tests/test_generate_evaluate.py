@@ -298,3 +298,37 @@ def test_sigint_stops_a_huge_generation_cleanly(trained: dict[str, Any]) -> None
     assert first.startswith("Go") and proc.returncode == 130
     assert "Interrupted: stopped after" in err and "tokens/s)" in err
     assert len(first + out) > 10
+
+
+# -- lm-evaluation-harness ------------------------------------------------------------------
+
+
+def test_harness_without_the_extra_says_what_to_install(
+    trained: dict[str, Any],
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails
+    monkeypatch.delitem(sys.modules, "llm.evaluation.harness", raising=False)
+    code = llm_main("evaluate", f"ckpt_path={trained['ckpt']}", "harness.tasks=[hellaswag]")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert 'pip install -e ".[eval]"' in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "set exactly one of ckpt_path=<llm checkpoint> and init="),
+        (("ckpt_path=a.ckpt", "init=gpt2"), "got ckpt_path=a.ckpt, init=gpt2"),
+        (("ckpt_path=a.ckpt", "harness.tasks=[]"), "harness.tasks must name tasks"),
+    ],
+)
+def test_evaluate_needs_one_model_and_named_tasks(
+    args: tuple[str, ...], message: str, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    assert llm_main("evaluate", *args) == 1
+    assert message in capsys.readouterr().err

@@ -55,12 +55,17 @@ VERBS: dict[str, Verb] = {
     "evaluate": Verb(
         "llm.cli.evaluate",
         "evaluate",
-        "val loss, perplexity and bits per character of a checkpoint",
+        "val loss, perplexity, bits per char; or lm-evaluation-harness benchmarks",
         "Score a checkpoint on the validation split of a corpus (the one it was trained\n"
-        "on by default), with the checkpoint's own tokenizer.",
+        "on by default), with the checkpoint's own tokenizer; or, with harness.tasks, run\n"
+        'EleutherAI\'s lm-evaluation-harness on it (pip install -e ".[eval]"). init=<folder>\n'
+        "evaluates Hugging Face weights instead of a checkpoint.",
         (
             "llm evaluate ckpt_path=logs/train/runs/<date>/checkpoints/last.ckpt",
             "llm evaluate ckpt_path=last.ckpt data=text_files data.path=other.txt",
+            "llm evaluate ckpt_path=last.ckpt harness.tasks=[hellaswag,arc_easy] harness.limit=100",
+            "llm evaluate init=gpt2 harness.tasks=[my_task] harness.include_path=tasks/ "
+            "harness.output_dir=eval/",
         ),
     ),
     "generate": Verb(
