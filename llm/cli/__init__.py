@@ -134,9 +134,14 @@ VERBS: dict[str, Verb] = {
         "llm.cli.report",
         "report",
         "table and plots of a sweep's runs",
-        "Rank the runs under a folder (a sweep, logs/, or one run) by best val loss; write\n"
-        "report.md, report.csv and the val-loss curves into <dir>/report/.",
-        ("llm report dir=logs/train/multiruns/<date>", "llm report dir=logs out=reports/all"),
+        "Rank the runs under a folder (a sweep, logs/, or one run) by best val loss (or by a\n"
+        "benchmark logged during training); write report.md, report.csv and the val-loss\n"
+        "curves into <dir>/report/.",
+        (
+            "llm report dir=logs/train/multiruns/<date>",
+            "llm report dir=logs out=reports/all",
+            "llm report dir=logs/train/multiruns/<date> sort=val/mc_acc_norm",
+        ),
     ),
     "export": Verb(
         "llm.cli.export",
