@@ -130,7 +130,11 @@ class ChatSession:
     def _append_turn(self, user: str) -> None:
         """Add the user's message and its tokens, dropping the oldest exchanges to fit."""
         self.messages.append({"role": "user", "content": user})
-        full = render(self.template, self.messages, self.tokenizer)
+        try:
+            full = render(self.template, self.messages, self.tokenizer)
+        except Exception:
+            self.messages.pop()  # the conversation stays as it was
+            raise
         if self.text is not None and full.startswith(self.text):
             new = self.tokenizer.encode(full[len(self.text) :])
             self.ids += new

@@ -332,3 +332,22 @@ def test_evaluate_needs_one_model_and_named_tasks(
 ) -> None:
     assert llm_main("evaluate", *args) == 1
     assert message in capsys.readouterr().err
+
+
+def test_evaluate_init_scores_hugging_face_weights(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """init=<folder>: GPT-2 weights through our model, read with tiktoken's gpt2 encoding."""
+    from helpers import hf_gpt2_dir, write_corpus
+
+    folder = hf_gpt2_dir(tmp_path / "gpt2")
+    corpus = write_corpus(tmp_path)
+    code = llm_main(
+        "evaluate", f"init={folder}", "data=text_files", f"data.path={corpus}",
+        f"paths.data_dir={tmp_path / 'data'}", "limit_batches=2", "device=cpu",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    loss = float(out.split("val_loss: ")[1].split()[0])
+    assert loss == pytest.approx(math.log(50257), abs=0.5)  # a random GPT-2: near uniform
+    assert "bits_per_char" not in out  # BPE tokens are not characters
