@@ -148,7 +148,7 @@ class HarnessLM(TemplateLM):
 
     def _generate(self, context: str, kwargs: dict[str, Any]) -> str:
         until = kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
+        until = [s for s in ([until] if isinstance(until, str) else until) if s]
         max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
         ids = self.tok_encode(context) or [self.eot_token_id]
         ids = ids[-self.max_length :]
