@@ -85,6 +85,12 @@ class LanguageModel:
     tokenizer: Tokenizer
     hparams: dict[str, Any]
 
+    @property
+    def template(self) -> str | None:
+        """How it wants prompts rendered (:mod:`llm.prompts`): "alpaca" after instruction
+        finetuning, None for base models (and checkpoints older than the setting)."""
+        return self.hparams.get("template")
+
 
 def load_language_model(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu", key: str = "ckpt_path"

@@ -27,6 +27,7 @@ def test_usage_lists_every_verb_on_one_line(capsys: pytest.CaptureFixture) -> No
             "finetune",
             "evaluate",
             "generate",
+            "chat",
             "classify",
             "prepare",
             "tokenize",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import char_checkpoint, compose, fast_overrides, recorder
 
-from llm.checkpoint import load_checkpoint
+from llm.checkpoint import load_checkpoint, load_language_model
 from llm.cli.finetune import finetune
 from llm.finetuning.instruct import (
     InstructDataModule,
@@ -123,3 +123,6 @@ def test_instruct_overfits_and_writes_responses(tmp_path: Path) -> None:
     assert not list(responses_path.parent.glob(".*.tmp"))
     module = load_checkpoint(result["last_model_path"])  # no LoRA: a plain LM checkpoint
     assert module.config.block_size == 160
+    # the checkpoint says how to render prompts, so `llm chat` uses the Alpaca template
+    assert module.hparams["template"] == "alpaca"
+    assert load_language_model(result["last_model_path"]).template == "alpaca"

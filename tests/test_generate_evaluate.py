@@ -188,3 +188,166 @@ def test_language_model_loader_matches_the_lightning_module(trained: dict[str, A
         raw = torch.load(trained["ckpt"], weights_only=True)
         torch.save({**raw, "kind": "classifier"}, classifier)
         load_language_model(classifier)
+
+
+# -- streaming ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 0.8, "top_k": 10, "top_p": None, "seed": 7},
+        {"temperature": 1.0, "top_k": None, "top_p": 0.9, "seed": 3},
+        {"temperature": 0.0, "top_k": None, "top_p": None, "seed": None},
+    ],
+)
+def test_streamed_text_equals_generate_text(trained: dict[str, Any], settings: dict) -> None:
+    from llm.checkpoint import load_language_model
+    from llm.inference import generate_text, stream_text
+
+    lm = load_language_model(trained["ckpt"])
+    whole = generate_text(lm.model, lm.tokenizer, "First", 40, **settings)
+    stream = stream_text(lm.model, lm.tokenizer, "First", 40, **settings)
+    pieces = list(stream)
+    assert "First" + "".join(pieces) == whole
+    assert stream.count == 40 and len(pieces) == 40  # one piece per char token
+    assert stream.rate().startswith("40 tokens in ")
+
+
+def test_incremental_decoder_never_prints_a_partial_character() -> None:
+    """Byte-level BPE splits an emoji or a CJK character over several tokens: the decoder holds
+    them back until the character is whole (no U+FFFD ever printed)."""
+    from llm.inference import IncrementalDecoder
+    from llm.tokenizers import TiktokenTokenizer
+
+    tok = TiktokenTokenizer("gpt2")
+    text = "Hi 🙂 你好, café 😀😀! ü"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens are partial characters
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.push([i]) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces and "你" in pieces  # held back, then printed whole
+    # after a prompt (context), the first piece is decoded as the rest would be
+    after = IncrementalDecoder(tok, context=tok.encode("Say"))
+    assert after.push(tok.encode(" 你好")) + after.flush() == " 你好"
+
+
+def test_generate_cli_streams_and_reports_tokens_per_second(
+    trained: dict[str, Any], llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    from llm.checkpoint import load_language_model
+    from llm.inference import generate_text
+
+    lm = load_language_model(trained["ckpt"])
+    expected = generate_text(lm.model, lm.tokenizer, "Before", 25, top_k=200, seed=3)
+    args = (f"ckpt_path={trained['ckpt']}", "prompt=Before", "max_new_tokens=25", "seed=3")
+    assert llm_main("generate", *args) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n"
+    assert "25 tokens in " in captured.err and "tokens/s)" in captured.err
+
+
+def test_generate_cli_ctrl_c_keeps_what_came_and_exits_130(
+    trained: dict[str, Any],
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import llm.inference
+    from llm.checkpoint import load_language_model
+
+    tok = load_language_model(trained["ckpt"]).tokenizer
+    ids = [tok.encode(c)[0] for c in "abc"]
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:  # three tokens, then Ctrl-C
+        for i in ids:
+            yield torch.tensor([[i]])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.inference, "generate_stream", interrupted)
+    code = llm_main("generate", f"ckpt_path={trained['ckpt']}", "prompt=Go ", "max_new_tokens=999")
+    captured = capsys.readouterr()
+    assert code == 130
+    assert captured.out == "Go abc\n"  # what was sampled stays printed
+    assert "3 tokens in " in captured.err
+    assert "Interrupted: stopped after 3 tokens." in captured.err
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_huge_generation_cleanly(trained: dict[str, Any]) -> None:
+    """A real Ctrl-C (SIGINT) on a 10-million-token request: output so far, then exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ENV, ROOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm", "generate", f"ckpt_path={trained['ckpt']}",
+         "prompt=Go", "max_new_tokens=10000000", "device=cpu"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = proc.stdout.read(10)  # streamed: text arrives long before the request could end
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert first.startswith("Go") and proc.returncode == 130
+    assert "Interrupted: stopped after" in err and "tokens/s)" in err
+    assert len(first + out) > 10
+
+
+# -- lm-evaluation-harness ------------------------------------------------------------------
+
+
+def test_harness_without_the_extra_says_what_to_install(
+    trained: dict[str, Any],
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails
+    monkeypatch.delitem(sys.modules, "llm.evaluation.harness", raising=False)
+    code = llm_main("evaluate", f"ckpt_path={trained['ckpt']}", "harness.tasks=[hellaswag]")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert 'pip install -e ".[eval]"' in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "set exactly one of ckpt_path=<llm checkpoint> and init="),
+        (("ckpt_path=a.ckpt", "init=gpt2"), "got ckpt_path=a.ckpt, init=gpt2"),
+        (("ckpt_path=a.ckpt", "harness.tasks=[]"), "harness.tasks must name tasks"),
+    ],
+)
+def test_evaluate_needs_one_model_and_named_tasks(
+    args: tuple[str, ...], message: str, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    assert llm_main("evaluate", *args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_init_scores_hugging_face_weights(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """init=<folder>: GPT-2 weights through our model, read with tiktoken's gpt2 encoding."""
+    from helpers import hf_gpt2_dir, write_corpus
+
+    folder = hf_gpt2_dir(tmp_path / "gpt2")
+    corpus = write_corpus(tmp_path)
+    code = llm_main(
+        "evaluate", f"init={folder}", "data=text_files", f"data.path={corpus}",
+        f"paths.data_dir={tmp_path / 'data'}", "limit_batches=2", "device=cpu",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    loss = float(out.split("val_loss: ")[1].split()[0])
+    assert loss == pytest.approx(math.log(50257), abs=0.5)  # a random GPT-2: near uniform
+    assert "bits_per_char" not in out  # BPE tokens are not characters

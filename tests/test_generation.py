@@ -133,3 +133,38 @@ def test_empty_prompt_is_a_clear_error(use_cache: bool) -> None:
     with pytest.raises(ValueError, match="at least one token") as e:
         model.generate(torch.zeros(2, 0, dtype=torch.long), 3, use_cache=use_cache)
     assert "end-of-text" in str(e.value) and "(2, 0)" in str(e.value)
+
+
+def test_stream_yields_the_tokens_generate_returns() -> None:
+    from llm.model.generation import generate_stream
+
+    model = make()
+    for kwargs in ({"seed": 11}, {"temperature": 0.0}, {"seed": 2, "top_p": 0.8}):
+        whole = model.generate(PROMPT, 25, **kwargs)
+        streamed = list(generate_stream(model, PROMPT, 25, **kwargs))
+        assert len(streamed) == 25 and all(t.shape == (2, 1) for t in streamed)
+        assert torch.equal(torch.cat([PROMPT, *streamed], dim=1), whole), kwargs
+
+
+def test_stream_with_a_cache_prefills_only_what_the_cache_lacks() -> None:
+    """A chat's next turn: the cache holds the earlier tokens, only the new ones run."""
+    from llm.model import KVCache
+    from llm.model.generation import generate_stream
+
+    model = make(block_size=32).eval()
+    history = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    cache = KVCache(model.config.n_layer)
+    with torch.no_grad():
+        model(history[:, :5], cache=cache)  # the cache holds the first 5 tokens
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: seen.append(args[0].size(1)))
+    try:
+        cached = list(generate_stream(model, history, 6, temperature=0.0, cache=cache))
+    finally:
+        hook.remove()
+    assert seen == [2, 1, 1, 1, 1, 1]  # the 2 new tokens, then one per step
+    assert cache.length == 7 + 6 - 1  # extended in place (the last token is not run yet)
+    fresh = model.generate(history, 6, temperature=0.0)
+    assert torch.equal(torch.cat([history, *cached], dim=1), fresh)
+    with pytest.raises(ValueError, match="cache holds 12 tokens but idx only 7"):
+        generate_stream(model, history, 1, cache=cache)

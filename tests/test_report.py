@@ -29,6 +29,7 @@ def _make_run(
     interrupted: bool = False,
     failed: bool = False,
     age_s: float = 0.0,
+    scalars: dict[str, list[tuple[int, float]]] | None = None,
 ) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -44,6 +45,9 @@ def _make_run(
         writer.add_scalar("train/loss", 4.0, i + 1)
     for step, v in val:
         writer.add_scalar("val/loss", v, step)
+    for tag, series in (scalars or {}).items():
+        for step, v in series:
+            writer.add_scalar(tag, v, step)
     if finished:
         writer.add_scalar("hp/best_val_loss", min((v for _, v in val), default=0.0), 0)
     writer.close()
@@ -138,3 +142,25 @@ def test_single_run_folder_is_a_report_of_one(tmp_path: Path) -> None:
         ("run", "completed", 5)
     ]
     assert result["out_dir"] == run / "report"
+
+
+def test_benchmark_columns_and_sorting_by_one(tmp_path: Path) -> None:
+    """A benchmark column (best value) appears once any run logs it; sort= ranks by it, highest
+    first, runs without it last; the default order stays the val loss."""
+    mc = {"val/mc_acc_norm": [(2, 0.25), (4, 0.5)], "val/mc_acc": [(2, 0.3), (4, 0.2)]}
+    _make_run(tmp_path, "a", ["optim.lr=1"], [(4, 2.0)], finished=True, scalars=mc)
+    _make_run(tmp_path, "b", ["optim.lr=2"], [(4, 3.0)], finished=True,
+              scalars={"val/mc_acc_norm": [(4, 0.75)]})  # fmt: skip
+    _make_run(tmp_path, "c", ["optim.lr=3"], [(4, 1.0)], finished=True)
+    by_loss = report.report(tmp_path)["rows"]
+    assert [r["run"] for r in by_loss] == ["c", "a", "b"]
+    assert list(by_loss[0])[5:7] == ["val/mc_acc", "val/mc_acc_norm"]
+    assert by_loss[1]["val/mc_acc"] == pytest.approx(0.3)  # the best, not the last value
+    by_mc = report.report(tmp_path, sort="val/mc_acc_norm")["rows"]
+    assert [(r["run"], r["val/mc_acc_norm"]) for r in by_mc] == [
+        ("b", 0.75), ("a", 0.5), ("c", None),
+    ]  # fmt: skip
+    md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    assert "highest val/mc_acc_norm first" in md and "| 0.7500 |" in md
+    with pytest.raises(report.ReportError, match="sort=loss: these runs can be sorted by"):
+        report.report(tmp_path, sort="loss")

@@ -55,12 +55,17 @@ VERBS: dict[str, Verb] = {
     "evaluate": Verb(
         "llm.cli.evaluate",
         "evaluate",
-        "val loss, perplexity and bits per character of a checkpoint",
+        "val loss, perplexity, bits per char; or lm-evaluation-harness benchmarks",
         "Score a checkpoint on the validation split of a corpus (the one it was trained\n"
-        "on by default), with the checkpoint's own tokenizer.",
+        "on by default), with the checkpoint's own tokenizer; or, with harness.tasks, run\n"
+        'EleutherAI\'s lm-evaluation-harness on it (pip install -e ".[eval]"). init=<folder>\n'
+        "evaluates Hugging Face weights instead of a checkpoint.",
         (
             "llm evaluate ckpt_path=logs/train/runs/<date>/checkpoints/last.ckpt",
             "llm evaluate ckpt_path=last.ckpt data=text_files data.path=other.txt",
+            "llm evaluate ckpt_path=last.ckpt harness.tasks=[hellaswag,arc_easy] harness.limit=100",
+            "llm evaluate init=gpt2 harness.tasks=[my_task] harness.include_path=tasks/ "
+            "harness.output_dir=eval/",
         ),
     ),
     "generate": Verb(
@@ -76,6 +81,20 @@ VERBS: dict[str, Verb] = {
             "echo 'To be, or' | llm generate ckpt_path=last.ckpt prompt_file=-",
         ),
         free_text=("prompt",),
+    ),
+    "chat": Verb(
+        "llm.cli.chat",
+        "chat",
+        "talk to a checkpoint in the terminal, turn by turn",
+        "A multi-turn conversation, replies streamed as they are sampled. Instruction-finetuned\n"
+        "checkpoints get their prompt template (Alpaca), base models continue your text; the\n"
+        "KV cache is kept across turns. /reset starts over, /quit (or end of input) exits.",
+        (
+            "llm chat ckpt_path=logs/finetune/runs/<date>/checkpoints/last.ckpt",
+            "llm chat ckpt_path=last.ckpt temperature=0.7 top_p=0.9 max_new_tokens=128",
+            "printf 'Name three colours.\\n/quit\\n' | llm chat ckpt_path=last.ckpt",
+        ),
+        free_text=("system",),
     ),
     "classify": Verb(
         "llm.cli.classify",
@@ -115,9 +134,14 @@ VERBS: dict[str, Verb] = {
         "llm.cli.report",
         "report",
         "table and plots of a sweep's runs",
-        "Rank the runs under a folder (a sweep, logs/, or one run) by best val loss; write\n"
-        "report.md, report.csv and the val-loss curves into <dir>/report/.",
-        ("llm report dir=logs/train/multiruns/<date>", "llm report dir=logs out=reports/all"),
+        "Rank the runs under a folder (a sweep, logs/, or one run) by best val loss (or by a\n"
+        "benchmark logged during training); write report.md, report.csv and the val-loss\n"
+        "curves into <dir>/report/.",
+        (
+            "llm report dir=logs/train/multiruns/<date>",
+            "llm report dir=logs out=reports/all",
+            "llm report dir=logs/train/multiruns/<date> sort=val/mc_acc_norm",
+        ),
     ),
     "export": Verb(
         "llm.cli.export",

@@ -1,28 +1,121 @@
-"""``llm evaluate ckpt_path=... [data=... data.path=...]``: val loss, perplexity, bits per char.
+"""``llm evaluate ckpt_path=... [data=... data.path=...]``: val loss, perplexity, bits per char;
+with ``harness.tasks=[...]``, EleutherAI's lm-evaluation-harness benchmarks instead.
 
 The checkpoint does not record its corpus, so the data config says which one (tiny shakespeare
-by default); the checkpoint's own tokenizer encodes it.
+by default); the checkpoint's own tokenizer encodes it. ``init=<Hugging Face folder>`` evaluates
+Hugging Face weights loaded into our model in place of a checkpoint.
 """
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, open_dict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm import checks
 from llm.cli.app import hydra_app, resolve_device
 
 
+def _source(cfg: DictConfig) -> tuple[str, str]:
+    """("ckpt_path" | "init", its value): exactly one of the two is set."""
+    given = [(k, str(cfg[k])) for k in ("ckpt_path", "init") if cfg.get(k) is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "set exactly one of ckpt_path=<llm checkpoint> and init=<Hugging Face folder or hub "
+            f"name>, got {', '.join(f'{k}={v}' for k, v in given) or 'neither'}"
+        )
+    return given[0]
+
+
+def _tasks(cfg: DictConfig) -> list[str]:
+    tasks = cfg.harness.tasks
+    if tasks is None:
+        return []
+    listed = OmegaConf.to_container(tasks) if OmegaConf.is_list(tasks) else [tasks]
+    names = [str(t) for t in listed]  # type: ignore[union-attr]
+    if not names or not all(names):
+        raise ValueError(
+            f"harness.tasks must name tasks, e.g. harness.tasks=[hellaswag], got {tasks}"
+        )
+    return names
+
+
+def _output_dir(cfg: DictConfig, key: str, value: str) -> Path:
+    """harness.output_dir, else the checkpoint's run folder's eval/ (or the init folder's)."""
+    if cfg.harness.output_dir is not None:
+        return Path(str(cfg.harness.output_dir))
+    path = Path(value)
+    if key == "ckpt_path":
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run / "eval"
+    if path.is_dir():
+        return path / "eval"
+    raise ValueError(
+        f"init={value} is not a local folder to write the results into: set harness.output_dir"
+    )
+
+
+def harness(cfg: DictConfig, key: str, value: str, tasks: list[str]) -> dict[str, Any]:
+    """Run the harness's tasks, print its table, write its results JSON; return the results."""
+    from llm.evaluation.harness import (
+        HarnessLM,
+        evaluate_harness,
+        results_path,
+        results_table,
+        save_results,
+    )
+
+    h = cfg.harness
+    out = _output_dir(cfg, key, value)
+    device = resolve_device(str(cfg.device))
+    if key == "ckpt_path":
+        from llm.checkpoint import load_language_model
+
+        lm = load_language_model(value, device)
+    else:
+        from llm.finetuning.init import init_language_model
+
+        lm = init_language_model(value, device)
+    model = HarnessLM(lm.model, lm.tokenizer, int(h.batch_size), int(h.max_gen_toks))
+    limit = None if h.limit is None else int(h.limit)
+    if limit is not None and limit < 1:
+        raise ValueError(f"harness.limit must be >= 1 (null: every document), got {h.limit}")
+    results = evaluate_harness(
+        model,
+        tasks,
+        include_path=None if h.include_path is None else str(h.include_path),
+        limit=limit,
+        num_fewshot=None if h.num_fewshot is None else int(h.num_fewshot),
+        bootstrap_iters=int(h.bootstrap_iters),
+        seed=int(h.seed),
+    )
+    results["llm"] = {key: value, "tasks": tasks, "limit": limit, "device": str(device)}
+    path = save_results(results, results_path(out, tasks))
+    print(results_table(results))
+    print(f"results: {path}")
+    return results
+
+
 @hydra_app("evaluate")
-def main(cfg: DictConfig) -> dict[str, float]:
-    """Build the data with the checkpoint's tokenizer and print the metrics."""
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """The harness's benchmarks if harness.tasks is set, else the val-loss metrics."""
+    key, value = _source(cfg)
+    tasks = _tasks(cfg)
+    if tasks:
+        return harness(cfg, key, value, tasks)
+    return loss(cfg, key, value)
+
+
+def loss(cfg: DictConfig, key: str, value: str) -> dict[str, float]:
+    """Build the data with the model's tokenizer and print the metrics."""
     import hydra
 
-    from llm.checkpoint import load_checkpoint
     from llm.evaluation.loss import evaluate
     from llm.tokenizers import tokenizer_from_dict
 
     checks.integer("limit_batches", cfg.limit_batches, minimum=1, nullable=True, example=20)
-    module = load_checkpoint(cfg.ckpt_path, resolve_device(str(cfg.device)), kind="lm")
+    module = _module(key, value, resolve_device(str(cfg.device)))
     data = cfg.data.copy()
     with open_dict(data):
         if data.get("block_size") is None:
@@ -37,3 +130,18 @@ def main(cfg: DictConfig) -> dict[str, float]:
         print(f"bits_per_char: {metrics['bpc']:.4f}")
     print(f"tokens: {int(metrics['tokens'])}")
     return metrics
+
+
+def _module(key: str, value: str, device: Any) -> Any:
+    """The checkpoint's LightningModule, or one holding init='s weights and tokenizer."""
+    if key == "ckpt_path":
+        from llm.checkpoint import load_checkpoint
+
+        return load_checkpoint(value, device, kind="lm")
+    from llm.finetuning.init import init_language_model
+    from llm.training.module import GPTLitModule
+
+    lm = init_language_model(value)
+    module = GPTLitModule(model=lm.model.config.to_dict(), tokenizer=lm.tokenizer.to_dict())
+    module.model.load_state_dict(lm.model.state_dict())
+    return module.to(device).eval()

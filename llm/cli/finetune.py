@@ -106,7 +106,11 @@ def build(cfg: DictConfig, init: Any, tokenizer: Any) -> tuple[Any, Any]:
             trainable_layers=cfg.task.get("trainable_layers"),
         )
     else:
-        module = GPTLitModule(**common, sample=sample_settings(cfg) if task == "text" else None)
+        module = GPTLitModule(
+            **common,
+            sample=sample_settings(cfg) if task == "text" else None,
+            template="alpaca" if task == "instruct" else None,  # how llm chat renders prompts
+        )
     load_base_weights(module.model, init.state_dict)
     return module, dm
 

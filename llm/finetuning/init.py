@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llm.checkpoint import read_checkpoint
+from llm.checkpoint import LanguageModel, read_checkpoint
 
 _HINT = (
     "init= takes a llm checkpoint (.../checkpoints/last.ckpt), a Hugging Face GPT-2, "
@@ -107,3 +107,36 @@ def load_base_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
             f"init weights do not fit the model: missing {missing[:5]}, "
             f"unexpected {list(result.unexpected_keys)[:5]}"
         )
+
+
+def init_language_model(
+    init: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> LanguageModel:
+    """``init=`` (a checkpoint, a Hugging Face folder or hub name) as a model and tokenizer to
+    evaluate or sample, in eval mode.
+
+    GPT-2 weights read text with tiktoken's gpt2 encoding (the same vocabulary as its
+    tokenizer.json); Llama and Qwen3 need their folder's tokenizer.json.
+    """
+    from llm.model import GPT, GPTConfig, hf
+    from llm.tokenizers import TiktokenTokenizer, tokenizer_from_dict
+
+    weights = load_init(init)
+    config = GPTConfig(**weights.model)
+    try:
+        gpt2 = hf.architecture(config) == "gpt2"
+    except ValueError:  # none of the Hugging Face architectures
+        gpt2 = False
+    if weights.tokenizer is not None:
+        tokenizer = tokenizer_from_dict(weights.tokenizer)
+    elif gpt2:
+        tokenizer = TiktokenTokenizer("gpt2")
+    else:
+        raise ValueError(
+            f"init={init} has no tokenizer.json beside its weights: put the model's "
+            "tokenizer.json in that folder"
+        )
+    model = GPT(config)
+    model.load_state_dict(weights.state_dict)
+    model.to(map_location).eval()
+    return LanguageModel(model, tokenizer, {"model": weights.model, "template": None})

@@ -1,8 +1,9 @@
 """Instruction finetuning on Alpaca-format records (instruction, input, output).
 
-Prompts use the Alpaca template; the collate function pads with end-of-text and sets targets
-to -100 on padding (the first eot stays: it teaches the model to stop) and, by default, on
-the prompt, so the loss is over response tokens only.
+Prompts use the Alpaca template (:mod:`llm.prompts`, which ``llm chat`` renders with too); the
+collate function pads with end-of-text and sets targets to -100 on padding (the first eot stays:
+it teaches the model to stop) and, by default, on the prompt, so the loss is over response tokens
+only.
 """
 
 from __future__ import annotations
@@ -25,22 +26,11 @@ from llm.finetuning.records import (
     split_records,
 )
 from llm.io import atomic_write_json
+from llm.prompts import format_prompt
 
-PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
 REQUIRED = ("instruction", "output")
 
 log = logging.getLogger(__name__)
-
-
-def format_prompt(record: dict[str, Any]) -> str:
-    """Alpaca prompt up to and including '### Response:\\n'; no Input section when empty."""
-    text = f"{PREAMBLE}\n\n### Instruction:\n{record['instruction']}"
-    if record.get("input"):
-        text += f"\n\n### Input:\n{record['input']}"
-    return text + "\n\n### Response:\n"
 
 
 def check_records(rows: Sequence[dict[str, Any]], path: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,12 @@ class KVCache(list):
     def length(self) -> int:
         return self[0].length if self else 0
 
+    def reset(self) -> None:
+        """Forget every token (the same object, so whoever holds it sees the change)."""
+        for layer in self:
+            layer.k = layer.v = None
+            layer.length = 0
+
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest top-p nucleus."""
@@ -81,6 +88,90 @@ def sample_next(
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
+def generate_stream(
+    model: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    cache: KVCache | None = None,
+) -> Iterator[Tensor]:
+    """Yield each sampled token (B, 1) as soon as it is drawn, up to max_new_tokens.
+
+    A generator, so callers can print tokens as they come and stop whenever they like (closing
+    it restores the model's mode). temperature 0 is greedy; seed (or generator) makes sampling
+    reproducible; once every row has produced stop_token the stream ends (finished rows yield
+    stop_token as padding). ``cache``: a KVCache holding the first ``cache.length`` tokens of
+    idx (a chat's earlier turns), so only the rest are prefilled; it is extended in place.
+    """
+    if idx.dim() != 2 or idx.size(1) == 0:
+        # The model needs a last position to predict from; an empty prompt has none.
+        raise ValueError(
+            f"the prompt must hold at least one token, got idx of shape {tuple(idx.shape)} "
+            f"(expected (B, T) with T >= 1): for unconditional sampling start from the "
+            f"end-of-text token, e.g. torch.tensor([[tokenizer.eot_id]])"
+        )
+    if cache is not None and not cache.length < idx.size(1):
+        raise ValueError(
+            f"the cache holds {cache.length} tokens but idx only {idx.size(1)}: idx must be the "
+            "whole sequence, ending with at least one token the cache has not seen"
+        )
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    return _stream(
+        model, idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache, generator,
+        cache,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _stream(
+    model: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    stop_token: int | None,
+    use_cache: bool,
+    generator: torch.Generator | None,
+    cache: KVCache | None,
+) -> Iterator[Tensor]:
+    """The sampling loop of generate_stream (its checks run at the call, not at the first next)."""
+    block_size = model.config.block_size
+    was_training = model.training
+    model.eval()
+    try:
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = model(idx[:, -block_size:])
+            elif cache is None or cache.length == 0 or idx.size(1) > block_size:
+                # (Re)prefill: learned positions cannot go past block_size, so past it we crop
+                # the context like nanoGPT does, which keeps cached == uncached exactly.
+                if cache is None:
+                    cache = KVCache(model.config.n_layer, model.config.sliding_window)
+                cache.reset()
+                logits, _ = model(idx[:, -block_size:], cache=cache)
+            else:
+                logits, _ = model(idx[:, cache.length :], cache=cache)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if stop_token is not None:
+                nxt = nxt.masked_fill(done.unsqueeze(1), stop_token)  # finished rows keep padding
+                done |= nxt.squeeze(1) == stop_token
+            idx = torch.cat((idx, nxt), dim=1)
+            yield nxt
+            if stop_token is not None and bool(done.all()):
+                break
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -96,42 +187,11 @@ def generate(
 ) -> Tensor:
     """Sample up to max_new_tokens after idx (B, T); returns (B, T + new).
 
-    temperature 0 is greedy; seed (or generator) makes sampling reproducible; generation
-    stops early once every row has produced stop_token (finished rows are padded with it).
-    Also bound as `GPT.generate`.
+    generate_stream, collected; stops early once every row has produced stop_token (finished
+    rows are padded with it). Also bound as `GPT.generate`.
     """
-    if idx.dim() != 2 or idx.size(1) == 0:
-        # The model needs a last position to predict from; an empty prompt has none.
-        raise ValueError(
-            f"the prompt must hold at least one token, got idx of shape {tuple(idx.shape)} "
-            f"(expected (B, T) with T >= 1): for unconditional sampling start from the "
-            f"end-of-text token, e.g. torch.tensor([[tokenizer.eot_id]])"
-        )
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=idx.device).manual_seed(seed)
-    block_size = model.config.block_size
-    was_training = model.training
-    model.eval()
-    try:
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        cache: KVCache | None = None
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = model(idx[:, -block_size:])
-            elif cache is None or cache.length >= block_size:
-                # (Re)prefill: learned positions cannot go past block_size, so past it we crop
-                # the context like nanoGPT does, which keeps cached == uncached exactly.
-                cache = KVCache(model.config.n_layer, model.config.sliding_window)
-                logits, _ = model(idx[:, -block_size:], cache=cache)
-            else:
-                logits, _ = model(idx[:, -1:], cache=cache)
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            if stop_token is not None:
-                nxt = nxt.masked_fill(done.unsqueeze(1), stop_token)  # finished rows keep padding
-                done |= nxt.squeeze(1) == stop_token
-            idx = torch.cat((idx, nxt), dim=1)
-            if stop_token is not None and bool(done.all()):
-                break
-    finally:
-        model.train(was_training)
-    return idx
+    stream = generate_stream(
+        model, idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache,
+        generator, seed,
+    )  # fmt: skip
+    return torch.cat([idx, *stream], dim=1)

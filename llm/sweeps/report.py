@@ -3,7 +3,9 @@
 Finds every Hydra run folder (one with ``.hydra/config.yaml``) under the given folder, reads its
 TensorBoard scalars and Hydra overrides, and writes ``report.md``, ``report.csv`` and PNG plots
 (val-loss curves; per Optuna study, the objective per trial and the parameter importances).
-Works on a sweep folder, a whole ``logs/`` tree or a single run.
+Works on a sweep folder, a whole ``logs/`` tree or a single run. Benchmarks logged during
+training (``val/mc_acc``, ``val/mc_acc_norm``) get a column of their best value when any run
+has them, and the table can be sorted by one (``sort=val/mc_acc_norm``, highest first).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ COLUMNS = [
     "trial",
     "overrides",
 ]
+# benchmark scalars shown (best value over the run) when logged; all are higher-is-better
+BENCHMARKS = ("val/mc_acc", "val/mc_acc_norm")
+DEFAULT_SORT = "best_val_loss"
 
 
 class ReportError(ValueError):
@@ -55,6 +60,7 @@ class Run:
     status: str = "unknown"
     trial: int | None = None
     study: tuple[str, str] | None = None  # (storage URL, study name) of an Optuna trial
+    benchmarks: dict[str, float] = field(default_factory=dict)  # tag -> best (highest) value
 
     @property
     def best(self) -> tuple[float, int | None]:
@@ -154,6 +160,10 @@ def load_run(run_dir: Path, root: Path) -> Run:
     run.last_step = max(steps, default=None)
     tps = [v for _, v in scalars.get("train/tokens_per_sec", []) if math.isfinite(v)]
     run.tokens_per_sec = statistics.median(tps) if tps else None
+    for tag in BENCHMARKS:
+        values = [v for _, v in scalars.get(tag, []) if math.isfinite(v)]
+        if values:
+            run.benchmarks[tag] = max(values)
     run.status = _disk_status(run, scalars)
     ref = _trial_ref(run_dir)
     if ref is not None:
@@ -194,12 +204,34 @@ def _load_studies(runs: list[Run]) -> dict[tuple[str, str], Any]:
 NO_VAL = "no val/loss logged"
 
 
-def _sort_key(run: Run) -> tuple[int, float, str]:
-    """Runs with a val loss by it, then runs without one, then failed runs."""
-    value = run.best[0]
+def _sort_key(run: Run, sort: str = DEFAULT_SORT) -> tuple[int, float, str]:
+    """Best val loss lowest first (or a benchmark highest first), then runs without one, then
+    failed runs."""
+    if sort == DEFAULT_SORT:
+        value = run.best[0]
+    else:
+        score = run.benchmarks.get(sort)
+        value = -score if score is not None else math.nan
     if run.status == "failed":
         return (2, value if math.isfinite(value) else math.inf, run.name)
     return (0, value, run.name) if math.isfinite(value) else (1, 0.0, run.name)
+
+
+def columns(runs: list[Run]) -> list[str]:
+    """COLUMNS, with a column for each benchmark that any run logged (after best_step)."""
+    logged = [t for t in BENCHMARKS if any(t in r.benchmarks for r in runs)]
+    at = COLUMNS.index("best_step") + 1
+    return [*COLUMNS[:at], *logged, *COLUMNS[at:]]
+
+
+def check_sort(sort: str, runs: list[Run]) -> None:
+    """``sort`` must be best_val_loss or a benchmark some run logged."""
+    choices = [DEFAULT_SORT, *(c for c in columns(runs) if c in BENCHMARKS)]
+    if sort not in choices:
+        raise ReportError(
+            f"sort={sort}: these runs can be sorted by {', '.join(choices)} (benchmarks appear "
+            "once a run logs them, e.g. with callbacks.multiple_choice.path=...)"
+        )
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -210,51 +242,57 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """One dict per run, best val loss first (runs without one last)."""
+def rows(runs: list[Run], sort: str = DEFAULT_SORT) -> list[dict[str, Any]]:
+    """One dict per run (keys: :func:`columns`), best val loss first or, with ``sort``, the
+    highest benchmark score first (runs without a value last)."""
+    check_sort(sort, runs)
+    names = columns(runs)
     out = []
-    for rank, run in enumerate(sorted(runs, key=_sort_key), start=1):
+    for rank, run in enumerate(sorted(runs, key=lambda r: _sort_key(r, sort)), start=1):
         value, step = run.best
-        out.append(
-            {
-                "rank": rank,
-                "run": run.name,
-                "status": run.status,
-                "best_val_loss": value if math.isfinite(value) else None,
-                "best_step": step,
-                "last_step": run.last_step,
-                "tokens_per_sec": run.tokens_per_sec,
-                "trial": run.trial,
-                "overrides": " ".join(run.overrides),
-            }
-        )
+        row = {
+            "rank": rank,
+            "run": run.name,
+            "status": run.status,
+            "best_val_loss": value if math.isfinite(value) else None,
+            "best_step": step,
+            **{tag: run.benchmarks.get(tag) for tag in BENCHMARKS},
+            "last_step": run.last_step,
+            "tokens_per_sec": run.tokens_per_sec,
+            "trial": run.trial,
+            "overrides": " ".join(run.overrides),
+        }
+        out.append({k: row[k] for k in names})
     return out
 
 
 def to_csv(table: list[dict[str, Any]]) -> str:
     """The table as CSV, full precision, every override."""
+    names = list(table[0]) if table else COLUMNS
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for row in table:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+        writer.writerow({k: "" if row[k] is None else row[k] for k in names})
     return buf.getvalue()
 
 
-def to_markdown(table: list[dict[str, Any]], root: Path) -> str:
+def to_markdown(table: list[dict[str, Any]], root: Path, sort: str = DEFAULT_SORT) -> str:
     """The table as markdown; overrides shared by every run are listed once above it."""
+    names = list(table[0]) if table else COLUMNS
     lists = [row["overrides"].split() for row in table]
     common = set(lists[0]).intersection(*lists[1:]) if len(lists) > 1 else set()
+    order = "best val loss first" if sort == DEFAULT_SORT else f"highest {sort} first"
     lines = [
         f"# Sweep report: {root}",
         "",
-        f"{len(table)} runs: best val loss first, then runs without one, failed runs last.",
+        f"{len(table)} runs: {order}, then runs without one, failed runs last.",
         "",
     ]
     if common:
         shared = " ".join(o for o in lists[0] if o in common)
         lines += [f"Overrides common to all runs: `{shared}`", ""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row, overrides in zip(table, lists, strict=True):
         cells = {**row, "overrides": " ".join(o for o in overrides if o not in common)}
         if cells["best_val_loss"] is None:
@@ -262,8 +300,7 @@ def to_markdown(table: list[dict[str, Any]], root: Path) -> str:
         lines.append(
             "| "
             + " | ".join(
-                _fmt(cells[k], 1 if k == "tokens_per_sec" else 4).replace("|", "\\|")
-                for k in COLUMNS
+                _fmt(cells[k], 1 if k == "tokens_per_sec" else 4).replace("|", "\\|") for k in names
             )
             + " |"
         )
@@ -353,7 +390,9 @@ def plot_study(study: Any, out: Path) -> list[Path]:
     return written
 
 
-def report(root: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+def report(
+    root: str | Path, out: str | Path | None = None, sort: str | None = None
+) -> dict[str, Any]:
     """Build the report for ``root``; returns the table rows and the paths written."""
     import matplotlib
 
@@ -362,9 +401,10 @@ def report(root: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     out_dir = Path(out) if out is not None else root / "report"
     runs = [load_run(p, root) for p in find_runs(root)]
     studies = _load_studies(runs)
-    table = rows(runs)
+    sort = sort or DEFAULT_SORT
+    table = rows(runs, sort)
     files = [
-        atomic_write_text(out_dir / "report.md", to_markdown(table, root)),
+        atomic_write_text(out_dir / "report.md", to_markdown(table, root, sort)),
         atomic_write_text(out_dir / "report.csv", to_csv(table)),
     ]
     curve = plot_val_curves(runs, out_dir / "val_loss.png")

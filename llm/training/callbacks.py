@@ -1,6 +1,7 @@
-"""TensorBoard callbacks that watch training qualitatively: a text sample and attention heat
-maps at each validation (does the model start to spell? do heads specialise?). They do
-nothing unless the trainer's logger is a `TensorBoardLogger`.
+"""Callbacks that watch training at each validation: a TensorBoard text sample and attention
+heat maps (does the model start to spell? do heads specialise?), which do nothing unless the
+trainer's logger is a `TensorBoardLogger`, and a multiple-choice benchmark scored next to the
+validation loss.
 """
 
 from __future__ import annotations
@@ -153,6 +154,64 @@ class AttentionHeatmapCallback(L.Callback):
             maps = model.attention_maps(idx, layer)[0].float().cpu()  # (H, T, T)
             figure = heatmap_figure(maps, labels, title=f"layer {layer}")
             writer.add_figure(f"attention/layer{layer}", figure, trainer.global_step)
+
+
+class MultipleChoiceCallback(L.Callback):
+    """At each validation, score a HellaSwag-format multiple-choice file
+    (:mod:`llm.evaluation.multiple_choice`) and log ``val/mc_acc`` and ``val/mc_acc_norm`` next
+    to val/loss, so sweeps can rank runs by a benchmark (``llm report sort=val/mc_acc_norm``).
+
+    ``path`` None leaves it off (the default config's entry: enable it with
+    ``callbacks.multiple_choice.path=<file.jsonl>``). ``limit``: the first N rows. The file is
+    read and encoded once, at setup, so a bad row fails the run before it trains. Under DDP
+    each rank scores its share and the counts are summed; skipped under FSDP (sharded weights).
+    """
+
+    def __init__(self, path: str | None = None, limit: int | None = None, batch_size: int = 16):
+        self.path = path
+        self.limit = limit
+        self.batch_size = batch_size
+        self._encoded: list[Any] = []
+        self._labels: list[int] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.path is None or self._encoded:
+            return
+        from llm.evaluation.multiple_choice import encode_examples, read_examples
+
+        tok = getattr(pl_module, "tokenizer", None)
+        if tok is None:
+            raise ValueError("callbacks.multiple_choice needs a model with a tokenizer")
+        examples = read_examples(self.path, self.limit)
+        try:
+            self._encoded = encode_examples(tok, examples)
+        except (KeyError, ValueError) as e:  # a character the model's vocabulary lacks
+            raise ValueError(f"callbacks.multiple_choice.path={self.path}: {e}") from e
+        self._labels = [ex.label for ex in examples]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._encoded or trainer.sanity_checking:
+            return
+        if "FSDP" in type(trainer.strategy).__name__:
+            return
+        from llm.evaluation.multiple_choice import score_examples
+
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = slice(rank, None, world)
+        correct, correct_norm = score_examples(
+            pl_module.model, self._encoded[mine], self._labels[mine], self.batch_size
+        )
+        counts = torch.tensor(
+            [correct, correct_norm, len(self._labels[mine])],
+            dtype=torch.long,
+            device=pl_module.device,
+        )
+        if world > 1:
+            counts = pl_module.all_gather(counts).reshape(-1, 3).sum(0)
+        n = float(counts[2])
+        # identical on every rank already; sync_dist only silences Lightning's DDP warning
+        pl_module.log("val/mc_acc", float(counts[0]) / n, sync_dist=True)
+        pl_module.log("val/mc_acc_norm", float(counts[1]) / n, sync_dist=True)
 
 
 # whitespace made visible, so the token a head attends to can be read off the axis

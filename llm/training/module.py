@@ -21,6 +21,7 @@ from torch import Tensor
 
 from llm.finetuning.lora import apply_lora
 from llm.model import GPT, GPTConfig
+from llm.prompts import check_template
 from llm.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class GPTLitModule(L.LightningModule):
         sample: the sampling settings used during training, recorded for later generation.
         lora: LoRA settings (`llm.finetuning.lora.lora_config`): adapters on the named Linear
             layers, every other weight frozen; None trains every weight.
+        template: how the model wants prompts rendered (`llm.prompts`): "alpaca" after
+            instruction finetuning, "chat" for its tokenizer's chat template, None for a base
+            model; `llm chat` reads it from the checkpoint.
     """
 
     kind = "lm"  # recorded in every checkpoint, so loaders never guess it from the keys
@@ -88,6 +92,7 @@ class GPTLitModule(L.LightningModule):
         compile: bool = False,
         sample: dict[str, Any] | None = None,
         lora: dict[str, Any] | None = None,
+        template: str | None = None,
     ) -> None:
         super().__init__()
         hparams = {
@@ -97,6 +102,7 @@ class GPTLitModule(L.LightningModule):
             "compile": bool(compile),
             "sample": plain(sample),
             "lora": plain(lora),
+            "template": check_template(template),
         }
         # logger=False: the tokenizer state can be large; llm train logs a flat summary instead
         self.save_hyperparameters(hparams, logger=False)

@@ -1,0 +1,92 @@
+"""``llm chat ckpt_path=...``: talk to a checkpoint in the terminal, one line per turn.
+
+Replies stream as they are sampled; ``/reset`` starts a new conversation, ``/quit`` (or end of
+input) ends the session, Ctrl-C stops a reply (and, at the prompt, the session). Piped input
+works: ``printf 'Hello\\n/quit\\n' | llm chat ckpt_path=...``. Notes (dropped turns) go to
+standard error, so standard output holds the replies only.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from omegaconf import DictConfig
+
+from llm.cli.app import hydra_app, resolve_device
+
+COMMANDS = "/reset clears the conversation, /quit ends the session"
+
+
+def _note(message: str) -> None:
+    print(f"[{message}]", file=sys.stderr, flush=True)
+
+
+def _template(cfg: DictConfig, lm: Any) -> str | None:
+    """``template=auto`` is the checkpoint's own; ``none`` is a base model's plain text."""
+    choice = str(cfg.template) if cfg.template is not None else "none"
+    if choice == "auto":
+        return lm.template
+    return None if choice == "none" else choice
+
+
+def _read_line(interactive: bool) -> str | None:
+    """One line of input (None at its end); the terminal gets a prompt and line editing."""
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
+
+
+@hydra_app("chat")
+def main(cfg: DictConfig) -> int:
+    """Load the checkpoint, then read a line, stream the reply, until /quit or end of input."""
+    from llm.chat import ChatSession
+    from llm.checkpoint import load_language_model
+
+    lm = load_language_model(cfg.ckpt_path, resolve_device(str(cfg.device)))
+    template = _template(cfg, lm)
+    session = ChatSession(
+        lm.model,
+        lm.tokenizer,
+        template=template,
+        system=None if cfg.system is None else str(cfg.system),
+        max_new_tokens=int(cfg.max_new_tokens),
+        temperature=float(cfg.temperature),
+        top_k=None if cfg.top_k is None else int(cfg.top_k),
+        top_p=None if cfg.top_p is None else float(cfg.top_p),
+        seed=None if cfg.seed is None else int(cfg.seed),
+        notify=_note,
+    )
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _note(
+            f"template: {template or 'none (the model continues your text)'}; context "
+            f"{session.block_size} tokens; {COMMANDS}"
+        )
+    while (line := _read_line(interactive)) is not None:
+        command = line.strip()
+        if command == "/quit":
+            break
+        if command == "/reset":
+            session.reset()
+            _note("new conversation")
+            continue
+        if command.startswith("/"):
+            _note(f"unknown command {command}; {COMMANDS}")
+            continue
+        if not command:
+            continue
+        try:
+            for piece in session.send(line):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(flush=True)
+            _note("reply stopped")
+            continue
+        print(flush=True)
+    return 0

@@ -1,0 +1,258 @@
+"""`llm chat`: prompt templates, a session's KV cache across turns (only new tokens prefilled),
+/reset, dropping the oldest turns past the context, and the reply `llm generate` would give."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from _hf_utils import CHAT_TEMPLATE, train_tokenizer
+from helpers import ALPHABET, TINY, run_cli
+
+from llm.chat import ChatSession
+from llm.prompts import format_prompt, render
+from llm.tokenizers import CharTokenizer
+
+EOT = "<|endoftext|>"
+
+
+def _model(vocab_size: int, block_size: int, seed: int = 0) -> Any:
+    from llm.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, **TINY))
+    with torch.no_grad():  # peakier than the 0.02 init: replies differ from turn to turn
+        model.lm_head.weight.normal_(std=0.5)
+    return model.eval()
+
+
+def _prefill_sizes(model: Any) -> tuple[list[int], Any]:
+    """Records the length of every forward pass's input; returns (the list, the hook)."""
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].size(1)))
+    return sizes, hook
+
+
+def test_templates_render_a_conversation() -> None:
+    tok = CharTokenizer()
+    tok.fit([ALPHABET])
+    msgs = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
+    # alpaca: every exchange is a record (prompt, response, end-of-text), earlier ones first
+    alpaca = render("alpaca", msgs, tok)
+    assert alpaca == format_prompt({"instruction": "Hi"}) + "Hello" + EOT + format_prompt(
+        {"instruction": "Bye"}
+    )
+    # none: the texts one after another; a reply keeps the end-of-text it stopped on
+    assert render(None, msgs, tok) == "HiHelloBye"
+    ended = [msgs[0], {**msgs[1], "ended": True}, msgs[2]]
+    assert render(None, ended, tok) == "HiHello" + EOT + "Bye"
+    # chat: the tokenizer's own Jinja template (here ChatML, as Qwen's)
+    chatml = SimpleNamespace(
+        chat_template=CHAT_TEMPLATE
+        + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        special_tokens={},
+        eos_token="<|im_end|>",
+    )
+    assert render("chat", msgs, chatml) == (  # type: ignore[arg-type]
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(ValueError, match="template=chat needs a tokenizer with a chat template"):
+        render("chat", msgs, tok)
+    with pytest.raises(ValueError, match="'vicuna' is not a prompt template"):
+        render("vicuna", msgs, tok)
+
+
+def test_each_turn_prefills_only_its_new_tokens(char_tokenizer: CharTokenizer) -> None:
+    tok = char_tokenizer
+    model = _model(tok.vocab_size, block_size=512)
+    session = ChatSession(model, tok, template="alpaca", max_new_tokens=8, temperature=0.0)
+    sizes, hook = _prefill_sizes(model)
+    try:
+        first = "".join(session.send("Name a colour."))
+        n1, after1 = len(sizes), len(session.ids)
+        second = "".join(session.send("And another?"))
+    finally:
+        hook.remove()
+    p1 = tok.encode(format_prompt({"instruction": "Name a colour."}))
+    assert session.prefilled[0] == sizes[0] == len(p1)
+    assert first == session.messages[1]["content"] and len(first) > 0
+    # turn 2 runs the last reply token (sampled, never run yet) and its own new text, only
+    ended = session.messages[1].get("ended", False)
+    new = tok.encode(("" if ended else EOT) + format_prompt({"instruction": "And another?"}))
+    assert session.ids[after1 : after1 + len(new)] == new
+    assert session.prefilled[1] == sizes[n1] == 1 + len(new)
+    assert set(sizes[1:n1] + sizes[n1 + 1 :]) == {1}  # then one token per step
+    # the cached turn samples what a model reading the whole conversation afresh samples
+    history = session.ids[: after1 + len(new)]
+    fresh = model.generate(torch.tensor([history]), 8, temperature=0.0, stop_token=tok.eot_id)
+    assert fresh[0, len(history) :].tolist() == session.ids[len(history) :]
+    assert tok.decode([i for i in session.ids[len(history) :] if i != tok.eot_id]) == second
+
+
+def test_reset_forgets_the_conversation_and_restarts_the_seed(char_tokenizer: Any) -> None:
+    model = _model(char_tokenizer.vocab_size, block_size=128)
+    session = ChatSession(model, char_tokenizer, max_new_tokens=10, seed=5)
+    first = "".join(session.send("Hello"))
+    "".join(session.send(" again"))
+    assert session.prefilled == [5, 1 + len(" again")]
+    session.reset()
+    assert session.messages == [] and session.ids == [] and session.cache.length == 0
+    assert "".join(session.send("Hello")) == first  # same seed stream, same first reply
+    assert session.prefilled[-1] == 5
+
+
+def test_oldest_turns_are_dropped_past_the_context_with_a_note(char_tokenizer: Any) -> None:
+    model = _model(char_tokenizer.vocab_size, block_size=48)
+    notes: list[str] = []
+    session = ChatSession(
+        model, char_tokenizer, max_new_tokens=8, temperature=0.0, notify=notes.append
+    )
+    turns = ["first turn text ", "second turn ", "third turn here ", "fourth turn "]
+    for text in turns:
+        "".join(session.send(text))
+        assert len(session.ids) <= 48 and session.cache.length == len(session.ids) - 1
+        users = [m["content"] for m in session.messages if m["role"] == "user"]
+        assert users[-1] == text
+        if notes:
+            break
+    assert notes and "dropped the oldest 1 exchange(s)" in notes[0] and "48-token" in notes[0]
+    assert turns[0] not in users  # the oldest exchange went
+    # after a drop the whole remaining conversation is prefilled again
+    kept = render(None, session.messages[:-1], char_tokenizer)
+    assert session.prefilled[-1] == len(char_tokenizer.encode(kept))
+
+
+def test_a_turn_longer_than_the_context_keeps_its_end(char_tokenizer: Any) -> None:
+    model = _model(char_tokenizer.vocab_size, block_size=32)
+    notes: list[str] = []
+    session = ChatSession(model, char_tokenizer, max_new_tokens=8, notify=notes.append)
+    reply = "".join(session.send("x" * 100))
+    assert notes and "kept its last 24" in notes[0]
+    assert session.prefilled == [24] and len(reply) <= 8
+
+
+def test_an_interrupted_reply_is_kept_and_the_next_turn_reads_all_again(
+    char_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C may land inside a forward pass and tear the cache: it is dropped, not trusted."""
+    import llm.chat
+
+    model = _model(char_tokenizer.vocab_size, block_size=128)
+    session = ChatSession(model, char_tokenizer, max_new_tokens=10, seed=1)
+    real = llm.chat.generate_stream
+    ab = [char_tokenizer.encode(c)[0] for c in "ab"]
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        yield from (torch.tensor([[i]]) for i in ab)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.chat, "generate_stream", interrupted)
+    pieces: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        pieces.extend(session.send("Hello"))
+    assert pieces == ["a", "b"] and session.messages[-1] == {"role": "assistant", "content": "ab"}
+    assert session.cache.length == 0
+    monkeypatch.setattr(llm.chat, "generate_stream", real)
+    "".join(session.send(" more"))
+    assert session.prefilled == [5, len("Hello") + 2 + len(" more")]
+
+
+def test_hf_tokenizer_chat_template_session(tmp_path: Path) -> None:
+    """tokenizer=hf models: the chat template, <|im_end|> ends a reply, the cache is reused."""
+    import json
+
+    from llm.tokenizers import HFTokenizer
+
+    folder = train_tokenizer(tmp_path / "tok")
+    template = CHAT_TEMPLATE + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    config = {"chat_template": template, "eos_token": "<|im_end|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = HFTokenizer(folder)
+    model = _model(tok.vocab_size, block_size=256)
+    session = ChatSession(model, tok, template="chat", system="Be brief.", max_new_tokens=6)
+    "".join(session.send("hello there"))
+    "".join(session.send("how are you?"))
+    first = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhello there<|im_end|>\n"
+    assert session.prefilled[0] == len(tok.encode(first + "<|im_start|>assistant\n"))
+    ended = session.messages[2].get("ended", False)  # [system, user, assistant, ...]
+    new = ("\n" if ended else "<|im_end|>\n") + (
+        "<|im_start|>user\nhow are you?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert session.prefilled[1] == 1 + len(tok.encode(new))  # system and turn 1 stay cached
+    with pytest.raises(ValueError, match="system= needs template=chat"):
+        ChatSession(model, tok, template="alpaca", system="Be brief.")
+
+
+def test_chat_reply_equals_llm_generate(
+    tmp_path: Path,
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One prompt: the reply is what `llm generate` samples from the rendered prompt with the
+    same seed and settings (chat stops at end-of-text, which it does not print)."""
+    from llm.checkpoint import load_language_model, save_checkpoint
+    from llm.training.module import GPTLitModule
+
+    tok = CharTokenizer()
+    tok.fit([ALPHABET])
+    torch.manual_seed(0)
+    module = GPTLitModule(
+        model={**TINY, "block_size": 256, "vocab_size": tok.vocab_size},
+        tokenizer=tok.to_dict(),
+        template="alpaca",
+    )
+    ckpt = save_checkpoint(module, tmp_path / "instruct.ckpt")
+    assert load_language_model(ckpt).template == "alpaca"
+    settings = ["max_new_tokens=40", "temperature=0.9", "top_k=20", "seed=4"]
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Say hi\n/quit\nnever read\n"))
+    assert llm_main("chat", f"ckpt_path={ckpt}", *settings) == 0
+    reply = capsys.readouterr().out
+
+    rendered = format_prompt({"instruction": "Say hi"})
+    (tmp_path / "prompt.txt").write_text(rendered, encoding="utf-8")
+    assert llm_main("generate", f"ckpt_path={ckpt}", f"prompt_file={tmp_path / 'prompt.txt'}",
+                    *settings) == 0  # fmt: skip
+    generated = capsys.readouterr().out
+    assert generated.startswith(rendered)
+    continuation = generated[len(rendered) :].removesuffix("\n").split(EOT)[0]
+    assert reply == continuation + "\n" and len(continuation) > 0
+
+
+def test_chat_commands_and_template_override(
+    trained: dict[str, Any],
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lines = "First\n/reset\nFirst\n/help\n\n"  # /help is unknown; an empty line is skipped
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))  # ends without /quit: end of input
+    args = (f"ckpt_path={trained['ckpt']}", "max_new_tokens=12", "template=none")
+    assert llm_main("chat", *args) == 0
+    captured = capsys.readouterr()
+    half = len(captured.out) // 2
+    assert captured.out[:half] == captured.out[half:]  # /reset restarts the seed's stream
+    assert captured.out.endswith("\n") and half > 1
+    assert "[new conversation]" in captured.err and "unknown command /help" in captured.err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert llm_main("chat", *args[:1], "template=chat") == 1
+    assert "needs a tokenizer with a chat template" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_piped_chat_exits_0(trained: dict[str, Any]) -> None:
+    proc = run_cli("chat", f"ckpt_path={trained['ckpt']}", "max_new_tokens=10",
+                   stdin="Hello\n/quit\n")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and proc.stdout.endswith("\n")
