@@ -124,11 +124,12 @@ def test_a_checkpoint_of_another_kind_is_named(
         ("seed=x1", "seed='x1': must be an integer or null"),
     ],
 )
-def test_generate_refuses_wrong_settings(
+def test_sampling_verbs_refuse_wrong_settings(
     arg: str, named: str, trained: dict[str, Any], llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:
-    err = _fails(llm_main, capsys, "generate", f"ckpt_path={trained['ckpt']}", arg)
-    assert named in err
+    for verb in ("generate", "chat"):
+        err = _fails(llm_main, capsys, verb, f"ckpt_path={trained['ckpt']}", arg)
+        assert named in err
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llm import checks
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/
 T = TypeVar("T")
 
@@ -231,6 +233,18 @@ def read_free_text(cfg: DictConfig, key: str) -> str:
         return read_utf8(str(path))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{key}_file={path}: no such file") from e
+
+
+def sampling_settings(cfg: DictConfig) -> dict:
+    """The sampling keys of generate and chat, checked (each error names its key)."""
+    checks.integer("num_samples", cfg.get("num_samples", 1), minimum=1, example=3)
+    return {
+        "max_new_tokens": checks.integer("max_new_tokens", cfg.max_new_tokens, minimum=0),
+        "temperature": checks.number("temperature", cfg.temperature, minimum=0.0, example=0.8),
+        "top_k": checks.integer("top_k", cfg.top_k, minimum=1, nullable=True, example=200),
+        "top_p": checks.number("top_p", cfg.top_p, above=0.0, maximum=1.0, nullable=True),
+        "seed": checks.integer("seed", cfg.seed, nullable=True, example=1337),
+    }
 
 
 def resolve_device(device: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from llm.cli.app import hydra_app, resolve_device
+from llm.cli.app import hydra_app, resolve_device, sampling_settings
 
 COMMANDS = "/reset clears the conversation, /quit ends the session"
 
@@ -48,6 +48,7 @@ def main(cfg: DictConfig) -> int:
     from llm.chat import ChatSession
     from llm.checkpoint import load_language_model
 
+    settings = sampling_settings(cfg)
     lm = load_language_model(cfg.ckpt_path, resolve_device(str(cfg.device)))
     template = _template(cfg, lm)
     session = ChatSession(
@@ -55,12 +56,8 @@ def main(cfg: DictConfig) -> int:
         lm.tokenizer,
         template=template,
         system=None if cfg.system is None else str(cfg.system),
-        max_new_tokens=int(cfg.max_new_tokens),
-        temperature=float(cfg.temperature),
-        top_k=None if cfg.top_k is None else int(cfg.top_k),
-        top_p=None if cfg.top_p is None else float(cfg.top_p),
-        seed=None if cfg.seed is None else int(cfg.seed),
         notify=_note,
+        **settings,
     )
     interactive = sys.stdin.isatty()
     if interactive:

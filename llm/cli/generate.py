@@ -12,20 +12,7 @@ import sys
 
 from omegaconf import DictConfig
 
-from llm import checks
-from llm.cli.app import hydra_app, read_free_text, resolve_device
-
-
-def sampling_settings(cfg: DictConfig) -> dict:
-    """The sampling keys, checked (each error names its key)."""
-    checks.integer("num_samples", cfg.get("num_samples", 1), minimum=1, example=3)
-    return {
-        "max_new_tokens": checks.integer("max_new_tokens", cfg.max_new_tokens, minimum=0),
-        "temperature": checks.number("temperature", cfg.temperature, minimum=0.0, example=0.8),
-        "top_k": checks.integer("top_k", cfg.top_k, minimum=1, nullable=True, example=200),
-        "top_p": checks.number("top_p", cfg.top_p, above=0.0, maximum=1.0, nullable=True),
-        "seed": checks.integer("seed", cfg.seed, nullable=True, example=1337),
-    }
+from llm.cli.app import hydra_app, read_free_text, resolve_device, sampling_settings
 
 
 @hydra_app("generate")
