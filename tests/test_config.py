@@ -129,14 +129,23 @@ def test_logger_and_callback_options_instantiate(group: str, tmp_path: Path) -> 
         assert all(b == n or not n[:1].isupper() for b, n in zip(built, names, strict=True))
 
 
-@pytest.mark.parametrize("name", _options("experiment"))
+@pytest.mark.parametrize(
+    "name", [n for n in _options("experiment") if not n.startswith("finetune_")]
+)
 def test_experiment_options_compose(name: str) -> None:
-    if name.startswith("finetune"):  # recipes of `llm finetune`, tested with it
-        pytest.skip("a llm.finetune recipe")
     cfg = _compose(f"experiment={name}")
     OmegaConf.resolve(cfg)
     assert cfg.data.block_size == cfg.model.block_size
     assert cfg.optim.lr > cfg.optim.min_lr > 0 and cfg.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("name", [n for n in _options("experiment") if n.startswith("finetune_")])
+def test_finetune_experiments_compose(name: str) -> None:
+    """The recipes of `llm finetune` (named finetune_*, which is how `--help` sorts them)."""
+    cfg = compose("finetune", [f"experiment={name}", "data.path=/tmp/d.tsv", *BASE[:1]])
+    OmegaConf.resolve(cfg)
+    assert cfg.task.name in ("text", "classify") and cfg.init == "gpt2"
+    assert cfg.optim.lr == cfg.optim.min_lr > 0 and cfg.trainer.max_steps > 0
 
 
 def test_hparams_search_options_compose() -> None:

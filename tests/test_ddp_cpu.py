@@ -28,6 +28,14 @@ def test_ddp_cpu_trains_and_checkpoints(tmp_path: Path, strategy: str) -> None:
     ]
     proc = run_cli("train", *overrides, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    lines = [line for line in text.splitlines() if line.strip("-= ")]  # not Lightning's rules
+    twice = sorted({line for line in lines if lines.count(line) > 1})
+    assert not twice, f"printed twice (by both ranks?): {twice}"
+    assert sum(line.startswith("validation at step") for line in lines) == 3  # 0, 2, 4
+    # the summary knows what rank 0 did, also when it ran in a spawned process
+    assert "Best val/loss:   " in text and "(step 4)" in text, text
+    assert "Last checkpoint: None" not in text and "Throughput:" in text
     runs = list((logs / "train" / "runs").iterdir())
     assert len(runs) == 1, runs  # the other rank does not start a Hydra run of its own
     ckpts = runs[0] / "checkpoints"

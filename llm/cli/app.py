@@ -120,6 +120,10 @@ def quiet_libraries() -> None:
     importlib.import_module("lightning")  # its console handler exists once it is imported
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+    quiet = "ignore::DeprecationWarning,ignore::FutureWarning"  # ddp_spawn's fresh interpreters
+    inherited = os.environ.get("PYTHONWARNINGS", "")
+    if quiet not in inherited:
+        os.environ["PYTHONWARNINGS"] = f"{inherited},{quiet}" if inherited else quiet
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     own = logging.getLogger("lightning")
     for handler in list(own.handlers):  # its own stream handler; the root one stays

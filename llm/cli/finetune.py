@@ -120,6 +120,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
 
     from llm.checkpoint import read_checkpoint
+    from llm.cli.spawned import bring_back
     from llm.finetuning.init import load_init
     from llm.finetuning.lora import count_params
 
@@ -149,6 +150,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_metrics({k: float(v) for k, v in counts.items()}, step=0)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    bring_back(trainer, module)  # what a spawned rank 0 knew (ddp_spawn); no-op otherwise
 
     best_path, last_path = checkpoint_paths(trainer)
     result: dict[str, Any] = {

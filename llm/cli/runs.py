@@ -67,11 +67,14 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
     """The Trainer of ``cfg.trainer`` with the configured loggers and callbacks (and extra)."""
     from lightning.pytorch.callbacks import ProgressBar
 
+    from llm.cli.spawned import spawned_ranks
+
     loggers = instantiate_all(cfg.get("logger"))
     callbacks = instantiate_all(cfg.get("callbacks") or {})
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses both at once
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += extra_callbacks or []
+    callbacks += spawned_ranks(cfg.trainer)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return trainer, loggers
 

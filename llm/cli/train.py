@@ -50,6 +50,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import hydra
     import lightning as L
 
+    from llm.cli.spawned import bring_back
     from llm.training.module import GPTLitModule
 
     validate(cfg)
@@ -76,6 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         check_resumable(cfg.ckpt_path, module, int(cfg.trainer.max_steps))
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    bring_back(trainer, module)  # what a spawned rank 0 knew (ddp_spawn); no-op otherwise
 
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert isinstance(data, dict)
