@@ -77,13 +77,26 @@ def _cfg(tmp_path: Path, out: Path, steps: int, *extra: str) -> DictConfig:
 
 # batch 4: stop mid-epoch 0; 160: three batches an epoch, stop mid-epoch 1; 128: stop at the
 # very end of epoch 0 (about 405 train windows). Dropout 0.2 in one case: its masks come from
-# the global RNG, whose state the checkpoint keeps.
+# the global RNG, whose state the checkpoint keeps. optim=muon: Muon's momentum buffers (for the
+# blocks' matrices) and AdamW's moments (the rest) must both come back from the checkpoint.
 @pytest.mark.slow
-@pytest.mark.parametrize(("batch", "dropout"), [(4, 0.0), (160, 0.0), (128, 0.0), (4, 0.2)])
-def test_resume_matches_uninterrupted_run(tmp_path: Path, batch: int, dropout: float) -> None:
+@pytest.mark.parametrize(
+    ("batch", "dropout", "optim"),
+    [
+        (4, 0.0, "adamw"),
+        (160, 0.0, "adamw"),
+        (128, 0.0, "adamw"),
+        (4, 0.2, "adamw"),
+        (4, 0.0, "muon"),
+        (160, 0.2, "muon"),
+    ],
+)
+def test_resume_matches_uninterrupted_run(
+    tmp_path: Path, batch: int, dropout: float, optim: str
+) -> None:
     from llm.cli.train import train
 
-    opts = (f"data.batch_size={batch}", f"model.dropout={dropout}")
+    opts = (f"data.batch_size={batch}", f"model.dropout={dropout}", f"optim={optim}")
     straight = train(_cfg(tmp_path, tmp_path / "straight", 8, *opts))
     first = train(_cfg(tmp_path, tmp_path / "first", 4, *opts))
     last = first["last_model_path"]
@@ -97,6 +110,18 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, batch: int, dropout: f
     sa, sb = straight["module"].state_dict(), resumed["module"].state_dict()
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0)
+    opt_a, opt_b = (r["trainer"].optimizers[0] for r in (straight, resumed))
+    assert type(opt_a).__name__ == ("CombinedOptimizer" if optim == "muon" else "AdamW")
+    if optim == "muon":  # Muon's momentum buffers continued from the checkpoint's
+        muon_a, muon_b = opt_a.optimizers[1], opt_b.optimizers[1]
+        pa, pb = muon_a.param_groups[0]["params"], muon_b.param_groups[0]["params"]
+        assert len(pa) == len(pb) == 8  # tiny: 2 blocks x (c_attn, c_proj, c_fc, mlp.c_proj)
+        for wa, wb in zip(pa, pb, strict=True):
+            buf_a, buf_b = muon_a.state[wa]["momentum_buffer"], muon_b.state[wb]["momentum_buffer"]
+            assert buf_a.abs().sum() > 0
+            torch.testing.assert_close(buf_b, buf_a, atol=1e-6, rtol=0)
+    lrs = [[g["lr"] for g in o.param_groups] for o in (opt_a, opt_b)]
+    assert lrs[0] == pytest.approx(lrs[1], rel=1e-12)
 
 
 @pytest.mark.slow

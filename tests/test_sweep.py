@@ -110,6 +110,39 @@ def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
     assert "optim.lr=0.001" in (sweep / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_grid_sweep_over_norm_and_mlp_trains_each_architecture(
+    tmp_path: Path, llm_main: Any
+) -> None:
+    """`-m model.norm=... model.mlp=...`: four jobs, each checkpointing the model it names."""
+    sweep = tmp_path / "sweep"
+    grid = ["model.norm=layernorm,rmsnorm", "model.mlp=gelu,swiglu"]
+    assert llm_main("train", "-m", *_experiment(tmp_path), *grid, f"hydra.sweep.dir={sweep}") == 0
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [
+        "0_experiment=sweep_test,model.mlp=gelu,model.norm=layernorm",
+        "1_experiment=sweep_test,model.mlp=swiglu,model.norm=layernorm",
+        "2_experiment=sweep_test,model.mlp=gelu,model.norm=rmsnorm",
+        "3_experiment=sweep_test,model.mlp=swiglu,model.norm=rmsnorm",
+    ]
+    for job in jobs:
+        norm, mlp = job.split("model.norm=")[1], job.split("model.mlp=")[1].split(",")[0]
+        cfg = OmegaConf.load(sweep / job / ".hydra" / "config.yaml")
+        assert (cfg.model.norm, cfg.model.mlp) == (norm, mlp)
+        raw = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)
+        model = raw["hyper_parameters"]["model"]
+        assert (model["norm"], model["mlp"], raw["global_step"]) == (norm, mlp, 4)
+        sd = raw["state_dict"]
+        # tiny: n_embd 64, biases on; swiglu's c_fc holds gate and up (2 x 192), rmsnorm no bias
+        assert sd["model.h.0.mlp.c_fc.weight"].shape[0] == (384 if mlp == "swiglu" else 256)
+        assert ("model.h.0.ln_1.bias" in sd) == (norm == "layernorm")
+    assert llm_main("report", f"dir={sweep}") == 0
+    rows = _csv(sweep / "report" / "report.csv")
+    assert sorted(r["run"] for r in rows) == jobs and {r["status"] for r in rows} == {"completed"}
+    losses = [float(r["best_val_loss"]) for r in rows]
+    assert losses == sorted(losses) and len(set(losses)) == 4  # ranked; four different models
+
+
 def test_multirun_refuses_relaunching_strategies(tmp_path: Path, llm_main: Any, capsys) -> None:
     args = [*_experiment(tmp_path), "trainer=ddp", f"hydra.sweep.dir={tmp_path / 's'}"]
     assert llm_main("train", "-m", *args, "optim.lr=1e-3,2e-3") == 1
