@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,13 @@ def test_quoting_leaves_other_keys_and_quoted_values_alone() -> None:
     assert quote_free_text("top_k=10", ["prompt"]) == "top_k=10"
     assert quote_free_text("prompt='a, b'", ["prompt"]) == "prompt='a, b'"
     assert quote_free_text("prompt=a, b", ["prompt"]) == 'prompt="a, b"'
+    # run folders are named after overrides: a path with `=` is quoted, a sweep over paths not
+    run = "ckpt_path=logs/runs/2026-11-29_seed=3,model=tiny/checkpoints/last.ckpt"
+    assert quote_free_text(run, []) == 'ckpt_path="' + run.split("=", 1)[1] + '"'
+    assert quote_free_text("+data.path=a=b.txt", []) == '+data.path="a=b.txt"'
+    assert quote_free_text("init=a.ckpt,b.ckpt", []) == "init=a.ckpt,b.ckpt"
+    assert quote_free_text("hydra.run.dir=x=1", []) == 'hydra.run.dir="x=1"'
+    assert quote_free_text("optim.lr=interval(a=1)", []) == "optim.lr=interval(a=1)"
 
 
 @pytest.mark.slow
@@ -122,6 +130,21 @@ def test_generate_takes_free_text_and_stdin(trained: dict[str, Any]) -> None:
     )
     assert piped.returncode == 0, piped.stderr[-2000:]
     assert piped.stdout.startswith("Before, we")
+
+
+def test_summary_next_command_runs_on_a_run_folder_named_after_overrides(
+    tmp_path: Path, trained: dict[str, Any], llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """The summary prints `llm generate ckpt_path=<run>/...`; run folders hold `=` and `,`."""
+    run = tmp_path / "2026-11-29_12-00-00_seed=3,model=tiny" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copy(trained["ckpt"], run / "last.ckpt")
+    args = ("prompt=Be", "max_new_tokens=4", "temperature=0")
+    assert llm_main("generate", f"ckpt_path={run / 'last.ckpt'}", *args) == 0
+    copied = capsys.readouterr().out
+    assert llm_main("generate", f"ckpt_path={trained['ckpt']}", *args) == 0
+    assert copied.startswith("Be") and len(copied) > len("Be")
+    assert copied == capsys.readouterr().out  # greedy: the same weights, the same text
 
 
 def test_export_merges_lora_and_writes_a_hugging_face_folder(

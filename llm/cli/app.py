@@ -211,17 +211,25 @@ def hydra_quote(text: str) -> str:
     return '"' + text.replace('"', '\\"') + '"'
 
 
-def quote_free_text(arg: str, keys: Sequence[str]) -> str:
-    """``prompt=Hello, world!`` -> ``prompt="Hello, world!"`` for the verb's free-text keys.
+# Keys that hold a path: run folders are named after their overrides (`..._seed=3`), and a
+# bare `=` in a value is a Hydra grammar error, so such values are quoted too.
+_PATH_KEY = re.compile(r"(^|\.)(\w*path|\w*dir|init|out|\w*_file)$")
 
-    A value the user quoted for Hydra already (``prompt='"a, b"'``) is left as it is.
+
+def quote_free_text(arg: str, keys: Sequence[str]) -> str:
+    """``prompt=Hello, world!`` -> ``prompt="Hello, world!"`` for the verb's free-text keys, and
+    ``ckpt_path=runs/x_seed=3/last.ckpt`` quoted likewise for any path key.
+
+    A value the user quoted for Hydra already (``prompt='"a, b"'``) is left as it is, as is a
+    path without ``=`` (so ``-m init=a.ckpt,b.ckpt`` still sweeps).
     """
     key, sep, value = arg.partition("=")
-    if not sep or key.lstrip("+~") not in keys:
+    bare = key.lstrip("+~")
+    if not sep or (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
         return arg
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return arg
-    return f"{key}={hydra_quote(value)}"
+    if bare in keys or (_PATH_KEY.search(bare) and "=" in value and "(" not in value):
+        return f"{key}={hydra_quote(value)}"
+    return arg
 
 
 def read_free_text(cfg: DictConfig, key: str) -> str:
