@@ -14,12 +14,19 @@ from pathlib import Path
 
 import hydra.utils
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
 from llm.model import GPT, GPTConfig, MultiHeadAttention
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 SIZES = ["tiny", "cpu", "baby", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+
+
+def model_config(size: str, vocab_size: int) -> GPTConfig:
+    """The ``conf/model/<size>.yaml`` preset, composed as ``llm train model=<size>`` would."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={size}"]).model
+    return hydra.utils.instantiate(cfg, vocab_size=vocab_size)
 
 
 def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
@@ -53,10 +60,8 @@ def bench_attention(args: argparse.Namespace) -> None:
 
 
 def bench_generation(args: argparse.Namespace) -> None:
-    cfg = OmegaConf.load(CONF / "baby.yaml")
-    cfg.vocab_size = 65
     torch.manual_seed(0)
-    model = GPT(hydra.utils.instantiate(cfg)).eval()
+    model = GPT(model_config("baby", 65)).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long)
     print(f"\ngeneration, baby config (vocab 65, {model.num_params() / 1e6:.2f}M params), "
           f"{args.gen_tokens} new tokens from a 1-token prompt")  # fmt: skip
@@ -75,9 +80,7 @@ def param_counts(vocab_size: int) -> None:
     print(f"\nparameters (vocab {vocab_size}, tied weights counted once)")
     print(f"{'config':<13}{'layers':>7}{'heads':>6}{'embd':>6}{'block':>6}{'params':>14}{'M':>9}")
     for size in SIZES:
-        cfg = OmegaConf.load(CONF / f"{size}.yaml")
-        cfg.vocab_size = vocab_size
-        c: GPTConfig = hydra.utils.instantiate(cfg)
+        c = model_config(size, vocab_size)
         with torch.device("meta"):  # shapes only: no memory, no init
             n = GPT(c).num_params()
         print(f"{size:<13}{c.n_layer:>7}{c.n_head:>6}{c.n_embd:>6}{c.block_size:>6}"

@@ -79,6 +79,8 @@ def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
     args = [*_experiment(tmp_path), "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
     proc = run_cli("train", "-m", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Sweep report" in proc.stdout  # the sweep ends with its table ...
+    assert "Directory watcher" not in proc.stdout + proc.stderr  # ... without TensorBoard's chatter
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
     assert jobs == [
         "0_experiment=sweep_test,optim.lr=0.001",

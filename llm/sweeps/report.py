@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import statistics
 import sys
@@ -92,6 +93,7 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
         return {}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its file-by-file INFO lines
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {
