@@ -37,7 +37,7 @@ def qwen3_folder(path: Path, arch: str = "Qwen3ForCausalLM") -> Path:
 def _losses(run: Path) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run / "tensorboard"))
+    events = EventAccumulator(str(run))  # the events live in the run folder itself
     events.Reload()
     return [e.value for e in events.Scalars("train/loss")]
 

@@ -120,7 +120,7 @@ def test_grid_sweep_over_norm_and_mlp_trains_each_architecture(
     sweep = tmp_path / "sweep"
     grid = ["model.norm=layernorm,rmsnorm", "model.mlp=gelu,swiglu"]
     assert llm_main("train", "-m", *_experiment(tmp_path), *grid, f"hydra.sweep.dir={sweep}") == 0
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
     assert jobs == [
         "0_experiment=sweep_test,model.mlp=gelu,model.norm=layernorm",
         "1_experiment=sweep_test,model.mlp=swiglu,model.norm=layernorm",
