@@ -32,6 +32,7 @@ def corpus(tmp_path: Path) -> list[str]:
     return tiny_overrides(tmp_path, write_corpus(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "named"),
     [
@@ -56,6 +57,7 @@ def test_train_refuses_wrong_settings(
     assert "HYDRA_FULL_ERROR=1" in err
 
 
+@pytest.mark.slow
 def test_train_refuses_a_context_no_window_fits(
     corpus: list[str], llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:
@@ -64,6 +66,7 @@ def test_train_refuses_a_context_no_window_fits(
     assert "block_size=200000 needs at least 200001" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv",
     [
@@ -104,6 +107,7 @@ def classifier_ckpt(tmp_path: Path) -> Path:
     return tmp_path / "classifier.ckpt"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_kind_is_named(
     classifier_ckpt: Path, corpus: list[str], llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:
@@ -174,6 +178,7 @@ def test_csv_rows_with_a_missing_or_extra_field_are_named(
     assert named in err and "the header has 2" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "content"), [("sms.csv", "text,label\nna\xefve,ham\n")])
 def test_a_file_that_is_not_utf8_is_named_with_the_byte_offset(
     name: str, content: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
@@ -218,6 +223,7 @@ def test_a_character_the_vocabulary_lacks_names_the_file_and_row(
     assert f"{path}:3, field 'text': unknown character '☺'" in err
 
 
+@pytest.mark.slow
 def test_a_template_the_vocabulary_cannot_write_is_named(
     tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:

@@ -193,6 +193,7 @@ def test_hf_tokenizer_chat_template_session(tmp_path: Path) -> None:
         ChatSession(model, tok, template="alpaca", system="Be brief.")
 
 
+@pytest.mark.slow
 def test_chat_reply_equals_llm_generate(
     tmp_path: Path,
     llm_main: Any,

@@ -55,6 +55,7 @@ def _groups(text: str) -> dict[str, str]:
     return {line.split()[0]: line for line in block}
 
 
+@pytest.mark.slow
 def test_verb_help_starts_with_a_description_and_examples(capsys: pytest.CaptureFixture) -> None:
     for name, verb in VERBS.items():
         text = _help(name, capsys)
@@ -66,6 +67,7 @@ def test_verb_help_starts_with_a_description_and_examples(capsys: pytest.Capture
         assert examples  # printed
 
 
+@pytest.mark.slow
 def test_verb_help_lists_only_the_groups_the_verb_uses(capsys: pytest.CaptureFixture) -> None:
     train = _groups(_help("train", capsys))
     assert {"model", "tokenizer", "data", "trainer", "optim", "experiment"} <= set(train)
@@ -147,6 +149,7 @@ def test_summary_next_command_runs_on_a_run_folder_named_after_overrides(
     assert copied == capsys.readouterr().out  # greedy: the same weights, the same text
 
 
+@pytest.mark.slow
 def test_export_merges_lora_and_writes_a_hugging_face_folder(
     tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:

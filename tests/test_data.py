@@ -135,6 +135,7 @@ def test_tinyshakespeare_download_writes_file(tmp_path: Path, monkeypatch) -> No
     assert path.read_bytes() == data and corpus.checksum() == sha
 
 
+@pytest.mark.slow
 def test_hf_dataset_local_jsonl_and_parquet(tmp_path: Path) -> None:
     rows = [{"text": "first doc", "id": 1}, {"text": "second doc", "id": 2}]
     jsonl = tmp_path / "d.jsonl"
@@ -158,6 +159,7 @@ def _write_jsonl(path: Path, texts: list[str]) -> None:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_hf_dataset_local_folder_checksum_sees_file_content(tmp_path: Path) -> None:
     """The builder fingerprint ignores edits, so a folder's files must be hashed themselves."""
     folder = tmp_path / "d"

@@ -133,6 +133,7 @@ def test_classify_overfits_last_block_only_and_cli(
         load_checkpoint(ckpt, kind="lm")
 
 
+@pytest.mark.slow
 def test_classify_lora_head_and_adapters_then_merge(tmp_path: Path) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=32)
     data = write_jsonl(tmp_path / "d.jsonl", _rows())

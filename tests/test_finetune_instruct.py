@@ -93,6 +93,7 @@ def test_records_whose_prompt_fills_max_length_are_left_out_or_refused(
         InstructDataModule(tok, str(path), val_path=str(val), max_length=max_length).prepare_data()
 
 
+@pytest.mark.slow
 def test_instruct_overfits_and_writes_responses(tmp_path: Path) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=160)
     data = tmp_path / "alpaca.json"

@@ -32,6 +32,7 @@ def _corpus(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_text_from_checkpoint_crops_overfits_and_generates(tmp_path: Path) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=64)
     cfg = compose(
@@ -73,6 +74,7 @@ def test_crop_keeps_the_first_positions(tmp_path: Path) -> None:
         load_init(init, block_size=128)
 
 
+@pytest.mark.slow
 def test_text_lora_trains_adapters_only_and_merged_export_matches(tmp_path: Path) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=32)
     cfg = compose(
@@ -149,6 +151,7 @@ def test_cli_from_hf_gpt2_dir(tmp_path: Path) -> None:
     assert module.tokenizer is not None and module.tokenizer.vocab_size == 50257
 
 
+@pytest.mark.slow
 def test_bad_settings_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_init(tmp_path / "nope.ckpt")

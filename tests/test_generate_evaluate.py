@@ -51,6 +51,7 @@ def test_generate_text_is_seeded_and_prompt_prefixed(trained: dict[str, Any]) ->
     assert greedy.startswith("First")
 
 
+@pytest.mark.slow
 def test_generate_cli_prints_prompt_and_continuation(
     trained: dict[str, Any], llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:
@@ -334,6 +335,7 @@ def test_evaluate_needs_one_model_and_named_tasks(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_init_scores_hugging_face_weights(
     tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:

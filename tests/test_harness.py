@@ -176,6 +176,7 @@ def test_generate_until_is_greedy_and_stops_at_a_stop_string(
     assert out == [greedy, cut]
 
 
+@pytest.mark.slow
 def test_llm_evaluate_runs_local_tasks(
     trained: dict[str, Any], tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:
@@ -218,6 +219,7 @@ def test_llm_evaluate_runs_local_tasks(
     assert roll["bits_per_byte,none"] == pytest.approx(-total / n_bytes / math.log(2), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_llm_evaluate_on_a_hugging_face_folder(
     tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:

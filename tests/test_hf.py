@@ -30,6 +30,7 @@ def max_diff(ours: GPT, theirs: transformers.GPT2LMHeadModel, n: int = 64) -> fl
         return (ours(idx)[0] - theirs(idx).logits).abs().max().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("safe", [True, False])
 def test_load_transformers_checkpoint(tmp_path: Path, safe: bool) -> None:
     theirs = hf_model()

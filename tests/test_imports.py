@@ -136,6 +136,7 @@ def test_entry_points_share_no_private_helpers() -> None:
     assert private == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["generate", "--help"]])
 def test_help_imports_neither_torch_nor_lightning(argv: list[str]) -> None:
     """Importing torch takes seconds and Lightning ten more: help must not wait for them."""

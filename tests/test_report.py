@@ -63,6 +63,7 @@ def _make_run(
     return run
 
 
+@pytest.mark.slow
 def test_folder_without_runs_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture, llm_main: Any
 ) -> None:
@@ -75,6 +76,7 @@ def test_folder_without_runs_is_a_clear_error(
         report.find_runs(tmp_path)
 
 
+@pytest.mark.slow
 def test_report_ranks_runs_and_tells_their_status(
     tmp_path: Path, capsys: pytest.CaptureFixture, llm_main: Any
 ) -> None:
@@ -144,6 +146,7 @@ def test_single_run_folder_is_a_report_of_one(tmp_path: Path) -> None:
     assert result["out_dir"] == run / "report"
 
 
+@pytest.mark.slow
 def test_benchmark_columns_and_sorting_by_one(tmp_path: Path) -> None:
     """A benchmark column (best value) appears once any run logs it; sort= ranks by it, highest
     first, runs without it last; the default order stays the val loss."""

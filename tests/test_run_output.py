@@ -25,6 +25,7 @@ def _args(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_a_run_ends_with_its_summary_and_keeps_a_log(
     tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:
@@ -59,6 +60,7 @@ def test_a_run_ends_with_its_summary_and_keeps_a_log(
     assert "\r" not in out and "\x1b" not in out
 
 
+@pytest.mark.slow
 def test_a_failed_run_logs_its_traceback_in_the_run_folder(
     tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:

@@ -293,6 +293,7 @@ def _wait_for_shards(proc: subprocess.Popen[str], cache: Path, n: int) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_build_resumes_to_the_same_bytes(
     tmp_path: Path, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch, caplog
@@ -336,6 +337,7 @@ def test_killed_build_resumes_to_the_same_bytes(
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_prepare_cli_ends_with_a_message(tmp_path: Path) -> None:
     """Ctrl-C reaches the whole process group: workers ignore it, the CLI prints one message."""
     _write_docs(tmp_path / "docs", n=60)
@@ -381,6 +383,7 @@ def test_ctrl_c_during_prepare_cli_ends_with_a_message(tmp_path: Path) -> None:
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files
 
 
+@pytest.mark.slow
 def test_two_processes_build_the_cache_once(tmp_path: Path) -> None:
     _write_docs(tmp_path / "docs", n=40)
     cache = tmp_path / "cache"

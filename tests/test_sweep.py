@@ -145,6 +145,7 @@ def test_grid_sweep_over_norm_and_mlp_trains_each_architecture(
     assert losses == sorted(losses) and len(set(losses)) == 4  # ranked; four different models
 
 
+@pytest.mark.slow
 def test_multirun_refuses_relaunching_strategies(tmp_path: Path, llm_main: Any, capsys) -> None:
     args = [*_experiment(tmp_path), "trainer=ddp", f"hydra.sweep.dir={tmp_path / 's'}"]
     assert llm_main("train", "-m", *args, "optim.lr=1e-3,2e-3") == 1
@@ -361,6 +362,7 @@ class _FakeTrainer(SimpleNamespace):
         )
 
 
+@pytest.mark.slow
 def test_pruning_callback_reports_at_global_step(tmp_path: Path) -> None:
     from llm.sweeps.pruning import StepPruningCallback, trial_from_env
 

@@ -126,6 +126,7 @@ def test_nan_loss_raises_with_step(tmp_path: Path, char_tokenizer: Any) -> None:
         trainer.fit(module, _loader(tok))
 
 
+@pytest.mark.slow
 def test_callbacks_log_text_and_attention(tmp_path: Path, char_tokenizer: Any) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -208,6 +209,7 @@ class _Losses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+@pytest.mark.slow
 def test_logged_train_metrics_are_of_their_step_and_tokens_per_sec_survives_validation(
     tmp_path: Path,
 ) -> None:
@@ -245,6 +247,7 @@ def test_logged_train_metrics_are_of_their_step_and_tokens_per_sec_survives_vali
     assert "epoch" not in events.Tags()["scalars"]
 
 
+@pytest.mark.slow
 def test_train_yaml_composes_for_every_experiment_and_trainer() -> None:
     from hydra import compose, initialize_config_dir
 
@@ -279,6 +282,7 @@ def test_validate_rejects_bad_settings() -> None:
         validate(OmegaConf.create({**ok, "data": {"block_size": 64}}))
 
 
+@pytest.mark.slow
 def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
     from llm.cli.train import train
 
@@ -389,6 +393,7 @@ def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
         torch.testing.assert_close(reloaded(x)[0], module.eval()(x)[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_hparams_lead_with_the_overridden_keys(tmp_path: Path, llm_main: Any) -> None:
     """Through `llm train`: HPARAMS starts with what the command line set (a sweep's axes),
     group choices by name, and holds no path; the run folder is named by the overrides."""
