@@ -69,8 +69,10 @@ def spawned_ranks(trainer_cfg: Any) -> list[SpawnedRanks]:
     """The callback for a spawn-based strategy (none otherwise), with this job's logging."""
     from hydra.core.hydra_config import HydraConfig
 
-    strategy = str(trainer_cfg.get("strategy") or "")
-    if "spawn" not in strategy and "fork" not in strategy and "notebook" not in strategy:
+    from llm.cli.sweep import strategy_name
+
+    name = strategy_name(trainer_cfg)
+    if not any(k in name for k in ("spawn", "fork", "notebook")):
         return []
     config = None
     if HydraConfig.initialized():

@@ -13,14 +13,20 @@ from omegaconf import DictConfig
 from llm.cli.app import is_multirun
 
 
+def strategy_name(trainer_cfg: DictConfig) -> str:
+    """``trainer.strategy`` as a lower-case name: the string, or a strategy object's target."""
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, DictConfig):
+        strategy = strategy.get("_target_")
+    return str(strategy or "").lower()
+
+
 def check_multirun_strategy(cfg: DictConfig) -> None:
     """Lightning's ddp/fsdp re-run the script per rank, which would re-run the whole sweep."""
     if not is_multirun():
         return
     strategy = cfg.trainer.get("strategy")
-    if isinstance(strategy, DictConfig):
-        strategy = strategy.get("_target_")
-    name = str(strategy or "").lower()
+    name = strategy_name(cfg.trainer)
     if any(k in name for k in ("ddp", "fsdp", "deepspeed")) and "spawn" not in name:
         raise ValueError(
             f"trainer.strategy={strategy} cannot run under --multirun: it launches this script "
