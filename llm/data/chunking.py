@@ -96,19 +96,27 @@ def iter_pieces(
 
     The pieces of each document are those of ``split_text`` on its whole text, but only
     ``max_chars`` plus a block are held at a time. Every document gives at least one piece ("" for
-    an empty one: it still gets its end-of-text). The first document is taken to start at char
-    ``start_char``, a piece start recorded by an earlier build.
+    an empty one: it still gets its end-of-text). A resumed build passes ``start_char``, a piece
+    start an earlier build recorded: the first document's blocks still start at its char 0 (a
+    corpus reads a document from its start), and the text before ``start_char`` is skipped.
     """
     cutter = _Cutter(max_chars, specials)
     need = cutter.max_chars + cutter.longest  # text a cut may look at, past the piece start
     doc: int | None = None
     buf, base, emitted = "", 0, False
+    skip = max(0, int(start_char))  # the first document's text before it is not read again
     for d, text in blocks:
         if d != doc:
             if doc is not None:
                 yield from _flush(cutter, doc, buf, base, emitted)
-            buf, base, emitted = "", (start_char if doc is None else 0), False
+                skip = 0
+            resumed = doc is None and skip > 0  # an earlier build emitted its first pieces
+            buf, base, emitted = "", (start_char if doc is None else 0), resumed
             doc = d
+        if skip:
+            text, skip = text[skip:], skip - min(skip, len(text))
+            if skip or not text:
+                continue
         buf += text
         pos = 0
         while len(buf) - pos > need:

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from llm import faults
 from llm.data import chunking
 from llm.data.corpus import Corpus
 from llm.data.encoding import Encoder, default_workers, encoded
@@ -224,8 +225,10 @@ def write_shards(
                     n = min(writer.room, end - off)
                     writer.write(ids[off : off + n])
                     off, total = off + n, total + n
+                    faults.point("prepare.write")
                     if writer.room == 0:
                         name, count = writer.close_shard()
+                        faults.point("prepare.shard_renamed")  # on disk, not yet recorded
                         nxt = {"task": task.index, "doc": task.doc, "char": task.char}
                         shards.append(
                             {
@@ -235,6 +238,7 @@ def write_shards(
                             }
                         )
                         save()
+                        faults.point("prepare.shard_recorded")
                 text_bytes += nbytes
                 progress.update(nbytes, taken)
                 if max_tokens is not None and total >= max_tokens:
@@ -246,8 +250,12 @@ def write_shards(
             raise ValueError(f"corpus {corpus.name!r} at {corpus.path} gave no tokens")
         state["finished"] = True
         save()
+        faults.point("prepare.finished")  # progress says finished, meta.json not yet written
     finally:
         writer.abort()
+        # a signal between mkstemp and the writer noting its name would leave the file behind;
+        # this build holds the folder's lock, so every temp file in it is its own
+        remove_temp_files(folder)
         progress.close()
     return _summary(shards, total, text_bytes, resumed_from)
 
