@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import VERDICT, run_cli
+from helpers import VERDICT, run_cli, tiny_overrides, write_corpus
 
 from llm import faults
 
@@ -93,3 +93,152 @@ def test_killed_prepare_rerun_equals_an_uninterrupted_build(
 def corpus_bytes(path: Path) -> int:
     files = [path] if path.is_file() else sorted(path.iterdir())
     return sum(f.stat().st_size for f in files)
+
+
+# ----------------------------------------------------------------------------- llm train
+
+_STEPS = 12
+
+
+def _train_args(tmp_path: Path, run: Path, *extra: str, corpus: Path | None = None) -> list[str]:
+    if corpus is None:
+        corpus = tmp_path / "corpus.txt"
+        if not corpus.is_file():
+            write_corpus(tmp_path)
+    return [
+        *tiny_overrides(tmp_path, corpus),
+        "data.stride=16",
+        "model.dropout=0.1",  # masks from the global RNG: the checkpoint must carry its state
+        f"trainer.max_steps={_STEPS}",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        f"hydra.run.dir={run}",
+        *extra,
+    ]
+
+
+def _curves(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars as TensorBoard shows them (a resumed writer's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if not t.startswith("hp/")]
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags}
+
+
+def _state(run: Path) -> dict:
+    import torch
+
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("straight")
+    done = run_cli("train", *_train_args(tmp, tmp / "run"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp, tmp / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "fit.step@6",  # SIGKILL between validations: back to step 4's last.ckpt
+        "checkpoint.write@3",  # SIGKILL inside the save after step 8's validation
+        "fit.validation@5",  # SIGKILL during the validation at step 8 (sanity check: 2 batches)
+        "fit.step@6:SIGTERM",  # a clean stop: last.ckpt is step 7's state (one batch more)
+    ],
+)
+def test_killed_train_resumed_from_last_ckpt_equals_an_uninterrupted_run(
+    straight_run: tuple[Path, Path], tmp_path: Path, fault: str
+) -> None:
+    import torch
+
+    _, straight = straight_run
+    run = tmp_path / "run"
+    killed = run_cli("train", *_train_args(tmp_path, run), **{faults.ENV: fault})
+    assert killed.returncode == (143 if fault.endswith("SIGTERM") else -signal.SIGKILL)
+    stopped_at = _state(run)["global_step"]
+    assert 0 < stopped_at < _STEPS
+    if fault.endswith("SIGTERM"):  # the command it printed, once, and the stop in the log
+        assert (killed.stdout + killed.stderr).count("Resume with: ") == 1
+        assert "stopped by SIGTERM at step" in (run / "train.log").read_text()
+    # the documented resume: the same command with ckpt_path=<run>/checkpoints/last.ckpt
+    ckpt = run / "checkpoints" / "last.ckpt"
+    args = [a for a in _train_args(tmp_path, run) if not a.startswith("hydra.run.dir=")]
+    resumed = run_cli("train", *args, f"ckpt_path={ckpt}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "weights_only" not in resumed.stderr
+
+    a, b = _state(straight), _state(run)
+    assert b["global_step"] == a["global_step"] == _STEPS  # last.ckpt: the newest state
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], atol=1e-6, rtol=0)
+    moments = [s["exp_avg_sq"] for s in a["optimizer_states"][0]["state"].values()]
+    resumed_moments = [s["exp_avg_sq"] for s in b["optimizer_states"][0]["state"].values()]
+    for x, y in zip(moments, resumed_moments, strict=True):
+        torch.testing.assert_close(y, x, atol=1e-9, rtol=1e-5)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        p.name for p in (straight / "checkpoints").iterdir()
+    )  # last.ckpt and the best: no last-v1.ckpt, no temp file
+
+    want, got = _curves(straight), _curves(run)
+    assert set(got) == set(want)
+    for tag in ("val/loss", "train/loss", "lr/decay"):
+        steps = [s for s, _ in got[tag]]
+        assert steps == sorted(set(steps)) == [s for s, _ in want[tag]], tag  # none repeated
+        for (_, x), (_, y) in zip(want[tag], got[tag], strict=True):
+            assert abs(x - y) < 1e-5, (tag, x, y)
+    log = (run / "train.log").read_text()
+    assert log.count("llm train: ") == 2  # one log: the run and its resume
+    summary = resumed.stdout[resumed.stdout.rindex("Run folder:") :]
+    best = min(v for s, v in want["val/loss"] if s > 0)
+    assert f"Best val/loss:   {best:.4f}" in summary  # over the whole run, not the resumed part
+    assert f"Last checkpoint: {ckpt}" in summary
+
+
+@pytest.mark.slow
+def test_last_ckpt_is_the_last_state_when_the_loss_gets_worse(tmp_path: Path) -> None:
+    """optim.lr=1.0 reached by step 12 diverges: the best checkpoint stays early, last.ckpt still ends the run."""
+    run = tmp_path / "run"
+    args = _train_args(tmp_path, run, "optim.lr=1.0", "optim.warmup_steps=12", corpus=VERDICT)
+    done = run_cli("train", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _state(run)["global_step"] == _STEPS
+    (best,) = (run / "checkpoints").glob("step*.ckpt")
+    assert best.name != "last.ckpt" and int(best.name[4:10]) < _STEPS
+
+
+@pytest.mark.slow
+def test_a_crafted_checkpoint_cannot_delete_files_outside_its_folder(
+    straight_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """ModelCheckpoint deletes the previous best it reads from the checkpoint it resumes."""
+    import shutil
+
+    import torch
+
+    _, straight = straight_run
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    raw = torch.load(ckpt, weights_only=True)
+    key = next(k for k in raw["callbacks"] if k.startswith("RunCheckpoint"))
+    evil = str(run / "checkpoints" / ".." / ".." / "victim.txt")
+    state = raw["callbacks"][key]
+    state.update(dirpath=str(run / "checkpoints"), best_model_path=evil, kth_best_model_path=evil)
+    state.update(best_k_models={evil: torch.tensor(99.0)}, kth_value=torch.tensor(99.0))
+    raw["global_step"] = 4
+    torch.save(raw, ckpt)
+    args = [a for a in _train_args(tmp_path, run) if not a.startswith("hydra.run.dir=")]
+    done = run_cli("train", *args, f"ckpt_path={ckpt}", "trainer.max_steps=16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert victim.read_text() == "keep me"
+    assert "ignoring checkpoint paths outside" in (run / "train.log").read_text()

@@ -53,9 +53,10 @@ def _make_run(
     writer.close()
     if failed:  # what the llm command writes into the run's log file when the run fails
         (run / "train.log").write_text("[t][llm][ERROR] - run failed\nTraceback ...\n")
-    if interrupted:
-        (run / "checkpoints").mkdir()
-        (run / "checkpoints" / "interrupted.ckpt").write_bytes(b"x")
+    if interrupted:  # GracefulShutdown's line; a resumed run's restart would come after it
+        with open(run / "train.log", "a") as f:
+            f.write("[t][llm][INFO] - llm train: /runs/x\n")
+            f.write("[t][llm][INFO] - stopped by SIGTERM at step 3; checkpoint /x/last.ckpt\n")
     if age_s:
         old = time.time() - age_s
         for p in run.rglob("*"):

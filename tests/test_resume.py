@@ -160,16 +160,17 @@ class _SigtermAt(L.Callback):
 
 @pytest.mark.slow
 def test_resume_from_interrupted_checkpoint_matches(tmp_path: Path) -> None:
-    """SIGTERM mid-epoch, between validations: resuming from interrupted.ckpt is exact."""
+    """SIGTERM mid-epoch, between validations: last.ckpt is the stopped state, resuming is exact."""
     from llm.cli.train import train
 
     drop = "model.dropout=0.2"
     straight = train(_cfg(tmp_path, tmp_path / "straight", 8, drop))
     kill = [f"+callbacks.zz_kill._target_={__name__}._SigtermAt", "+callbacks.zz_kill.step=5"]
     stopped = train(_cfg(tmp_path, tmp_path / "stopped", 8, drop, *kill))
-    ckpt = tmp_path / "stopped" / "checkpoints" / "interrupted.ckpt"
-    assert ckpt.is_file()
+    ckpt = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    assert stopped["last_model_path"] == str(ckpt)
     step = stopped["trainer"].global_step
+    assert torch.load(ckpt, weights_only=True)["global_step"] == step
     assert 5 <= step < 8
     resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, drop, f"ckpt_path={ckpt}"))
     assert resumed["trainer"].global_step == 8
@@ -184,8 +185,8 @@ def test_resume_from_interrupted_checkpoint_matches(tmp_path: Path) -> None:
 def test_resume_message_replaces_ckpt_path() -> None:
     from llm.training.shutdown import resume_message
 
-    msg = resume_message("/x/interrupted.ckpt", ["model=tiny", "ckpt_path=/old.ckpt"])
-    assert "llm train ckpt_path=/x/interrupted.ckpt model=tiny" in msg
+    msg = resume_message("/x/last.ckpt", ["model=tiny", "ckpt_path=/old.ckpt"])
+    assert "llm train ckpt_path=/x/last.ckpt model=tiny" in msg
     assert "/old.ckpt" not in msg
 
 
@@ -197,8 +198,8 @@ def test_resume_hint_names_the_running_entry_point(tmp_path: Path) -> None:
     ft_cfg = compose("finetune", ["task=text", "init=a.ckpt", "data.path=b.txt"])
     commands = [c.callbacks.graceful_shutdown.command for c in (train_cfg, ft_cfg)]
     assert commands == ["llm train", "llm finetune"]
-    msg = resume_message("/x/interrupted.ckpt", ["task=text"], command=commands[1])
-    assert msg.endswith("with: llm finetune ckpt_path=/x/interrupted.ckpt task=text")
+    msg = resume_message("/x/last.ckpt", ["task=text"], command=commands[1])
+    assert msg.endswith("with: llm finetune ckpt_path=/x/last.ckpt task=text")
 
 
 @pytest.mark.slow
@@ -241,8 +242,9 @@ def test_signal_saves_checkpoint_and_exits_with_its_status(
             proc.kill()
             proc.communicate()
     assert proc.returncode == status, output[-3000:]  # schedulers and `&&` see an interruption
-    ckpt = out / "checkpoints" / "interrupted.ckpt"
+    ckpt = out / "checkpoints" / "last.ckpt"
     assert ckpt.is_file(), output[-3000:]
+    assert output.count("Resume with: ") == 1, output[-3000:]  # said once, at the end
     resume = next(line for line in output.splitlines() if line.startswith("Resume with: "))
     assert resume.startswith(f"Resume with: llm train ckpt_path={ckpt} model=tiny ")
     assert "trainer.max_steps=100000" in resume and " hydra.run.dir=" in resume  # its own run

@@ -111,7 +111,7 @@ def test_every_job_of_a_short_sweep_validates_and_the_sweep_ends_with_its_table(
         (folder,) = sweep.glob(f"{job}*")
         last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
         assert last["global_step"] == 3
-        score = last["callbacks"][next(k for k in last["callbacks"] if "ModelCheckpoint" in k)]
+        score = last["callbacks"][next(k for k in last["callbacks"] if "RunCheckpoint" in k)]
         assert math.isfinite(float(score["best_model_score"]))
     table = out[out.index("# Sweep report") :]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "rank" not in line]

@@ -50,6 +50,21 @@ def run_name(overrides: str | None, experiment: str | None, limit: int = 64) -> 
 OmegaConf.register_new_resolver("llm_run_name", run_name, replace=True)
 
 
+def run_dir(ckpt_path: str | None, new: str) -> str:
+    """The run folder a run writes to: the one ``ckpt_path`` lies in when it is a checkpoint of
+    a run folder (``<run>/checkpoints/last.ckpt``), so a resumed run continues its own folder
+    (log, curves, checkpoints); else ``new``. ``hydra.run.dir=`` still decides when given."""
+    if ckpt_path:
+        ckpt = Path(str(ckpt_path))
+        run = ckpt.parent.parent
+        if ckpt.parent.name == "checkpoints" and (run / ".hydra" / "config.yaml").is_file():
+            return str(run)
+    return new
+
+
+OmegaConf.register_new_resolver("llm_run_dir", run_dir, replace=True)
+
+
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[[], T]]:
     """``hydra.main`` for a verb, with the user's own command line back in ``sys.argv``
     while the task runs (so re-launched DDP ranks run ``llm <verb> ...`` again), and a

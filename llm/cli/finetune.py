@@ -149,7 +149,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         check_resumable(cfg.ckpt_path, module, int(cfg.trainer.max_steps))
     for logger in loggers:
         logger.log_metrics({k: float(v) for k, v in counts.items()}, step=0)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     bring_back(trainer, module)  # what a spawned rank 0 knew (ddp_spawn); no-op otherwise
 
     best_path, last_path = checkpoint_paths(trainer)

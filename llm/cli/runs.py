@@ -68,15 +68,52 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
     from lightning.pytorch.callbacks import ProgressBar
 
     from llm.cli.spawned import spawned_ranks
+    from llm.training.checkpointing import AtomicCheckpointIO
 
-    loggers = instantiate_all(cfg.get("logger"))
+    loggers = build_loggers(cfg.get("logger"), resumed_step(cfg.get("ckpt_path")))
     callbacks = instantiate_all(cfg.get("callbacks") or {})
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses both at once
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += extra_callbacks or []
     callbacks += spawned_ranks(cfg.trainer)
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    plugins = [] if _sharded(cfg.trainer) else [AtomicCheckpointIO()]
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins or None
+    )
     return trainer, loggers
+
+
+def _sharded(trainer_cfg: DictConfig) -> bool:
+    """Strategies that save through their own distributed checkpoint writer."""
+    from llm.cli.sweep import strategy_name
+
+    return any(s in strategy_name(trainer_cfg) for s in ("fsdp", "deepspeed", "model_parallel"))
+
+
+def resumed_step(ckpt_path: Any) -> int | None:
+    """The optimizer step a resumed run starts from (None: not resuming)."""
+    if not ckpt_path:
+        return None
+    from llm.checkpoint import read_checkpoint
+
+    return int(read_checkpoint(ckpt_path).get("global_step", 0))
+
+
+def build_loggers(cfg: DictConfig | None, resumed_at: int | None) -> list[Any]:
+    """The configured loggers. A resumed run's TensorBoard writer purges what the stopped run
+    logged from the checkpoint's step on (its points after the checkpoint, which the resumed
+    run logs again), so the curves go on with no repeated or out-of-order steps."""
+    if not cfg:
+        return []
+    loggers = []
+    for c in cfg.values():
+        if not (isinstance(c, DictConfig) and "_target_" in c):
+            continue
+        extra = {}
+        if resumed_at and str(c._target_).endswith("TensorBoardLogger"):
+            extra["purge_step"] = resumed_at  # passed on to torch's SummaryWriter
+        loggers.append(hydra.utils.instantiate(c, **extra))
+    return loggers
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -177,8 +214,10 @@ def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None 
         lines.append(f"Best val/loss:   {best[0]:.4f} at step {best[1]}")
     train_loss = trainer.callback_metrics.get("train/loss")
     final = [f"train {float(train_loss):.4f}"] if train_loss is not None else []
-    if history:
-        final.append(f"val {history[-1][1].get('val/loss', math.nan):.4f}")
+    if history:  # the last validation, with its own step where it is not the last step
+        val_step, val = history[-1]
+        at = f" at step {val_step}" if val_step != trainer.global_step else ""
+        final.append(f"val {val.get('val/loss', math.nan):.4f}{at}")
     if final:
         lines.append(f"Final loss:      {', '.join(final)} (step {trainer.global_step})")
     tps = module.tokens_per_second()

@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from llm.checkpoint import check_resumable
 
         check_resumable(cfg.ckpt_path, module, int(cfg.trainer.max_steps))
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     bring_back(trainer, module)  # what a spawned rank 0 knew (ddp_spawn); no-op otherwise
 
     data = OmegaConf.to_container(cfg.data, resolve=True)

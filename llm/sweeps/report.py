@@ -131,21 +131,30 @@ def _trial_ref(run_dir: Path) -> tuple[str, str, int] | None:
     return storage, str(env[ENV_STUDY]), int(env[ENV_TRIAL])
 
 
-def _failed(run_dir: Path) -> bool:
-    """Whether the run's log file holds a failure (the ``llm`` command writes its traceback)."""
+_ENDINGS = {"[ERROR] - run failed": "failed", "] - stopped by SIG": "interrupted"}
+
+
+def _ending(run_dir: Path) -> str | None:
+    """How the run's last session ended by its log file: "failed" (the ``llm`` command writes
+    the traceback), "interrupted" (GracefulShutdown's line), or None. A resumed run appends to
+    the same log, so only what follows its last start counts."""
+    ending = None
     for log_file in run_dir.glob("*.log"):
         with open(log_file, encoding="utf-8", errors="replace") as f:
-            if any("[ERROR] - run failed" in line for line in f):
-                return True
-    return False
+            for line in f:
+                if "][llm][INFO] - llm " in line and ": " in line.split(" - ", 1)[-1]:
+                    ending = None  # a (re)start: `llm train: <run folder>`
+                for mark, what in _ENDINGS.items():
+                    if mark in line:
+                        ending = what
+    return ending
 
 
 def _disk_status(run: Run, scalars: dict[str, list[tuple[int, float]]]) -> str:
     """Status of a run that is not an Optuna trial, from what it left on disk."""
-    if (run.path / "checkpoints" / "interrupted.ckpt").is_file():  # GracefulShutdown's
-        return "interrupted"
-    if _failed(run.path):
-        return "failed"
+    ending = _ending(run.path)
+    if ending is not None:
+        return ending
     if "hp/best_val_loss" in scalars:  # train() logs it after fit returns
         return "completed"
     newest = max((p.stat().st_mtime for p in run.path.rglob("*") if p.is_file()), default=0.0)

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import grad_norm
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
+from llm import faults
 from llm.finetuning.lora import apply_lora
 from llm.model import GPT, GPTConfig
 from llm.prompts import check_template
@@ -140,6 +141,17 @@ class GPTLitModule(L.LightningModule):
         self._window_start = None
         self._peak_flops = peak_flops(self.device, self.trainer.precision)
         self._clock = {"mark": time.perf_counter(), "train": 0.0}
+        self._log_resumed_validation()
+
+    def _log_resumed_validation(self) -> None:
+        """A run resumed from a checkpoint written at a validation logs that validation again:
+        its TensorBoard writer purged the stopped run's points from this step on."""
+        if self.global_step == 0 or not self.val_history or not self.trainer.is_global_zero:
+            return
+        step, metrics = self.val_history[-1]
+        if step == self.global_step:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -212,6 +224,10 @@ class GPTLitModule(L.LightningModule):
             self._clock["mark"] = now
         if 0 < self.trainer.max_steps <= self.global_step:
             self.trainer.should_stop = True
+        faults.point("fit.step")
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        faults.point("fit.validation")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Total gradient norm before clipping, on logging steps, straight to the loggers.
@@ -243,10 +259,14 @@ class GPTLitModule(L.LightningModule):
                 self._clock["mark"] = time.perf_counter()
         self._val_started = None
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            metrics = self.trainer.callback_metrics
-            shown = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+            shown = self._val_metrics()
             self.val_history.append((self.global_step, shown))
             self.print_validation(shown, self.global_step)
+
+    def _val_metrics(self) -> dict[str, float]:
+        """This validation's val/* metrics (the module's and the callbacks')."""
+        metrics = self.trainer.callback_metrics
+        return {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
 
     def on_validation_epoch_start(self) -> None:
         self._val_losses = []
@@ -302,8 +322,24 @@ class GPTLitModule(L.LightningModule):
         checkpoint["kind"] = self.kind
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+        # the run's validations so far: a resumed run's summary and best loss cover all of it
+        history = [[int(s), dict(m)] for s, m in self.val_history]
+        if self._validated_in_fit():  # written by a callback before this hook records it
+            history.append([self.global_step, self._val_metrics()])
+        checkpoint["val_history"] = history
+
+    def _validated_in_fit(self) -> bool:
+        """Whether a checkpoint is being written at the end of a validation of ``fit`` that
+        ``val_history`` does not hold yet (callbacks' hooks run before the module's)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.validating or trainer.state.fn != "fit":
+            return False
+        done = bool(self.val_history) and self.val_history[-1][0] == self.global_step
+        return not trainer.sanity_checking and not done
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        history = checkpoint.get("val_history") or []
+        self.val_history = [(int(s), {k: float(v) for k, v in m.items()}) for s, m in history]
         states = checkpoint.get("rng_states")
         if not states:  # checkpoints written before RNG states were kept
             return

@@ -4,6 +4,7 @@ see an interrupted run."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -16,27 +17,29 @@ import lightning as L
 
 from llm.interrupts import Interrupted
 
+log = logging.getLogger("llm")
+
 
 class GracefulShutdown(L.Callback):
     """SIGTERM or a first Ctrl-C: finish the current batch, checkpoint, stop cleanly.
 
-    The checkpoint goes to ``dirpath/filename`` (written to a temporary file, then renamed) and
-    the command to resume from it is printed; :meth:`interrupted` is the exception the command
-    ends with. A second Ctrl-C interrupts at once (Lightning's own KeyboardInterrupt handling).
-    Handlers are installed for the training run only, and only in the main thread (signal
-    handlers cannot be set elsewhere). Under DDP the ranks agree to stop every
-    ``sync_every_n_steps`` steps, so other steps never wait on a collective.
+    The checkpoint is the run's ``last.ckpt`` (written by its :class:`RunCheckpoint`, atomically),
+    so the one command that resumes any stop is ``ckpt_path=<run>/checkpoints/last.ckpt``; it is
+    printed once, by the command as it ends (:meth:`interrupted` is the exception it ends with).
+    A second Ctrl-C interrupts at once (Lightning's own KeyboardInterrupt handling). Handlers are
+    installed for the training run only, and only in the main thread (signal handlers cannot be
+    set elsewhere). Under DDP the ranks agree to stop every ``sync_every_n_steps`` steps, so
+    other steps never wait on a collective. ``dirpath`` is where the checkpoint goes when the
+    run has no RunCheckpoint (``callbacks.model_checkpoint=null``).
     """
 
     def __init__(
         self,
         dirpath: str | None = None,
-        filename: str = "interrupted.ckpt",
         command: str = "llm train",
         sync_every_n_steps: int = 10,
     ) -> None:
         self.dirpath = dirpath
-        self.filename = filename
         self.command = command  # the verb the resume hint names (llm train, llm finetune)
         self.sync_every_n_steps = max(int(sync_every_n_steps), 1)
         self.message = ""
@@ -87,22 +90,34 @@ class GracefulShutdown(L.Callback):
                 self.signum = signal.SIGTERM
         if not stop:
             return
-        folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-        path = folder / self.filename
-        tmp = folder / f".{self.filename}.tmp"
+        path = self._save(trainer)
         if trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, path)
             self.ckpt_path = str(path)
             self.message = resume_message(path, command=self.command)
-            print(self.message, file=sys.stderr, flush=True)
+            log.info(
+                "stopped by %s at step %d; checkpoint %s",
+                signal.Signals(self.signum or signal.SIGTERM).name,
+                trainer.global_step,
+                path,
+            )
         trainer.strategy.barrier("graceful_shutdown")
         trainer.should_stop = True
         # should_stop alone also validates once more (the module's end-of-run validation);
         # a stop on a signal must be quick, so skip it
         trainer.fit_loop.epoch_loop._skip_next_val = True
+
+    def _save(self, trainer: L.Trainer) -> Path:
+        """The run's last.ckpt, through its RunCheckpoint where it has one (every rank calls)."""
+        from llm.training.checkpointing import LAST, RunCheckpoint
+
+        ckpt = trainer.checkpoint_callback
+        if isinstance(ckpt, RunCheckpoint):
+            return Path(ckpt.save_last_now(trainer))
+        path = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints") / LAST
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(path)  # atomic: the Trainer's AtomicCheckpointIO
+        return path
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
