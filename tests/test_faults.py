@@ -204,7 +204,7 @@ def test_killed_train_resumed_from_last_ckpt_equals_an_uninterrupted_run(
 
 @pytest.mark.slow
 def test_last_ckpt_is_the_last_state_when_the_loss_gets_worse(tmp_path: Path) -> None:
-    """optim.lr=1.0 reached by step 12 diverges: the best checkpoint stays early, last.ckpt still ends the run."""
+    """optim.lr warming up to 1.0 diverges: the best checkpoint stays early, last.ckpt ends."""
     run = tmp_path / "run"
     args = _train_args(tmp_path, run, "optim.lr=1.0", "optim.warmup_steps=12", corpus=VERDICT)
     done = run_cli("train", *args)
