@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import VERDICT, run_cli, tiny_overrides, write_corpus
+from helpers import VERDICT, char_checkpoint, run_cli, tiny_overrides, write_corpus, write_jsonl
 
 from llm import faults
 
@@ -242,3 +242,75 @@ def test_a_crafted_checkpoint_cannot_delete_files_outside_its_folder(
     assert done.returncode == 0, done.stderr[-3000:]
     assert victim.read_text() == "keep me"
     assert "ignoring checkpoint paths outside" in (run / "train.log").read_text()
+
+
+# ----------------------------------------------------------------------------- llm finetune
+
+_FT_STEPS = 8
+_WORDS = ["cat", "dog", "sun", "sky", "red", "map", "cup", "pen", "hat", "box", "car", "egg"]
+
+
+def _finetune_args(tmp_path: Path, run: Path, task: str) -> list[str]:
+    init = tmp_path / "init.ckpt"
+    if not init.is_file():
+        char_checkpoint(init, block_size=192)  # an Alpaca prompt is ~150 characters
+    if task == "instruct":
+        rows = [{"instruction": f"Repeat {w}", "input": "", "output": f"{w} {w}"} for w in _WORDS]
+        data = [f"data.path={write_jsonl(tmp_path / 'rows.jsonl', rows * 4)}", "data.batch_size=4"]
+    else:
+        corpus = write_corpus(tmp_path)  # in the init checkpoint's char vocabulary
+        data = [f"data.path={corpus}", "data.batch_size=4", "data.stride=16"]
+    lora = ["lora=default"] if task == "lora" else []
+    return [
+        f"task={'instruct' if task == 'instruct' else 'text'}",
+        f"init={init}",
+        *data,
+        *lora,
+        f"block_size={192 if task == 'instruct' else 32}",
+        "dropout=0.1",  # masks from the global RNG
+        "optim.lr=3e-3",
+        "optim.min_lr=3e-3",
+        f"trainer.max_steps={_FT_STEPS}",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={run}",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("task", "fault"),
+    [
+        ("text", "fit.step@5"),  # back to step 3's last.ckpt
+        ("instruct", "checkpoint.write@2"),  # inside the save after step 6's validation
+        ("lora", "fit.step@4:SIGTERM"),  # a clean stop; last.ckpt holds the adapters
+    ],
+)
+def test_killed_finetune_resumed_from_last_ckpt_equals_an_uninterrupted_run(
+    tmp_path: Path, task: str, fault: str
+) -> None:
+    import torch
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    done = run_cli("finetune", *_finetune_args(tmp_path, straight, task))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    killed = run_cli("finetune", *_finetune_args(tmp_path, run, task), **{faults.ENV: fault})
+    assert killed.returncode == (143 if fault.endswith("SIGTERM") else -signal.SIGKILL)
+    assert 0 < _state(run)["global_step"] < _FT_STEPS
+    ckpt = run / "checkpoints" / "last.ckpt"
+    args = [a for a in _finetune_args(tmp_path, run, task) if not a.startswith("hydra.run.dir")]
+    resumed = run_cli("finetune", *args, f"ckpt_path={ckpt}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    a, b = _state(straight), _state(run)
+    assert b["global_step"] == a["global_step"] == _FT_STEPS
+    assert (task == "lora") == any("lora_A" in k for k in a["state_dict"])
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], atol=1e-6, rtol=0)
+    assert abs(a["val_history"][-1][1]["val/loss"] - b["val_history"][-1][1]["val/loss"]) < 1e-6
+    assert [s for s, _ in b["val_history"]] == [s for s, _ in a["val_history"]]
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -110,7 +110,77 @@ class SpreadSampler(Sampler[int]):
         return iter(self.order)
 
 
-class TextDataModule(L.LightningDataModule):
+class ResumableOrder:
+    """A data module's train order that a checkpoint resumes exactly, mid-epoch included.
+
+    Mixed into LightningDataModules with ``seed`` and ``batch_size`` attributes: the train
+    loader takes :meth:`train_sampler`, and the checkpoint keeps how many samples of the
+    epoch's seeded order were consumed (over all ranks), so a resumed run, on any number of
+    devices, continues that order instead of starting the epoch again.
+    """
+
+    seed: int
+    batch_size: int
+    _resume_batches = 0  # train batches of the current epoch a checkpoint consumed
+    _resume_samples: int | None = None  # and the samples of the order, all ranks
+
+    def train_sampler(self, num_samples: int) -> Sampler[int]:
+        """This rank's sampler over the seeded order, skipping what the checkpoint consumed."""
+        world, rank = self._world_size(), self._rank()
+        skip, self._resume_samples = self._resume_samples, None
+        if skip is None:  # a checkpoint from before samples were counted: this run's sizes
+            skip = self._resume_batches * self.batch_size * world
+        self._resume_batches = 0
+        if skip >= num_samples:
+            skip = 0  # the checkpoint ended its epoch: the next one starts from the top
+        if world > 1:  # each rank skips its share (all the same: equal batch counts)
+            return ResumableDistributedSampler(num_samples, self.seed, rank, world, skip // world)
+        return ResumableRandomSampler(num_samples, self.seed, skip=skip)
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: how many train batches of the current epoch were consumed.
+
+        ``processed`` (not ``completed``) so a checkpoint written in ``on_train_batch_end``
+        counts the batch it was written after. ``train_samples_consumed`` counts them over all
+        ranks (each rank took ``batch_size`` a batch), so a run resumed on another number of
+        devices still starts where the order was left.
+        """
+        trainer = getattr(self, "trainer", None)
+        batches = 0
+        if trainer is not None:
+            batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        samples = batches * self.batch_size * self._world_size()
+        return {
+            "train_batches_consumed": batches,
+            "train_samples_consumed": samples,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the shuffled train order mid-epoch where the checkpoint left it.
+
+        The order is the checkpoint's (its seed), whatever seed the resumed run was given.
+        """
+        self._resume_batches = int(state_dict.get("train_batches_consumed", 0))
+        samples = state_dict.get("train_samples_consumed")
+        self._resume_samples = None if samples is None else int(samples)
+        seed = int(state_dict.get("seed", self.seed))
+        if seed != self.seed:
+            log.info("resuming the train order of data seed %d (this run: %d)", seed, self.seed)
+            self.seed = seed
+        # the sampler resumes mid-epoch itself, so Lightning's generic warning does not apply
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+class TextDataModule(ResumableOrder, L.LightningDataModule):
     """Build (once) and serve a token cache of ``corpus`` for next-token prediction.
 
     ``corpus`` is a Corpus or a factory (Hydra ``_partial_: true``) called as ``corpus(path=path)``
@@ -175,8 +245,6 @@ class TextDataModule(L.LightningDataModule):
         self.meta: dict[str, Any] | None = None
         self.train_dataset: SlidingWindowDataset | None = None
         self.val_dataset: SlidingWindowDataset | None = None
-        self._resume_batches = 0  # train batches of the current epoch a checkpoint consumed
-        self._resume_samples: int | None = None  # and the samples of the order, all ranks
 
     @property
     def vocab_size(self) -> int:
@@ -225,23 +293,7 @@ class TextDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call prepare_data() and setup() before asking for a dataloader")
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        sampler: Sampler[int]
-        if shuffle:
-            world, rank = self._world_size(), self._rank()
-            skip, self._resume_samples = self._resume_samples, None
-            if skip is None:  # a checkpoint from before samples were counted: this run's sizes
-                skip = self._resume_batches * self.batch_size * world
-            self._resume_batches = 0
-            if skip >= len(dataset):
-                skip = 0  # the checkpoint ended its epoch: the next one starts from the top
-            if world > 1:  # each rank skips its share (all the same: equal batch counts)
-                sampler = ResumableDistributedSampler(
-                    len(dataset), self.seed, rank, world, skip=skip // world
-                )
-            else:
-                sampler = ResumableRandomSampler(len(dataset), self.seed, skip=skip)
-        else:
-            sampler = SpreadSampler(len(dataset))
+        sampler = self.train_sampler(len(dataset)) if shuffle else SpreadSampler(len(dataset))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -253,50 +305,8 @@ class TextDataModule(L.LightningDataModule):
             generator=generator,
         )
 
-    def _world_size(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-
-    def _rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
-
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: how many train batches of the current epoch were consumed.
-
-        ``processed`` (not ``completed``) so a checkpoint written in ``on_train_batch_end``
-        counts the batch it was written after. ``train_samples_consumed`` counts them over all
-        ranks (each rank took ``batch_size`` a batch), so a run resumed on another number of
-        devices still starts where the order was left.
-        """
-        trainer = getattr(self, "trainer", None)
-        batches = 0
-        if trainer is not None:
-            batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        samples = batches * self.batch_size * self._world_size()
-        return {
-            "train_batches_consumed": batches,
-            "train_samples_consumed": samples,
-            "seed": self.seed,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the shuffled train order mid-epoch where the checkpoint left it.
-
-        The order is the checkpoint's (its seed), whatever seed the resumed run was given.
-        """
-        self._resume_batches = int(state_dict.get("train_batches_consumed", 0))
-        samples = state_dict.get("train_samples_consumed")
-        self._resume_samples = None if samples is None else int(samples)
-        seed = int(state_dict.get("seed", self.seed))
-        if seed != self.seed:
-            log.info("resuming the train order of data seed %d (this run: %d)", seed, self.seed)
-            self.seed = seed
-        # the sampler resumes mid-epoch itself, so Lightning's generic warning does not apply
-        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
+from llm.data.datamodule import ResumableOrder
 from llm.finetuning.records import (
     encode_field,
     examples_loader,
@@ -59,7 +60,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[
     return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long)
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(ResumableOrder, L.LightningDataModule):
     """Text/label files -> padded (ids, lengths, label) batches; labels vocab from the data.
 
     `path` is split into train/val/test by fraction unless `val_path` / `test_path` are given.
@@ -161,9 +162,8 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.splits.get(split) or []
-        return examples_loader(
-            data, self.batch_size, self.collate, shuffle, self.seed, self.num_workers
-        )
+        sampler = self.train_sampler(len(data)) if shuffle else None
+        return examples_loader(data, self.batch_size, self.collate, sampler, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

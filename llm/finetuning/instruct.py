@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from llm.data.datamodule import ResumableOrder
 from llm.finetuning.records import (
     encode_field,
     examples_loader,
@@ -109,7 +110,7 @@ def collate(
     return x, y
 
 
-class InstructDataModule(L.LightningDataModule):
+class InstructDataModule(ResumableOrder, L.LightningDataModule):
     """Alpaca JSON / JSONL -> (inputs, targets) batches; val split by fraction or `val_path`."""
 
     def __init__(
@@ -204,9 +205,8 @@ class InstructDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.examples.get(split) or []
-        return examples_loader(
-            data, self.batch_size, self._collate, shuffle, self.seed, self.num_workers
-        )
+        sampler = self.train_sampler(len(data)) if shuffle else None
+        return examples_loader(data, self.batch_size, self._collate, sampler, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

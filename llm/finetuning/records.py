@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from llm.data.corpus import read_utf8
 
@@ -138,16 +137,15 @@ def examples_loader(
     examples: Sequence[Any],
     batch_size: int,
     collate_fn: Any,
-    shuffle: bool,
-    seed: int,
+    sampler: Sampler[int] | None = None,
     num_workers: int = 0,
 ) -> DataLoader:
-    """A loader over in-memory examples; shuffled with its own seeded generator (reproducible)."""
+    """A loader over in-memory examples, in ``sampler``'s order (train: the data module's
+    resumable seeded order, :class:`llm.data.datamodule.ResumableOrder`), else as listed."""
     return DataLoader(
         examples,  # type: ignore[arg-type]
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         collate_fn=collate_fn,
         num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
     )
