@@ -286,7 +286,7 @@ def _finetune_args(tmp_path: Path, run: Path, task: str) -> list[str]:
     ("task", "fault"),
     [
         ("text", "fit.step@5"),  # back to step 3's last.ckpt
-        ("instruct", "checkpoint.write@2"),  # inside the save after step 6's validation
+        ("instruct", "checkpoint.write@3"),  # inside a save after step 6's validation
         ("lora", "fit.step@4:SIGTERM"),  # a clean stop; last.ckpt holds the adapters
     ],
 )

@@ -125,6 +125,7 @@ class GPTLitModule(L.LightningModule):
         self._val_started: float | None = None
         self._peak_flops: float | None = None
         self._compiled: Any = None
+        self._resumed_rng: dict[str, Any] | None = None
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -142,6 +143,7 @@ class GPTLitModule(L.LightningModule):
         self._peak_flops = peak_flops(self.device, self.trainer.precision)
         self._clock = {"mark": time.perf_counter(), "train": 0.0}
         self._log_resumed_validation()
+        self._restore_rng()
 
     def _log_resumed_validation(self) -> None:
         """A run resumed from a checkpoint written at a validation logs that validation again:
@@ -340,8 +342,13 @@ class GPTLitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         history = checkpoint.get("val_history") or []
         self.val_history = [(int(s), {k: float(v) for k, v in m.items()}) for s, m in history]
-        states = checkpoint.get("rng_states")
-        if not states:  # checkpoints written before RNG states were kept
+        # applied when training starts again (on_train_start), after the validation Lightning
+        # runs first: anything that draws from the global RNG before then would shift it
+        self._resumed_rng = checkpoint.get("rng_states")  # None: written before they were kept
+
+    def _restore_rng(self) -> None:
+        states, self._resumed_rng = self._resumed_rng, None
+        if not states:
             return
         torch.set_rng_state(states["torch"])
         cuda = states.get("cuda") or []
