@@ -1,7 +1,9 @@
 """Atomic file writes: a reader never sees a half-written file, a killed run leaves only a tmp file.
 
 Each helper writes to a temporary file in the destination's folder (same filesystem) and then
-``os.replace``s it over the destination, which is atomic on POSIX and Windows.
+``os.replace``s it over the destination, which is atomic on POSIX and Windows. File names read
+from a file (a cache's meta.json, a model's index) are kept inside their folder
+(:func:`confined`), and JSON that does not parse is named (:func:`read_json`).
 """
 
 from __future__ import annotations
@@ -82,3 +84,60 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (trailing newline, keys kept in order)."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+class OutsideFolderError(ValueError):
+    """A file name read from a file that points outside the folder it must stay in."""
+
+
+def confined(
+    folder: str | os.PathLike[str], name: Any, what: str, follow_links: bool = True
+) -> Path:
+    """``folder / name`` for a file ``name`` read from a file in ``folder`` (a cache's
+    meta.json, a model's index), refused unless it names a file inside ``folder``.
+
+    Why: a crafted or damaged list must not make us read (or later delete) files elsewhere. An
+    absolute path, ``..``, an empty name or one that resolves out of ``folder`` (through a link,
+    with ``follow_links``) raises :class:`OutsideFolderError` naming ``what`` (the file and
+    entry). ``follow_links=False`` checks the name alone: a Hugging Face hub snapshot links
+    every file to ``../../blobs/``, and those links are the hub's own doing.
+    """
+    text = name if isinstance(name, str) else None
+    problem = None
+    if not text or "\x00" in text:
+        problem = "is not a file name"
+    elif os.path.isabs(text) or Path(text).anchor:
+        problem = "is an absolute path"
+    elif ".." in Path(text).parts or ".." in text.replace("\\", "/").split("/"):
+        problem = "goes up out of the folder (..)"
+    elif not Path(text).parts:  # "." or "./": the folder itself
+        problem = "is not a file name"
+    base = Path(folder)
+    path = base / text if problem is None else base
+    if problem is None and follow_links and not _inside(path, base):
+        problem = f"resolves to {path.resolve(strict=False)}, outside the folder"
+    if problem is not None:
+        raise OutsideFolderError(
+            f"{what} {name!r} {problem}: only files inside {folder} are read from it"
+        )
+    return path
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, links followed, lies in ``folder`` (links followed too)."""
+    return path.resolve(strict=False).is_relative_to(folder.resolve(strict=False))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON in ``path``; one that does not parse (or is not UTF-8) is a ValueError that
+    names the file and where it breaks, not json's bare "Expecting value: line 1 column 1"."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not JSON: not UTF-8 at byte offset {e.start}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from e

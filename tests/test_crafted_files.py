@@ -1,0 +1,207 @@
+"""Crafted or damaged files, through the `llm` command: a file name read from a file stays in its
+folder, an export never destroys what it was not asked to replace, and damaged data is refused
+with a message that names the file and the entry, never trusted (issue 18)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import char_checkpoint, write_corpus
+
+
+def _fails(llm_main: Any, capsys: pytest.CaptureFixture, verb: str, *args: str) -> str:
+    """Run `llm <verb> <args>`; it must fail in a few lines without a traceback."""
+    assert llm_main(verb, *args) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("Error: "), err
+    assert "Traceback" not in captured.err + captured.out
+    assert len(err.splitlines()) <= 4, err
+    assert "weights_only=False" not in err
+    return err
+
+
+def _val_loss(out: str) -> float:
+    return float(out.split("val_loss: ")[1].split()[0])
+
+
+# -- 1. a token cache's file names stay in the cache folder ---------------------------------
+
+
+@pytest.fixture
+def evaluated(tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture) -> dict[str, Any]:
+    """`llm evaluate` of a char checkpoint on a small corpus: its arguments, its val loss, its
+    token cache folder, and a file of valid ids outside that folder, of the shard's size."""
+    ckpt = char_checkpoint(tmp_path / "lm.ckpt", block_size=32)
+    args = [
+        f"ckpt_path={ckpt}",
+        "data=text_files",
+        f"data.path={write_corpus(tmp_path)}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "data.batch_size=4",
+        "limit_batches=2",
+        "device=cpu",
+    ]
+    assert llm_main("evaluate", *args) == 0
+    (meta_path,) = (tmp_path / "data" / "cache").glob("*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.zeros(meta["shards"][0]["tokens"], dtype=meta["dtype"]).tobytes())
+    loss = _val_loss(capsys.readouterr().out)
+    return {"args": args, "loss": loss, "folder": meta_path.parent, "outside": outside}
+
+
+def _absolute(folder: Path, outside: Path) -> str:
+    return str(outside)
+
+
+def _up(folder: Path, outside: Path) -> str:
+    return os.path.relpath(outside, folder)  # ../../../outside.bin
+
+
+def _down_and_up(folder: Path, outside: Path) -> str:
+    return "shard-000000.bin/../" + os.path.relpath(outside, folder)
+
+
+def _link(folder: Path, outside: Path) -> str:
+    (folder / "shard-link.bin").symlink_to(outside)
+    return "shard-link.bin"
+
+
+NAMES = [
+    (_absolute, "is an absolute path"),
+    (_up, "goes up out of the folder (..)"),
+    (_down_and_up, "goes up out of the folder (..)"),
+    (_link, "outside the folder"),
+]
+
+
+@pytest.mark.parametrize(("crafted", "problem"), NAMES)
+def test_a_meta_json_shard_outside_the_cache_is_never_read(
+    crafted: Callable[[Path, Path], str],
+    problem: str,
+    evaluated: dict[str, Any],
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The cache is invalid (check_cache names meta.json and the entry), a reader refuses it,
+    and `llm evaluate` rebuilds it: the same loss as before, the outside file untouched."""
+    from llm.data import check_cache, load_token_cache
+
+    folder, outside = evaluated["folder"], evaluated["outside"]
+    meta = json.loads((folder / "meta.json").read_text())
+    name = crafted(folder, outside)
+    meta["shards"][0]["file"] = name
+    (folder / "meta.json").write_text(json.dumps(meta))
+    reason = check_cache(folder)
+    assert reason is not None and reason.startswith(f"meta.json's shard file {name!r}")
+    assert problem in reason
+    with pytest.raises(ValueError, match="is not usable") as refused:
+        load_token_cache(folder)
+    assert repr(name) in str(refused.value)
+
+    before = outside.read_bytes()
+    assert llm_main("evaluate", *evaluated["args"]) == 0
+    assert _val_loss(capsys.readouterr().out) == evaluated["loss"]
+    assert check_cache(folder) is None
+    rebuilt = json.loads((folder / "meta.json").read_text())
+    assert [s["file"] for s in rebuilt["shards"]] == ["shard-000000.bin"]
+    assert outside.read_bytes() == before
+
+
+@pytest.mark.parametrize(("crafted", "problem"), NAMES)
+def test_a_progress_json_shard_outside_the_cache_is_never_resumed_from(
+    crafted: Callable[[Path, Path], str],
+    problem: str,
+    evaluated: dict[str, Any],
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A killed build (no meta.json) whose progress.json lists a file outside: the build starts
+    over instead of taking that file as its finished shard."""
+    folder, outside = evaluated["folder"], evaluated["outside"]
+    (folder / "meta.json").unlink()
+    progress = json.loads((folder / "progress.json").read_text())
+    progress["shards"][0]["file"] = crafted(folder, outside)
+    (folder / "progress.json").write_text(json.dumps(progress))
+    before = outside.read_bytes()
+    assert llm_main("evaluate", *evaluated["args"]) == 0
+    assert _val_loss(capsys.readouterr().out) == evaluated["loss"]
+    progress = json.loads((folder / "progress.json").read_text())
+    assert [s["file"] for s in progress["shards"]] == ["shard-000000.bin"]
+    assert outside.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_train_rebuilds_a_cache_whose_meta_json_points_outside(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """`llm train` goes through the same check: the crafted entry is rebuilt, not read."""
+    from helpers import tiny_overrides
+
+    from llm.data import check_cache
+
+    corpus = write_corpus(tmp_path)
+    args = [*tiny_overrides(tmp_path, corpus), "trainer.max_steps=1",
+            "trainer.limit_val_batches=1", f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    prepare = ["tokenizer=char", "data=text_files", f"data.path={corpus}",
+               f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
+    assert llm_main("prepare", *prepare) == 0
+    (meta_path,) = (tmp_path / "data" / "cache").glob("*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(bytes(meta["shards"][0]["tokens"] * np.dtype(meta["dtype"]).itemsize))
+    meta["shards"][0]["file"] = str(outside)
+    meta_path.write_text(json.dumps(meta))
+    assert llm_main("train", *args) == 0, capsys.readouterr().err
+    assert check_cache(meta_path.parent) is None
+    assert json.loads(meta_path.read_text())["shards"][0]["file"] == "shard-000000.bin"
+
+
+def test_a_shard_with_ids_beyond_the_vocabulary_is_rebuilt(
+    evaluated: dict[str, Any], llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """Garbage of the right size: refused by name and id, rebuilt, not an IndexError."""
+    from llm.data import check_cache, load_token_cache
+
+    folder = evaluated["folder"]
+    meta = json.loads((folder / "meta.json").read_text())
+    shard = folder / "shard-000000.bin"
+    ids = np.fromfile(shard, dtype=meta["dtype"])
+    ids[len(ids) // 2] = 60000
+    ids.tofile(shard)
+    vocab = meta["vocab_size"]
+    want = f"shard-000000.bin holds id 60000, not below meta.json's vocab_size {vocab}"
+    assert check_cache(folder) == want + ": the file is damaged"
+    with pytest.raises(ValueError, match=want):
+        load_token_cache(folder)
+    assert llm_main("evaluate", *evaluated["args"]) == 0
+    assert _val_loss(capsys.readouterr().out) == evaluated["loss"]
+    assert int(np.fromfile(shard, dtype=meta["dtype"]).max()) < vocab
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "is not a file name"),
+        (".", "is not a file name"),
+        (7, "is not a file name"),
+        ("/etc/passwd", "is an absolute path"),
+        ("a/../../b", "goes up out of the folder (..)"),
+    ],
+)
+def test_confined_names_the_file_and_entry(tmp_path: Path, name: Any, problem: str) -> None:
+    from llm.io import OutsideFolderError, confined
+
+    assert confined(tmp_path, "sub/shard.bin", "x") == tmp_path / "sub" / "shard.bin"
+    with pytest.raises(OutsideFolderError) as e:
+        confined(tmp_path, name, "meta.json's shard file")
+    assert str(e.value) == (
+        f"meta.json's shard file {name!r} {problem}: only files inside {tmp_path} are read from it"
+    )
