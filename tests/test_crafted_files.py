@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import char_checkpoint, write_corpus
+import torch
+from helpers import TINY, char_checkpoint, write_corpus
 
 
 def _fails(llm_main: Any, capsys: pytest.CaptureFixture, verb: str, *args: str) -> str:
@@ -205,3 +206,123 @@ def test_confined_names_the_file_and_entry(tmp_path: Path, name: Any, problem: s
     assert str(e.value) == (
         f"meta.json's shard file {name!r} {problem}: only files inside {tmp_path} are read from it"
     )
+
+
+# -- 2. a Hugging Face folder: index names stay in it, broken files are named ---------------
+
+
+def _sharded_model(folder: Path) -> dict[str, str]:
+    """A tiny GPT-2 folder whose weights are one shard listed by model.safetensors.index.json;
+    returns the index's weight_map."""
+    from safetensors.torch import load_file
+
+    from llm.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=50, block_size=16, **TINY)).save_pretrained(folder)
+    shard = "model-00001-of-00001.safetensors"
+    (folder / "model.safetensors").rename(folder / shard)
+    weight_map = dict.fromkeys(sorted(load_file(folder / shard)), shard)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return weight_map
+
+
+def test_a_sharded_hugging_face_folder_loads(tmp_path: Path) -> None:
+    from llm.model import GPT
+
+    _sharded_model(tmp_path / "hf")
+    model = GPT.from_pretrained(tmp_path / "hf")
+    assert model.config.vocab_size == 50 and model.config.n_layer == 2
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("../outside.safetensors", "goes up out of the folder (..)"),
+        ("sub/../../outside.safetensors", "goes up out of the folder (..)"),
+        ("ABSOLUTE", "is an absolute path"),
+    ],
+)
+def test_an_index_entry_outside_the_model_folder_is_refused(
+    entry: str, problem: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    folder = tmp_path / "hf"
+    weight_map = _sharded_model(folder)
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(folder / "model-00001-of-00001.safetensors", outside)
+    entry = str(outside) if entry == "ABSOLUTE" else entry
+    weight_map["transformer.wte.weight"] = entry
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    err = _fails(llm_main, capsys, "evaluate", f"init={folder}", "device=cpu")
+    assert err.splitlines()[0] == (
+        f"Error: {index}: weight_map['transformer.wte.weight'] = {entry!r} {problem}: only "
+        f"files inside {folder} are read from it"
+    )
+
+
+def _no_config(folder: Path) -> str:
+    (folder / "config.json").unlink()
+    return f"Error: {folder} has no config.json: a Hugging Face model folder holds config.json"
+
+
+def _bad_config(folder: Path) -> str:
+    (folder / "config.json").write_text('{"model_type": "gpt2",')
+    return f"Error: {folder / 'config.json'} is not valid JSON (Expecting property name"
+
+
+def _bad_index(folder: Path) -> str:
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text("{weight_map")
+    return f"Error: {folder / 'model.safetensors.index.json'} is not valid JSON"
+
+
+def _pickled_bin(folder: Path) -> str:
+    (folder / "model.safetensors").unlink()
+    torch.save({"weights": {}, "where": Path("x")}, folder / "pytorch_model.bin")
+    return (
+        f"Error: {folder / 'pytorch_model.bin'} is a pickle of more than plain tensors, and "
+        "pickles can run code: only safetensors files (and a pytorch_model.bin of plain "
+        "tensors) are read; convert it with transformers where you trust it: "
+        "model.save_pretrained(dir, safe_serialization=True)"
+    )
+
+
+def _truncated_safetensors(folder: Path) -> str:
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:100])
+    return f"Error: {file} is not a readable safetensors file"
+
+
+@pytest.mark.parametrize(
+    "damage", [_no_config, _bad_config, _bad_index, _pickled_bin, _truncated_safetensors]
+)
+def test_a_broken_hugging_face_folder_is_named(
+    damage: Callable[[Path], str], tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    from llm.model import GPT, GPTConfig
+
+    folder = tmp_path / "hf"
+    GPT(GPTConfig(vocab_size=50, block_size=16, **TINY)).save_pretrained(folder)
+    want = damage(folder)
+    err = _fails(llm_main, capsys, "evaluate", f"init={folder}", "device=cpu")
+    assert err.splitlines()[0].startswith(want), err
+
+
+def test_a_broken_tokenizer_config_is_named(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    from _hf_utils import train_tokenizer
+
+    folder = train_tokenizer(tmp_path / "tok")
+    (folder / "tokenizer_config.json").write_text("{'eos_token': 1}")
+    args = ("tokenizer=hf", f"tokenizer.path={folder}", "text=hi")
+    err = _fails(llm_main, capsys, "tokenize", *args)
+    assert f"{folder / 'tokenizer_config.json'} is not valid JSON" in err
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer.json").write_text('{"model": 1}')
+    err = _fails(llm_main, capsys, "tokenize", *args)
+    assert f"{folder / 'tokenizer.json'} is not a tokenizer that `tokenizers` reads" in err
