@@ -211,6 +211,11 @@ def export_merged(ckpt_path: str | os.PathLike[str], out: str | os.PathLike[str]
     The export keeps its kind: a language model loads with `llm generate`, a classifier with
     `llm classify`. Logits are unchanged up to float rounding.
     """
+    if Path(out).exists() and Path(ckpt_path).exists() and os.path.samefile(ckpt_path, out):
+        raise CheckpointError(
+            f"out={out} is ckpt_path={ckpt_path}: the merge is written to another file, never "
+            "over its input"
+        )
     raw = read_checkpoint(ckpt_path)
     hp = dict(raw["hyper_parameters"])
     lora = hp.get("lora")

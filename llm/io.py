@@ -1,8 +1,9 @@
 """Atomic file writes: a reader never sees a half-written file, a killed run leaves only a tmp file.
 
 Each helper writes to a temporary file in the destination's folder (same filesystem) and then
-``os.replace``s it over the destination, which is atomic on POSIX and Windows. File names read
-from a file (a cache's meta.json, a model's index) are kept inside their folder
+``os.replace``s it over the destination, which is atomic on POSIX and Windows; a folder is
+written whole beside its destination and then swapped in (:func:`replaced_folder`). File names
+read from a file (a cache's meta.json, a model's index) are kept inside their folder
 (:func:`confined`), and JSON that does not parse is named (:func:`read_json`).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +30,16 @@ def temp_file_beside(path: str | os.PathLike[str]) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     if hasattr(os, "fchmod"):  # POSIX
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)
+        os.fchmod(fd, normal_mode())
     return fd, Path(tmp)
+
+
+def normal_mode(folder: bool = False) -> int:
+    """The mode ``open`` (0o666) or ``mkdir`` (0o777) gives under the user's umask: what
+    mkstemp's 0600, mkdtemp's 0700 and writers that make their own temp file get changed to."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
 
 
 @contextlib.contextmanager
@@ -47,6 +55,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         fd = os.open(tmp, os.O_RDWR)  # the writer has closed its handle: sync by path
         try:
+            if hasattr(os, "fchmod"):  # a writer may have made the file anew (safetensors: 0600)
+                os.fchmod(fd, normal_mode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -84,6 +94,38 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (trailing newline, keys kept in order)."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def replaced_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh, empty temp folder beside ``path`` to fill; on success it takes ``path``'s place.
+
+    Whatever was in ``path`` before is removed only once the new folder is complete, so no stale
+    file of the old folder survives and a failed or killed write leaves the old one whole (a
+    kill between the two renames leaves it as ``.<name>.old-*`` beside). Callers decide first
+    whether ``path`` may be replaced at all.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, normal_mode(folder=True))  # mkdtemp's 0700 would lock out the others
+        yield tmp
+        old = None
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old / path.name, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class OutsideFolderError(ValueError):

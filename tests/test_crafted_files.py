@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, char_checkpoint, write_corpus
+from helpers import ALPHABET, TINY, char_checkpoint, write_corpus
 
 
 def _fails(llm_main: Any, capsys: pytest.CaptureFixture, verb: str, *args: str) -> str:
@@ -326,3 +327,144 @@ def test_a_broken_tokenizer_config_is_named(
     (folder / "tokenizer.json").write_text('{"model": 1}')
     err = _fails(llm_main, capsys, "tokenize", *args)
     assert f"{folder / 'tokenizer.json'} is not a tokenizer that `tokenizers` reads" in err
+
+
+# -- 3. export replaces nothing it was not asked to, and never its input ---------------------
+
+
+def _lora_checkpoint(path: Path) -> Path:
+    from llm.checkpoint import save_checkpoint
+    from llm.tokenizers import CharTokenizer
+    from llm.training.module import GPTLitModule
+
+    tok = CharTokenizer()
+    tok.fit([ALPHABET])
+    torch.manual_seed(0)
+    module = GPTLitModule(
+        model={**TINY, "block_size": 16, "vocab_size": tok.vocab_size},
+        tokenizer=tok.to_dict(),
+        lora={"r": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["attn.c_attn"]},
+    )
+    return save_checkpoint(module, path)
+
+
+@pytest.mark.parametrize("overwrite", [[], ["overwrite=true"]])
+def test_export_never_overwrites_its_input(
+    overwrite: list[str], tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """Not a resumable LoRA run replaced by its merge, not a run folder holding it replaced by
+    a Hugging Face folder: whatever overwrite says."""
+    ckpt = _lora_checkpoint(tmp_path / "run" / "last.ckpt")
+    before = ckpt.read_bytes()
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(ckpt)
+    for out in (ckpt, link):
+        err = _fails(llm_main, capsys, "export", f"ckpt_path={ckpt}", f"out={out}", *overwrite)
+        assert err.splitlines()[0] == (
+            f"Error: out={out} is ckpt_path={ckpt}, which export never overwrites (not even "
+            "with overwrite=true): choose another out"
+        )
+    plain = char_checkpoint(tmp_path / "run" / "plain.ckpt")
+    hf_dir = tmp_path / "run"
+    err = _fails(llm_main, capsys, "export", f"ckpt_path={plain}", f"hf_dir={hf_dir}", *overwrite)
+    assert f"hf_dir={hf_dir} holds ckpt_path={plain}, which export never overwrites" in err
+    assert ckpt.read_bytes() == before and plain.is_file()
+
+
+def _file(path: Path) -> Path:
+    path.write_text("not mine to replace")
+    return path
+
+
+def _stale_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "stale.txt").write_text("from an older export")
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("key", "existing", "message"),
+    [
+        ("out", _file, "Error: out={path} exists; add overwrite=true to replace it"),
+        ("hf_dir", _stale_folder, "Error: hf_dir={path} exists; add overwrite=true to replace "
+                                  "it (the whole folder: none of its files are kept)"),
+        ("hf_dir", _file, "Error: hf_dir={path} is a file; hf_dir= names a folder to write "
+                          "config.json and model.safetensors into"),
+        ("out", _stale_folder, "Error: out={path} is a folder; out= names the merged checkpoint "
+                               "file, e.g. out={path}/merged.ckpt"),
+    ],
+)  # fmt: skip
+def test_export_refuses_to_replace_what_exists(
+    key: str,
+    existing: Callable[[Path], Path],
+    message: str,
+    tmp_path: Path,
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    ckpt = _lora_checkpoint(tmp_path / "lora.ckpt")
+    path = existing(tmp_path / "dest")
+    args = [f"ckpt_path={ckpt}", f"{key}={path}"]
+    if key == "hf_dir":
+        args.append(f"out={tmp_path / 'merged.ckpt'}")
+    err = _fails(llm_main, capsys, "export", *args)
+    assert err.splitlines()[0] == message.format(path=path)
+    assert not (tmp_path / "merged.ckpt").exists()  # refused before anything was written
+    if path.is_file():
+        assert path.read_text() == "not mine to replace"
+    else:
+        assert sorted(p.name for p in path.iterdir()) == ["config.json", "stale.txt"]
+
+
+def test_a_destination_under_a_file_is_named(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    ckpt = _lora_checkpoint(tmp_path / "lora.ckpt")
+    parent = _file(tmp_path / "notes.txt")
+    for key in ("out", "hf_dir"):
+        err = _fails(llm_main, capsys, "export", f"ckpt_path={ckpt}", f"{key}={parent / 'x'}")
+        assert f"{key}={parent / 'x'}: {parent} is a file, not a folder" in err
+        assert "Errno" not in err
+
+
+def test_overwrite_must_be_true_or_false(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    ckpt = _lora_checkpoint(tmp_path / "lora.ckpt")
+    err = _fails(llm_main, capsys, "export", f"ckpt_path={ckpt}", "out=m.ckpt", "overwrite=yes")
+    want = "Error: overwrite='yes': must be true or false, e.g. overwrite=true"
+    assert err.splitlines()[0] == want
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_export_with_overwrite_replaces_whole_and_with_the_users_permissions(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """overwrite=true: the old folder's stale files are gone, the new files and folder have
+    the modes the umask gives (not mkstemp's 0600 / mkdtemp's 0700), and no temp is left."""
+    from llm.checkpoint import load_checkpoint
+    from llm.model import GPT
+
+    ckpt = _lora_checkpoint(tmp_path / "lora.ckpt")
+    out, hf_dir = _file(tmp_path / "merged.ckpt"), _stale_folder(tmp_path / "hf")
+    args = [f"ckpt_path={ckpt}", f"out={out}", f"hf_dir={hf_dir}", "overwrite=true"]
+    mask = os.umask(0o027)
+    try:
+        assert llm_main("export", *args) == 0
+    finally:
+        os.umask(mask)
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "gpt2"
+    assert _mode(hf_dir) == 0o750
+    assert _mode(out) == _mode(hf_dir / "model.safetensors") == 0o640
+    assert _mode(hf_dir / "config.json") == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "lora.ckpt", "merged.ckpt"]
+    merged = load_checkpoint(out, kind="lm")
+    x = torch.randint(0, 50, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(GPT.from_pretrained(hf_dir)(x)[0], merged(x)[0])
+    assert llm_main("export", f"ckpt_path={out}", f"hf_dir={tmp_path / 'empty'}") == 0
