@@ -468,3 +468,65 @@ def test_export_with_overwrite_replaces_whole_and_with_the_users_permissions(
     with torch.no_grad():
         torch.testing.assert_close(GPT.from_pretrained(hf_dir)(x)[0], merged(x)[0])
     assert llm_main("export", f"ckpt_path={out}", f"hf_dir={tmp_path / 'empty'}") == 0
+
+
+# -- 4. a damaged checkpoint is refused, never trusted ---------------------------------------
+
+
+def _largest_member(path: Path) -> tuple[str, int, int]:
+    """(name, offset in the file, size) of the checkpoint's largest tensor record."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename),
+                   key=lambda i: i.file_size)  # fmt: skip
+        data = archive.read(info)
+    offset = path.read_bytes().find(data)
+    assert offset > 0
+    return info.filename, offset, info.file_size
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "random"])
+def test_a_checkpoint_with_damaged_bytes_is_refused(
+    damage: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """5 KB inside a tensor zeroed or randomised: torch.load (mmap) reads it without a word."""
+    ckpt = char_checkpoint(tmp_path / "lm.ckpt")
+    member, offset, size = _largest_member(ckpt)
+    assert size > 10_000
+    raw = bytearray(ckpt.read_bytes())
+    start = offset + size // 2 - 2500
+    new = bytes(5000) if damage == "zeroed" else np.random.default_rng(0).bytes(5000)
+    raw[start : start + 5000] = new
+    ckpt.write_bytes(bytes(raw))
+    torch.load(ckpt, weights_only=True, mmap=True)  # the damage torch does not see
+    for verb in ("evaluate", "generate"):
+        err = _fails(llm_main, capsys, verb, f"ckpt_path={ckpt}")
+        assert err.splitlines()[0] == (
+            f"Error: ckpt_path={ckpt} is damaged: member {member!r} fails its CRC check (its "
+            "bytes changed after it was written); use another checkpoint, e.g. an earlier one "
+            "of the run"
+        )
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused(
+    value: float, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    ckpt = char_checkpoint(tmp_path / "lm.ckpt")
+    raw = torch.load(ckpt, weights_only=True)
+    raw["state_dict"]["model.h.1.mlp.c_fc.weight"][3, 5] = value
+    torch.save(raw, ckpt)
+    finetune = [
+        "task=text",
+        f"data.path={write_corpus(tmp_path)}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    for verb, key, args in (("evaluate", "ckpt_path", []), ("finetune", "init", finetune)):
+        err = _fails(llm_main, capsys, verb, f"{key}={ckpt}", *args)
+        assert err.splitlines()[0] == (
+            f"Error: {key}={ckpt}: tensor 'model.h.1.mlp.c_fc.weight' holds NaN or inf "
+            "(training diverged before it was saved, or the file was altered); use another "
+            "checkpoint, e.g. an earlier one"
+        )
