@@ -73,6 +73,13 @@ def choice(key: str, value: Any, options: Sequence[str]) -> str:
     return str(value)
 
 
+def flag(key: str, value: Any) -> bool:
+    """``value`` as a bool: true or false, not a string or a number that might mean either."""
+    if not isinstance(value, bool):
+        raise SettingError(_message(key, value, "true or false", "true"))
+    return value
+
+
 def _message(key: str, value: Any, what: str, example: Any) -> str:
     shown = repr(value) if isinstance(value, str) else value
     hint = f", e.g. {key}={example}" if example is not None else ""

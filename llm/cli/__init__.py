@@ -148,10 +148,12 @@ VERBS: dict[str, Verb] = {
         "export",
         "merge LoRA adapters; write a Hugging Face folder",
         "Fold a LoRA checkpoint's adapters into plain weights (out=...), and/or write a\n"
-        "language model as a Hugging Face folder (hf_dir=...).",
+        "language model as a Hugging Face folder (hf_dir=...). An existing out or hf_dir is\n"
+        "replaced only with overwrite=true; the input checkpoint never is.",
         (
             "llm export ckpt_path=logs/finetune/runs/<date>/checkpoints/last.ckpt out=merged.ckpt",
             "llm export ckpt_path=last.ckpt hf_dir=my-gpt2/",
+            "llm export ckpt_path=last.ckpt hf_dir=my-gpt2/ overwrite=true",
         ),
     ),
 }

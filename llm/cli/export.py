@@ -1,39 +1,109 @@
-"""``llm export ckpt_path=... [out=merged.ckpt] [hf_dir=folder/]``.
+"""``llm export ckpt_path=... [out=merged.ckpt] [hf_dir=folder/] [overwrite=true]``.
 
 ``out`` folds a LoRA checkpoint's adapters into plain weights (the same kind of checkpoint,
 without LoRA); ``hf_dir`` writes a language model as a Hugging Face folder
 (config.json + model.safetensors) that ``transformers`` loads.
+
+Nothing that exists is replaced unless ``overwrite=true``, and the input checkpoint never is.
+Every check runs before anything is written; ``hf_dir`` is written whole beside its place and
+then swapped in, so a replaced folder keeps no stale file of the old one.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from omegaconf import DictConfig
 
+from llm import checks
 from llm.cli.app import hydra_app
+
+
+def same_path(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode (links, hard links) or, where one
+    does not exist yet, the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def check_destination(
+    key: str, path: Path, folder: bool, overwrite: bool, keep: dict[str, Path]
+) -> None:
+    """Refuse, before anything is written, a destination that is the wrong kind of thing, that
+    would replace what exists without ``overwrite``, or that would replace a path in ``keep``
+    (the input checkpoint, the other output) whatever ``overwrite`` says."""
+    want = "a folder" if folder else "a checkpoint file"
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{key}={path}: {parent} is a file, not a folder; {key}= names {want}")
+    for other, kept in keep.items():
+        if same_path(path, kept) or (folder and _inside(kept, path)):
+            where = "is" if same_path(path, kept) else "holds"
+            raise ValueError(
+                f"{key}={path} {where} {other}={kept}, which export never overwrites (not even "
+                f"with overwrite=true): choose another {key}"
+            )
+    if not path.exists():
+        return
+    if folder and not path.is_dir():
+        raise ValueError(
+            f"hf_dir={path} is a file; hf_dir= names a folder to write config.json and "
+            "model.safetensors into"
+        )
+    if not folder and path.is_dir():
+        raise ValueError(
+            f"out={path} is a folder; out= names the merged checkpoint file, "
+            f"e.g. out={path / 'merged.ckpt'}"
+        )
+    if folder and not any(path.iterdir()):
+        return  # an empty folder: nothing in it to replace
+    if not overwrite:
+        what = " (the whole folder: none of its files are kept)" if folder else ""
+        raise ValueError(f"{key}={path} exists; add overwrite=true to replace it{what}")
 
 
 @hydra_app("export")
 def main(cfg: DictConfig) -> None:
-    """Export as asked and print where each file went."""
+    """Check the destinations and the checkpoint, then export and print where each file went."""
     from llm.checkpoint import describe, export_merged, load_checkpoint, read_checkpoint
+    from llm.io import replaced_folder
 
     if cfg.out is None and cfg.hf_dir is None:
         raise ValueError("say what to export: out=<merged.ckpt> and/or hf_dir=<folder>")
-    source = str(cfg.ckpt_path)
-    if cfg.out is not None:
-        print(f"merged checkpoint: {export_merged(source, str(cfg.out))}")
-        source = str(cfg.out)
-    if cfg.hf_dir is not None:
-        kind = read_checkpoint(source)["kind"]
-        if kind != "lm":
-            raise ValueError(
-                f"hf_dir= exports language models; ckpt_path={cfg.ckpt_path} is a "
-                f"{describe(kind)} checkpoint"
-            )
+    overwrite = checks.flag("overwrite", cfg.get("overwrite", False))
+    ckpt = Path(str(cfg.ckpt_path))
+    out = None if cfg.out is None else Path(str(cfg.out))
+    hf_dir = None if cfg.hf_dir is None else Path(str(cfg.hf_dir))
+    if out is not None:
+        check_destination("out", out, False, overwrite, {"ckpt_path": ckpt})
+    if hf_dir is not None:
+        keep = {"ckpt_path": ckpt, **({"out": out} if out is not None else {})}
+        check_destination("hf_dir", hf_dir, True, overwrite, keep)
+    raw = read_checkpoint(ckpt)
+    kind, lora = raw["kind"], raw["hyper_parameters"].get("lora")
+    del raw
+    if hf_dir is not None and kind != "lm":
+        raise ValueError(
+            f"hf_dir= exports language models; ckpt_path={ckpt} is a {describe(kind)} checkpoint"
+        )
+    if hf_dir is not None and lora and out is None:
+        raise ValueError(
+            f"ckpt_path={ckpt} holds LoRA adapters: add out=<merged.ckpt> to merge them before "
+            "hf_dir="
+        )
+    source = ckpt
+    if out is not None:
+        print(f"merged checkpoint: {export_merged(ckpt, out)}")
+        source = out
+    if hf_dir is not None:
         module = load_checkpoint(source, kind="lm")
-        if module.hparams.get("lora"):
-            raise ValueError(
-                f"ckpt_path={cfg.ckpt_path} holds LoRA adapters: add out=<merged.ckpt> to merge "
-                "them before hf_dir="
-            )
-        print(f"Hugging Face folder: {module.model.save_pretrained(str(cfg.hf_dir))}")
+        with replaced_folder(hf_dir) as tmp:
+            module.model.save_pretrained(tmp)
+        print(f"Hugging Face folder: {hf_dir}")

@@ -36,8 +36,8 @@ from llm.data.pretokenize import (
     signals_raise,
     write_shards,
 )
-from llm.data.shards import TokenShards
-from llm.io import atomic_write_json
+from llm.data.shards import TokenShards, shard_problem
+from llm.io import atomic_write_json, confined
 from llm.tokenizers.base import Tokenizer, short_hash
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,9 @@ def check_cache(folder: str | os.PathLike[str]) -> str | None:
     """Why the cache at ``folder`` can't be used (a short reason), or None when it is valid.
 
     meta.json is checked against the data: its dtype against its vocab size, each shard's
-    size against its count, the counts against the total, and tokenizer.json against it.
+    name (inside ``folder``), size against its count and ids against the vocab size
+    (:func:`~llm.data.shards.shard_problem`), the counts against the total, and tokenizer.json
+    against it.
     """
     from llm.tokenizers import tokenizer_from_dict
 
@@ -133,7 +135,7 @@ def check_cache(folder: str | os.PathLike[str]) -> str | None:
         if meta.get("version") != CACHE_VERSION:
             return f"cache version {meta.get('version')} != {CACHE_VERSION}"
         dtype, vocab = np.dtype(meta["dtype"]), int(meta["vocab_size"])
-        shards = [(str(s["file"]), int(s["tokens"])) for s in meta["shards"]]
+        shards = [(s["file"], int(s["tokens"])) for s in meta["shards"]]
         total = int(meta["total"])
         identity, eot = meta["tokenizer"]["identity"], meta["eot_id"]
     except (ValueError, KeyError, TypeError) as e:
@@ -142,11 +144,9 @@ def check_cache(folder: str | os.PathLike[str]) -> str | None:
         want = token_dtype(vocab)
         return f"meta.json's dtype {dtype} is not the one for vocab_size {vocab} ({want})"
     for name, count in shards:
-        f = folder / name
-        if not f.is_file():
-            return f"missing {name}"
-        if f.stat().st_size != count * dtype.itemsize:
-            return f"{name} has {f.stat().st_size} bytes, meta.json says {count} x {dtype.itemsize}"
+        problem = shard_problem(folder, name, count, dtype, vocab, "meta.json")
+        if problem is not None:
+            return problem
     if sum(c for _, c in shards) != total or total <= 0:
         return f"the shards hold {sum(c for _, c in shards)} tokens, meta.json's total is {total}"
     try:
@@ -335,7 +335,7 @@ def load_token_cache(
             f"token cache {folder} is not usable ({reason}); run prepare to rebuild it"
         )
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    files = [folder / s["file"] for s in meta["shards"]]
+    files = [confined(folder, s["file"], "meta.json's shard file") for s in meta["shards"]]
     stream = TokenShards(files, [s["tokens"] for s in meta["shards"]], meta["dtype"])
     n_train, _ = split_counts(len(stream), val_fraction)
     train, val = stream.view(0, n_train), stream.view(n_train, len(stream))

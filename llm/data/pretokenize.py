@@ -32,6 +32,7 @@ from llm.data import chunking
 from llm.data.corpus import Corpus
 from llm.data.encoding import Encoder, default_workers, encoded
 from llm.data.progress import BuildProgress
+from llm.data.shards import shard_problem
 from llm.interrupts import Interrupted
 from llm.io import atomic_write_json, temp_file_beside
 
@@ -127,8 +128,20 @@ def remove_temp_files(folder: Path) -> list[str]:
     return removed
 
 
-def _start_state(folder: Path, key: dict[str, Any], itemsize: int) -> dict[str, Any]:
-    """The progress of an earlier build of the same content that is still valid, or a new one."""
+def _well_formed(state: Any) -> bool:
+    """Whether progress.json has the shape a build writes (a damaged one is discarded)."""
+    if not isinstance(state, dict) or not isinstance(state.get("shards"), list):
+        return False
+    fields = {"file", "tokens", "next"}
+    return all(isinstance(s, dict) and fields <= s.keys() for s in state["shards"])
+
+
+def _start_state(folder: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """The progress of an earlier build of the same content that is still valid, or a new one.
+
+    Its shards are kept up to the first that is missing, damaged or named outside ``folder``
+    (:func:`~llm.data.shards.shard_problem`); the build goes on from there.
+    """
     fresh: dict[str, Any] = {"key": key, "shards": [], "finished": False}
     try:
         state = json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
@@ -137,16 +150,20 @@ def _start_state(folder: Path, key: dict[str, Any], itemsize: int) -> dict[str, 
     except ValueError as e:
         log.warning("discarding the partial build in %s: bad %s (%s)", folder, PROGRESS, e)
         state = None
+    if state is not None and not _well_formed(state):
+        log.warning("discarding the partial build in %s: %s is malformed", folder, PROGRESS)
+        state = None
     if state is not None and state.get("key") != key:
         log.warning("discarding the partial build in %s: made with other settings", folder)
         state = None
     if state is None:
         state = fresh
     kept = []
+    dtype, vocab = np.dtype(key["dtype"]), int(key["vocab_size"])
     for shard in state["shards"]:
-        f = folder / shard["file"]
-        if not f.is_file() or f.stat().st_size != shard["tokens"] * itemsize:
-            log.warning("%s is missing or damaged: building again from there", f.name)
+        problem = shard_problem(folder, shard["file"], shard["tokens"], dtype, vocab, PROGRESS)
+        if problem is not None:
+            log.warning("building %s again from shard %d: %s", folder, len(kept), problem)
             state["finished"] = False
             break
         kept.append(shard)
@@ -180,7 +197,7 @@ def write_shards(
         raise ValueError(f"max_tokens must be a positive integer or null, got {max_tokens}")
     workers = default_workers() if workers is None else max(1, int(workers))
     folder.mkdir(parents=True, exist_ok=True)
-    state = _start_state(folder, key, encoder.dtype.itemsize)
+    state = _start_state(folder, key)
     shards: list[dict[str, Any]] = state["shards"]
     resumed_from = len(shards)
     if shards and not state["finished"]:

@@ -6,14 +6,13 @@ tensors; it never builds a model (GPT.from_pretrained and GPT.save_pretrained do
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llm.io import atomic_path, atomic_write_json
+from llm.io import atomic_path, atomic_write_json, confined, read_json
 from llm.model.config import LLAMA3_SCALING, GPTConfig
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -72,36 +71,111 @@ def resolve(name_or_dir: str | Path) -> Path:
     return Path(local)
 
 
-def read_tensors(path: Path) -> dict[str, Tensor]:
-    """model.safetensors, its shards (model.safetensors.index.json) or pytorch_model.bin."""
-    from safetensors.torch import load_file
+SAFETENSORS_HINT = (
+    "convert it with transformers where you trust it: "
+    "model.save_pretrained(dir, safe_serialization=True)"
+)
 
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """model.safetensors, its shards (model.safetensors.index.json) or pytorch_model.bin.
+
+    A shard name in the index must name a file in ``path`` (never ``../``, an absolute path);
+    pytorch_model.bin is read only when it holds plain tensors (torch's weights_only loader),
+    never as a pickle that could run code.
+    """
     if (path / "model.safetensors").exists():
-        return load_file(path / "model.safetensors")
+        return _load_safetensors(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
+        return {k: v for shard in index_shards(index) for k, v in _load_safetensors(shard).items()}
     if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _load_bin(path / "pytorch_model.bin")
     raise FileNotFoundError(
         f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )
 
 
+def index_shards(index: Path) -> list[Path]:
+    """The shard files model.safetensors.index.json maps tensors to, each inside its folder.
+
+    Links are not followed for the check: a hub snapshot's files all link into ../../blobs/.
+    """
+    weight_map = read_json(index).get("weight_map") if index.is_file() else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no weight_map of tensor names to shard files")
+    files = {}
+    for tensor, name in weight_map.items():
+        files[name] = confined(
+            index.parent, name, f"{index}: weight_map[{tensor!r}] =", follow_links=False
+        )
+    return [files[name] for name in sorted(files)]
+
+
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors; a damaged one names the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist (its folder's weights are incomplete)")
+    try:
+        return load_file(file)
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e})") from e
+
+
+def _load_bin(file: Path) -> dict[str, Tensor]:
+    """pytorch_model.bin of plain tensors; any other pickle is refused, not unpickled."""
+    import pickle
+
+    try:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message would advise an unsafe load
+        raise ValueError(
+            f"{file} is a pickle of more than plain tensors, and pickles can run code: only "
+            f"safetensors files (and a pytorch_model.bin of plain tensors) are read; "
+            f"{SAFETENSORS_HINT}"
+        ) from e
+    except Exception as e:  # truncated, random bytes
+        raise ValueError(
+            f"{file} is not a readable pytorch_model.bin ({type(e).__name__}); {SAFETENSORS_HINT}"
+        ) from e
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise ValueError(f"{file} does not hold a state dict of tensors; {SAFETENSORS_HINT}")
+    return tensors
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A model folder's config.json, with an error that says what the folder lacks."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{path} has no config.json: a Hugging Face model folder holds config.json and "
+            "model.safetensors (as transformers' save_pretrained writes it)"
+        )
+    hf = read_json(file)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} is not a Hugging Face config (a JSON object)")
+    return hf
+
+
 def load(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, Tensor]]:
     """The checkpoint's config and its weights under our names; by config.json's model_type."""
     path = resolve(name_or_dir)
-    hf = json.loads((path / "config.json").read_text())
+    hf = read_config(path)
     kind = hf.get("model_type", "gpt2")
-    if kind not in ARCHITECTURES:
+    if not isinstance(kind, str) or kind not in ARCHITECTURES:
         raise ValueError(
             f"{path} holds a {kind!r} model; loadable model_types: {sorted(ARCHITECTURES)}"
         )
+    try:
+        config = _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
+    except KeyError as e:
+        raise ValueError(f"{path / 'config.json'} lacks {e} (needed for a {kind} model)") from e
     tensors = read_tensors(path)
     if kind == "gpt2":
-        return _gpt2_config(hf), _gpt2_from_hf(tensors, path)
-    config = _llama_config(hf)
+        return config, _gpt2_from_hf(tensors, path)
     return config, _llama_from_hf(tensors, config, path)
 
 

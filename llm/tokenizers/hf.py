@@ -6,7 +6,6 @@ special tokens, behind the same Tokenizer interface as the others.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import tokenizers
 
+from llm.io import read_json
 from llm.tokenizers.base import EOT, Tokenizer, short_hash
 
 # End-of-text names to fall back on when tokenizer_config.json names no eos_token.
@@ -48,17 +48,27 @@ class HFTokenizer(Tokenizer):
         folder = file.parent
         settings: dict[str, Any] = {}
         if (folder / "tokenizer_config.json").is_file():
-            settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            settings = read_json(folder / "tokenizer_config.json")
+            if not isinstance(settings, dict):
+                raise ValueError(f"{folder / 'tokenizer_config.json'} is not a JSON object")
         template = settings.get("chat_template")
         if (folder / "chat_template.jinja").is_file():  # where transformers 5 writes it
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        self._load(
-            file.read_text(encoding="utf-8"), _token_text(settings.get("eos_token")), template
-        )
+        text = file.read_text(encoding="utf-8")
+        self._load(text, _token_text(settings.get("eos_token")), template, source=str(file))
 
-    def _load(self, tokenizer_json: str, eos_token: str | None, chat_template: Any) -> None:
+    def _load(
+        self,
+        tokenizer_json: str,
+        eos_token: str | None,
+        chat_template: Any,
+        source: str = "the checkpoint's tokenizer_json",
+    ) -> None:
         self.tokenizer_json = tokenizer_json
-        self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the library's own errors name no file
+            raise ValueError(f"{source} is not a tokenizer that `tokenizers` reads ({e})") from e
         added = self._tok.get_added_tokens_decoder()
         self._specials = {t.content: i for i, t in sorted(added.items()) if t.special}
         self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from llm.tokenizers.base import Tokenizer
@@ -28,6 +27,7 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a tokenizer saved with ``Tokenizer.save``."""
-    with open(path, encoding="utf-8") as f:
-        return tokenizer_from_dict(json.load(f))
+    """Load a tokenizer saved with ``Tokenizer.save`` (a file that is not JSON is named)."""
+    from llm.io import read_json
+
+    return tokenizer_from_dict(read_json(path))
