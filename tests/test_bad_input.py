@@ -242,3 +242,55 @@ def test_a_template_the_vocabulary_cannot_write_is_named(
     args = [*_finetune(tmp_path, "instruct", path), f"init={init}"]
     err = _fails(llm_main, capsys, "finetune", *args)
     assert "cannot encode the Alpaca prompt template of task=instruct" in err and "['#']" in err
+
+
+# -- settings refused before any data is read -----------------------------------------------
+
+
+def _verb_args(verb: str, tmp_path: Path) -> list[str]:
+    """A command line of `verb` that would run, on a small corpus in tmp_path."""
+    corpus = write_corpus(tmp_path)
+    if verb == "finetune":
+        return _finetune(tmp_path, "text", corpus)
+    if verb == "prepare":
+        return ["data=text_files", "tokenizer=char", f"data.path={corpus}",
+                f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
+    return [*tiny_overrides(tmp_path, corpus), *FAST]
+
+
+EMPTY_PATH = "is empty: set it to a file, folder or glob, e.g. data.path=data/my_corpus.txt"
+VAL_INTERVAL = (
+    ": must be an integer >= 1 (training batches between validations) or a number in (0, 1] "
+    "(a fraction of an epoch), e.g. trainer.val_check_interval=250"
+)
+
+
+@pytest.mark.parametrize(
+    ("verb", "overrides", "named"),
+    [
+        ("train", ["data.path="], f"data.path='' {EMPTY_PATH}"),
+        ("finetune", ["data.path=' '"], f"data.path=' ' {EMPTY_PATH}"),
+        ("prepare", ["data.path="], f"data.path='' {EMPTY_PATH}"),
+        ("train", ["trainer.val_check_interval=0"], f"trainer.val_check_interval=0{VAL_INTERVAL}"),
+        ("finetune", ["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5: must"),
+        ("finetune", ["lora=default", "lora.alpha=nan"],
+         "lora.alpha=nan: must be a finite number > 0.0, e.g. lora.alpha=16"),
+        ("finetune", ["lora=default", "lora.r=0"],
+         "lora.r=0: must be an integer >= 1, e.g. lora.r=8"),
+        ("finetune", ["lora=default", "lora.dropout=1"],
+         "lora.dropout=1: must be a finite number >= 0.0 and < 1.0"),
+    ],
+)  # fmt: skip
+def test_settings_refused_before_any_data_is_read(
+    verb: str,
+    overrides: list[str],
+    named: str,
+    tmp_path: Path,
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """An empty data.path is the working folder (every .txt/.md under it was read); an interval
+    of 0 divided by zero in Lightning; a NaN LoRA alpha was blamed on the learning rate."""
+    err = _fails(llm_main, capsys, verb, *_verb_args(verb, tmp_path), *overrides)
+    assert named in err.splitlines()[0]
+    assert not (tmp_path / "data" / "cache").exists()  # refused before any tokenizing

@@ -44,8 +44,16 @@ def validate(cfg: DictConfig) -> None:
             "hub name such as init=gpt2"
         )
     check_run(cfg)
+    lora_settings(cfg)  # lora.* named now, not as a NaN loss after the weights are loaded
     if "path" in cfg.data.keys():  # noqa: SIM118 - `in cfg.data` is False for a `???`
         _ = cfg.data.path  # a `???` left unset raises here, naming data.path, before any load
+
+
+def lora_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``lora`` group as checked plain settings (None: full finetuning)."""
+    from llm.finetuning.lora import lora_config
+
+    return lora_config(OmegaConf.to_container(cfg.lora) if cfg.get("lora") else None)
 
 
 def _tokenizer(cfg: DictConfig, init: Any) -> Any:
@@ -77,12 +85,11 @@ def build(cfg: DictConfig, init: Any, tokenizer: Any) -> tuple[Any, Any]:
     import hydra
 
     from llm.finetuning.init import load_base_weights
-    from llm.finetuning.lora import lora_config
     from llm.training.module import GPTLitModule
 
     task = cfg.task.name
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    lora = lora_config(OmegaConf.to_container(cfg.lora) if cfg.get("lora") else None)
+    lora = lora_settings(cfg)
     data = cfg.data.copy()
     with open_dict(data):
         data.block_size = int(init.model["block_size"])

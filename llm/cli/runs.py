@@ -38,8 +38,25 @@ def check_run(cfg: DictConfig) -> None:
 
     checks.integer("trainer.max_steps", cfg.trainer.get("max_steps"), minimum=1, example=2000)
     checks.integer("seed", cfg.get("seed"), example=1337)
+    check_val_interval(cfg.trainer.get("val_check_interval"))
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
+    checks.data_path(cfg.get("data"))
     check_multirun_strategy(cfg)
+
+
+def check_val_interval(value: Any) -> None:
+    """Lightning reads an int as batches and a float as a fraction of an epoch; 0 divides by
+    zero deep inside its loop, a float above 1 is refused there with no key named."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    if isinstance(value, float) and 0.0 < value <= 1.0:
+        return
+    shown = repr(value) if isinstance(value, str) else value
+    raise checks.SettingError(
+        f"trainer.val_check_interval={shown}: must be an integer >= 1 (training batches between "
+        "validations) or a number in (0, 1] (a fraction of an epoch), e.g. "
+        "trainer.val_check_interval=250"
+    )
 
 
 def instantiate_all(cfg: DictConfig | None) -> list[Any]:
