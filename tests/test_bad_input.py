@@ -294,3 +294,61 @@ def test_settings_refused_before_any_data_is_read(
     err = _fails(llm_main, capsys, verb, *_verb_args(verb, tmp_path), *overrides)
     assert named in err.splitlines()[0]
     assert not (tmp_path / "data" / "cache").exists()  # refused before any tokenizing
+
+
+# -- classify -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "row"),
+    [
+        ("text,label\nwin cash,spam\nsee you,\nhi,ham\n", "sms.csv:3"),
+    ],
+)
+def test_an_empty_label_is_named_by_file_and_row(
+    content: str, row: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """Not a third class named ''."""
+    path = tmp_path / "sms.csv"
+    path.write_text(content, encoding="utf-8")
+    err = _fails(llm_main, capsys, "finetune", *_finetune(tmp_path, "classify", path))
+    assert err.splitlines()[0] == (
+        f"Error: {tmp_path / row}: the label (column 'label') is empty; give that row its "
+        "label, or delete the row"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "where"),
+    [
+        (["text_file=-"], "", "text_file=- (standard input)"),
+        (["text_file=-"], " \n\t\n", "text_file=- (standard input)"),
+        (["text_file=FILE"], None, "text_file=FILE"),
+        (["text= "], None, "text="),
+    ],
+)
+def test_classify_refuses_an_empty_text(
+    args: list[str],
+    stdin: str | None,
+    where: str,
+    classifier_ckpt: Path,
+    tmp_path: Path,
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Empty input printed a label and a probability (`ham 0.5678`)."""
+    import io
+    import sys
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    args = [a.replace("FILE", str(empty)) for a in args]
+    err = _fails(llm_main, capsys, "classify", f"ckpt_path={classifier_ckpt}", *args)
+    assert err.splitlines()[0] == (
+        f"Error: {where.replace('FILE', str(empty))} is empty (or only whitespace): there is no "
+        "text to classify; give one, e.g. 'text=Claim your free prize now!' or "
+        "text_file=message.txt"
+    )

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from llm.finetuning.records import (
+    SOURCE,
     encode_field,
     examples_loader,
     read_records,
@@ -115,6 +116,12 @@ class ClassificationDataModule(L.LightningDataModule):
             path,
             " ; set data.text_column= / data.label_column= to the right names",
         )
+        for row in rows:  # an empty cell would become a class of its own, named ''
+            if not str(row[self.label_column]).strip():
+                raise ValueError(
+                    f"{row.get(SOURCE, path)}: the label (column {self.label_column!r}) is "
+                    "empty; give that row its label, or delete the row"
+                )
         return rows
 
     def prepare_data(self) -> None:
