@@ -352,3 +352,31 @@ def test_classify_refuses_an_empty_text(
         "text to classify; give one, e.g. 'text=Claim your free prize now!' or "
         "text_file=message.txt"
     )
+
+
+# -- verbs whose tokenizer is the checkpoint's ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("verb", "override"),
+    [
+        ("evaluate", "tokenizer=gpt2"),
+        ("generate", "tokenizer=gpt2"),
+        ("chat", "tokenizer=gpt2"),
+        ("classify", "tokenizer=gpt2"),
+        ("generate", "+tokenizer=gpt2"),
+        ("evaluate", "tokenizer.name=x"),
+    ],
+)
+def test_a_tokenizer_override_says_the_checkpoint_brings_its_own(
+    verb: str, override: str, classifier_ckpt: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """Not Hydra's "use +tokenizer=gpt2" (which would add a group nothing reads)."""
+    text = ["text=hi"] if verb == "classify" else []
+    err = _fails(llm_main, capsys, verb, f"ckpt_path={classifier_ckpt}", *text, override)
+    key = override.lstrip("+").split("=")[0]
+    source = "ckpt_path=, or the init= folder" if verb == "evaluate" else "ckpt_path="
+    assert err.splitlines()[0] == (
+        f"Error: llm {verb} has no {key} setting: the tokenizer comes from the checkpoint "
+        f"({source}), so text is read the way the model was trained; drop {override}"
+    )

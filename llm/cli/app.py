@@ -64,6 +64,8 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callabl
                 sys.argv = list(_argv)
             quiet_other_ranks()
             try:
+                if config_name in OWN_TOKENIZER and "tokenizer" in cfg:  # +tokenizer=gpt2
+                    raise ValueError(no_tokenizer_key(config_name, _tokenizer_override()))
                 return task(cfg)
             except Exception as e:
                 log_failure(e)
@@ -77,6 +79,15 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callabl
         return hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(run)
 
     return decorate
+
+
+def _tokenizer_override() -> str:
+    """The tokenizer override on this command line, as typed (``+tokenizer=gpt2``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    typed = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return next((str(o) for o in typed if str(o).lstrip("+~").startswith("tokenizer")),
+                "tokenizer=...")  # fmt: skip
 
 
 def run_verb(main: Callable[[], Any], args: Sequence[str], free_text: Sequence[str] = ()) -> Any:
@@ -169,11 +180,14 @@ def debug() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
 
 
-def report_error(error: BaseException) -> str:
+def report_error(error: BaseException, verb: str | None = None) -> str:
     """A failed command as a few lines: what went wrong and where, no traceback."""
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
+    own_tokenizer = checkpoint_tokenizer(error, verb)
+    if own_tokenizer:
+        return f"Error: {own_tokenizer}\nSet HYDRA_FULL_ERROR=1 for the traceback."
     if isinstance(error, InstantiationException) and isinstance(error.__cause__, ValueError):
         error = error.__cause__  # our own check, raised while Hydra built the object
     missing = error
@@ -189,6 +203,35 @@ def report_error(error: BaseException) -> str:
         )
     # our messages say what to do; the exception they were raised from is in the traceback
     return f"Error: {describe_error(error)}\nSet HYDRA_FULL_ERROR=1 for the traceback."
+
+
+# Verbs that read text with the checkpoint's own tokenizer: they have no tokenizer key, and
+# Hydra's advice for one (`+tokenizer=...`) would add a group nothing reads.
+OWN_TOKENIZER = ("evaluate", "generate", "chat", "classify")
+
+
+def checkpoint_tokenizer(error: BaseException, verb: str | None) -> str | None:
+    """Hydra's "Could not override 'tokenizer...'" for such a verb, said in its terms (None for
+    any other error)."""
+    from hydra.errors import ConfigCompositionException
+
+    if verb not in OWN_TOKENIZER or not isinstance(error, ConfigCompositionException):
+        return None
+    refused = re.match(r"Could not override '(tokenizer(?:\.[^']*)?)'", str(error))
+    if refused is None:
+        return None
+    typed = re.search(r"use \+(\S+)", str(error))
+    return no_tokenizer_key(verb, typed.group(1) if typed else refused.group(1) + "=...")
+
+
+def no_tokenizer_key(verb: str, override: str) -> str:
+    """Why ``override`` (``tokenizer=gpt2``) has no place on ``llm <verb>``'s command line."""
+    key = override.lstrip("+").split("=", 1)[0]
+    source = "ckpt_path=, or the init= folder" if verb == "evaluate" else "ckpt_path="
+    return (
+        f"llm {verb} has no {key} setting: the tokenizer comes from the checkpoint ({source}), "
+        f"so text is read the way the model was trained; drop {override}"
+    )
 
 
 def describe_error(error: BaseException) -> str:
