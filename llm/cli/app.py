@@ -255,24 +255,40 @@ def hydra_quote(text: str) -> str:
 
 
 # Keys that hold a path: run folders are named after their overrides (`..._seed=3`), and a
-# bare `=` in a value is a Hydra grammar error, so such values are quoted too.
+# bare `=` in a value is a Hydra grammar error, as are letters beyond ASCII, so such values are
+# quoted too.
 _PATH_KEY = re.compile(r"(^|\.)(\w*path|\w*dir|init|out|\w*_file)$")
 
 
 def quote_free_text(arg: str, keys: Sequence[str]) -> str:
     """``prompt=Hello, world!`` -> ``prompt="Hello, world!"`` for the verb's free-text keys, and
-    ``ckpt_path=runs/x_seed=3/last.ckpt`` quoted likewise for any path key.
+    ``ckpt_path=runs/x_seed=3/last.ckpt`` quoted likewise for any path key that Hydra would
+    not read back as typed.
 
     A value the user quoted for Hydra already (``prompt='"a, b"'``) is left as it is, as is a
-    path without ``=`` (so ``-m init=a.ckpt,b.ckpt`` still sweeps).
+    path Hydra reads as something else on purpose (``-m init=a.ckpt,b.ckpt`` still sweeps,
+    ``ckpt_path=null`` is still null).
     """
     key, sep, value = arg.partition("=")
     bare = key.lstrip("+~")
     if not sep or (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
         return arg
-    if bare in keys or (_PATH_KEY.search(bare) and "=" in value and "(" not in value):
+    if bare in keys or (_PATH_KEY.search(bare) and _misread(value)):
         return f"{key}={hydra_quote(value)}"
     return arg
+
+
+def _misread(value: str) -> bool:
+    """Whether Hydra's grammar refuses ``key=value`` or reads it as another string (a space
+    stripped): a value it reads as a sweep, a number or null was meant as one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_override(f"key={value}").value()
+    except HydraException:
+        return True
+    return isinstance(parsed, str) and parsed != value
 
 
 def read_free_text(cfg: DictConfig, key: str) -> str:

@@ -206,12 +206,14 @@ def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None 
     lines += extra or []
     best_path, last_path = checkpoint_paths(trainer)
     lines += [f"Best checkpoint: {best_path}", f"Last checkpoint: {last_path}", "Next:"]
-    lines.append(f"  tensorboard --logdir {run_dir}")
+    # quoted for the shell; the llm command quotes a path for Hydra itself (quote_free_text)
+    lines.append(f"  tensorboard --logdir {shlex.quote(str(run_dir))}")
+    ckpt = shlex.quote(f"ckpt_path={last_path}")
     if last_path and module.kind == "classifier":
-        lines.append(f"  llm classify ckpt_path={last_path} 'text=...'")
+        lines.append(f"  llm classify {ckpt} 'text=...'")
     elif last_path:
-        lines.append(f"  llm generate ckpt_path={last_path}")
-        lines.append(f"  llm evaluate ckpt_path={last_path}")
+        lines.append(f"  llm generate {ckpt}")
+        lines.append(f"  llm evaluate {ckpt}")
     return "\n".join(lines)
 
 
