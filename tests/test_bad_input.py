@@ -380,3 +380,55 @@ def test_a_tokenizer_override_says_the_checkpoint_brings_its_own(
         f"Error: llm {verb} has no {key} setting: the tokenizer comes from the checkpoint "
         f"({source}), so text is read the way the model was trained; drop {override}"
     )
+
+
+# -- one run per run folder ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", ["train", "finetune"])
+def test_a_run_folder_another_process_uses_is_refused(
+    verb: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """Two runs with one hydra.run.dir mixed their checkpoints and logs: the lock is held here
+    as another `llm train` would hold it, so the refusal is certain (no race, no sleep)."""
+    from filelock import FileLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with FileLock(run / "run.lock"):
+        err = _fails(llm_main, capsys, verb, *_verb_args(verb, tmp_path), f"hydra.run.dir={run}")
+    assert err.splitlines()[0] == (
+        f"Error: another process is using the run folder {run} (it holds {run / 'run.lock'}); "
+        "two runs in one folder would mix their checkpoints and logs. Wait for it to end, or run "
+        "elsewhere: without hydra.run.dir= each run gets a new dated folder, or set "
+        "hydra.run.dir=<another folder>"
+    )
+    assert not (run / "checkpoints").exists() and not (tmp_path / "data" / "cache").exists()
+    logs = "".join(p.read_text() for p in run.glob("*.log"))
+    assert "Traceback" not in logs  # nothing of this refusal in the other run's log
+
+
+def test_only_the_launching_process_locks_and_the_lock_ends_with_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's ddp re-runs the command per rank (LOCAL_RANK set): those share the folder
+    their launcher holds. A run that ended leaves the folder free (a resume takes it again)."""
+    from filelock import FileLock, Timeout
+    from omegaconf import OmegaConf
+
+    from llm.cli.runs import _RANK_VARIABLES, RunFolderBusy, run_folder_lock
+
+    for name in _RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = OmegaConf.create({"output_dir": str(tmp_path / "run")})
+    with run_folder_lock(cfg):
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with run_folder_lock(cfg):  # rank 1 of the same run
+            pass
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with pytest.raises(RunFolderBusy), run_folder_lock(cfg):
+            pass
+        with pytest.raises(Timeout):
+            FileLock(tmp_path / "run" / "run.lock").acquire(timeout=0)
+    with run_folder_lock(cfg):  # the first run ended: free again
+        pass

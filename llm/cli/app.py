@@ -68,7 +68,8 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callabl
                     raise ValueError(no_tokenizer_key(config_name, _tokenizer_override()))
                 return task(cfg)
             except Exception as e:
-                log_failure(e)
+                if getattr(e, "log_in_run_folder", True):  # not into another run's log
+                    log_failure(e)
                 if is_multirun():  # the sweeper records the failed job and decides what next
                     raise
                 _failure = e

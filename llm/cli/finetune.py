@@ -23,6 +23,7 @@ from llm.cli.runs import (
     end_metrics,
     hparams,
     log_hparams,
+    run_folder_lock,
     sample_settings,
     shutdown_of,
     summary,
@@ -224,7 +225,8 @@ def outcome_lines(result: dict[str, Any]) -> list[str]:
 @hydra_app("finetune")
 def main(cfg: DictConfig) -> float:
     """The Hydra app; the return value is what ``-m`` sweepers optimise (NaN: no val loss)."""
-    result = finetune(cfg)
+    with run_folder_lock(cfg):
+        result = finetune(cfg)
     if result["shutdown"] is not None:
         raise result["shutdown"]
     return result["best_val_loss"]

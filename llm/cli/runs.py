@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -57,6 +61,56 @@ def check_val_interval(value: Any) -> None:
         "validations) or a number in (0, 1] (a fraction of an epoch), e.g. "
         "trainer.val_check_interval=250"
     )
+
+
+# Set to a rank's number in every process but the one the user started: Lightning's ddp
+# re-runs the command per local rank (LOCAL_RANK); torchrun, SLURM and other launchers.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID",
+                   "JSM_NAMESPACE_RANK")  # fmt: skip
+LOCK_NAME = "run.lock"
+
+
+def is_launching_process() -> bool:
+    """Whether this is global rank 0 before any Trainer exists (its rank variables, if any, 0)."""
+    return all(os.environ.get(name, "0") == "0" for name in _RANK_VARIABLES)
+
+
+@contextmanager
+def run_folder_lock(cfg: DictConfig) -> Iterator[None]:
+    """Hold ``<output_dir>/run.lock`` while the run lasts, so a second run in the same folder is
+    refused before it writes a checkpoint or a line of its log among this one's.
+
+    Only the launching process locks (the ranks it starts share its folder). The lock is the
+    operating system's (flock): it ends with the process, so a killed run leaves no stale lock and
+    a resume in the same folder (``hydra.run.dir=<run>``) takes it again.
+    """
+    if not is_launching_process():
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    folder = Path(str(cfg.output_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderBusy(
+            f"another process is using the run folder {folder} (it holds {folder / LOCK_NAME}); "
+            "two runs in one folder would mix their checkpoints and logs. Wait for it to end, or "
+            "run elsewhere: without hydra.run.dir= each run gets a new dated folder, or set "
+            "hydra.run.dir=<another folder>"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class RunFolderBusy(RuntimeError):
+    """The run folder is locked by another run (whose log file this one's failure stays out of)."""
+
+    log_in_run_folder = False
 
 
 def instantiate_all(cfg: DictConfig | None) -> list[Any]:

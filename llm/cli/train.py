@@ -21,6 +21,7 @@ from llm.cli.runs import (
     end_metrics,
     hparams,
     log_hparams,
+    run_folder_lock,
     sample_settings,
     shutdown_of,
     summary,
@@ -108,7 +109,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra_app("train")
 def main(cfg: DictConfig) -> float:
     """The Hydra app; the return value is what ``-m`` sweepers optimise (NaN: no val loss)."""
-    result = train(cfg)
+    with run_folder_lock(cfg):
+        result = train(cfg)
     if result["shutdown"] is not None:
         raise result["shutdown"]
     return result["best_val_loss"]
