@@ -296,6 +296,52 @@ def test_settings_refused_before_any_data_is_read(
     assert not (tmp_path / "data" / "cache").exists()  # refused before any tokenizing
 
 
+# -- memory: refused with the figures before allocating ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "advice"),
+    [
+        ("data.batch_size=100000000", "lower data.batch_size (or model.block_size"),
+        ("model.n_embd=1000000", "lower model.n_embd or model.n_layer"),
+    ],
+)
+def test_a_run_that_cannot_fit_in_memory_is_refused(
+    override: str, advice: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    err = _fails(llm_main, capsys, "train", *_verb_args("train", tmp_path), override)
+    first = err.splitlines()[0]
+    assert first.startswith("Error: this run needs at least ") and " GiB of memory (" in first
+    assert "but the CPU has " in first and " GiB available: " in first and advice in first
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "llama", "vocab_size": 320, "max_position_embeddings": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 10**6,
+         "intermediate_size": 64, "tie_word_embeddings": True},
+        {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_layer": 2,
+         "n_head": 2, "n_embd": 10**6},
+    ],
+)  # fmt: skip
+def test_a_hugging_face_config_too_large_for_memory_is_refused(
+    config: dict[str, Any], tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """A config.json that says hidden_size 10**6: named before its weights are read."""
+    folder = tmp_path / "crafted"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    named = f"Error: the model of {folder / 'config.json'} needs at least "
+    corpus = write_corpus(tmp_path)
+    err = _fails(llm_main, capsys, "finetune", *_finetune(tmp_path, "text", corpus),
+                 f"init={folder}")  # fmt: skip
+    assert err.startswith(named) and f"check the sizes in {folder / 'config.json'}" in err
+    err = _fails(llm_main, capsys, "evaluate", f"init={folder}", "data=text_files",
+                 f"data.path={corpus}")  # fmt: skip
+    assert err.startswith(named)
+
+
 # -- classify -----------------------------------------------------------------------------
 
 

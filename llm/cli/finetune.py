@@ -18,6 +18,7 @@ from llm.cli.runs import (
     announce,
     best_val_loss,
     build_trainer,
+    check_memory,
     check_run,
     checkpoint_paths,
     end_metrics,
@@ -32,6 +33,12 @@ from llm.cli.sweep import end_sweep_job, sweep_pruning
 
 TASKS = ("text", "classify", "instruct")
 log = logging.getLogger("llm")
+# what to lower when the model and a batch cannot fit: the weights' keys, the batch's
+ADVICE = (
+    "finetune a smaller init= model (lora=default keeps no gradients or optimizer state for "
+    "the frozen weights)",
+    "lower data.batch_size (or block_size=, data.max_length: the tokens in each sequence)",
+)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -96,6 +103,7 @@ def build(cfg: DictConfig, init: Any, tokenizer: Any) -> tuple[Any, Any]:
         data.block_size = int(init.model["block_size"])
     dm = hydra.utils.instantiate(data, tokenizer=tokenizer)
     dm.prepare_data()
+    check_memory(cfg, init.model, dm, ADVICE, *_memory_shape(cfg, init.model, lora, dm))
     common = {
         "model": init.model,
         "tokenizer": dm.tokenizer.to_dict(),
@@ -121,6 +129,17 @@ def build(cfg: DictConfig, init: Any, tokenizer: Any) -> tuple[Any, Any]:
         )
     load_base_weights(module.model, init.state_dict)
     return module, dm
+
+
+def _memory_shape(
+    cfg: DictConfig, model: dict[str, Any], lora: dict[str, Any] | None, dm: Any
+) -> tuple[float, int | None]:
+    """(share of the weights that train, logits' width) for the memory check: LoRA's adapters
+    are small; a classifier's logits are one per label."""
+    layers = cfg.task.get("trainable_layers")
+    share = 0.0 if lora else 1.0 if layers is None else int(layers) / int(model["n_layer"])
+    labels = getattr(dm, "labels", None) if cfg.task.name == "classify" else None
+    return share, len(labels) if labels else None
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llm import checks
-from llm.cli.sweep import check_multirun_strategy
+from llm.cli.sweep import check_multirun_strategy, strategy_name
 
 log = logging.getLogger("llm")
 # config keys that are Hydra's, paths or plumbing (they change no result): never hyperparameters
@@ -111,6 +111,73 @@ class RunFolderBusy(RuntimeError):
     """The run folder is locked by another run (whose log file this one's failure stays out of)."""
 
     log_in_run_folder = False
+
+
+def check_memory(
+    cfg: DictConfig,
+    model: dict[str, Any],
+    dm: Any,
+    advice: tuple[str, str],
+    trainable: float = 1.0,
+    outputs: int | None = None,
+) -> None:
+    """Refuse, before the model is built, a run whose weights and one batch clearly exceed the
+    training device's free memory (:mod:`llm.memory`); ``advice``: what to lower where the
+    weights, resp. the batch, are most of it."""
+    from llm import memory
+    from llm.model import GPTConfig
+
+    device = training_device(cfg.trainer)
+    if device is None or not is_launching_process():  # the ranks it starts need not ask again
+        return
+    config = GPTConfig(**model)
+    tokens = getattr(dm, "max_length", None) or getattr(dm, "block_size", None)
+    need = memory.estimate(
+        config,
+        checks.integer("data.batch_size", cfg.data.get("batch_size"), minimum=1),  # type: ignore[arg-type]
+        int(tokens or config.block_size),
+        trainable=trainable,
+        optimizer=str(cfg.optim.get("name", "adamw")),
+        precision=cfg.trainer.get("precision", "32-true"),
+        outputs=outputs,
+        shards=_shards(cfg.trainer),
+    )
+    memory.check_fits(need, device, *advice)
+    if device != "cpu":  # the weights are built on the CPU first
+        weights = memory.Estimate(need.params, need.params * 4)
+        memory.check_fits(weights, "cpu", *advice, what="building the model")
+
+
+def training_device(trainer_cfg: DictConfig) -> str | None:
+    """Where ``trainer.accelerator`` trains: ``cpu`` (Apple's MPS: the same unified memory),
+    ``cuda:N``, or None where free memory is not told (or asking would initialise CUDA before
+    a fork-based strategy forks)."""
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator") or "auto").lower()
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        if any(k in strategy_name(trainer_cfg) for k in ("fork", "notebook")):
+            return None
+        devices = trainer_cfg.get("devices")
+        first = devices[0] if OmegaConf.is_list(devices) and len(devices) else 0
+        return f"cuda:{int(first)}"
+    return "cpu" if accelerator in ("cpu", "mps", "auto") else None
+
+
+def _shards(trainer_cfg: DictConfig) -> int:
+    """Devices the weights are split over: all of them under FSDP or DeepSpeed, else 1."""
+    if not any(k in strategy_name(trainer_cfg) for k in ("fsdp", "deepspeed")):
+        return 1
+    import torch
+
+    devices = trainer_cfg.get("devices")
+    if OmegaConf.is_list(devices):
+        count = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        count = devices
+    else:  # -1 or auto: every visible GPU
+        count = torch.cuda.device_count()
+    return max(count, 1) * max(int(trainer_cfg.get("num_nodes") or 1), 1)
 
 
 def instantiate_all(cfg: DictConfig | None) -> list[Any]:

@@ -16,6 +16,7 @@ from llm.cli.runs import (
     announce,
     best_val_loss,
     build_trainer,
+    check_memory,
     check_run,
     checkpoint_paths,
     end_metrics,
@@ -29,6 +30,11 @@ from llm.cli.runs import (
 from llm.cli.sweep import end_sweep_job, sweep_pruning
 
 log = logging.getLogger("llm")
+# what to lower when the model and a batch cannot fit: the weights' keys, the batch's
+ADVICE = (
+    "lower model.n_embd or model.n_layer",
+    "lower data.batch_size (or model.block_size, the tokens in each sequence)",
+)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -63,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare_data()
 
     model = hydra.utils.instantiate(cfg.model, vocab_size=int(dm.vocab_size)).to_dict()
+    check_memory(cfg, model, dm, ADVICE)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     module = GPTLitModule(
         model=model,
