@@ -24,6 +24,11 @@ from llm.tokenizers import Tokenizer
 log = logging.getLogger(__name__)
 
 
+class TurnRefused(ValueError):
+    """A user turn the tokenizer cannot encode (a character a char vocabulary lacks): the
+    conversation is left as it was, so the session can go on."""
+
+
 class ChatSession:
     """The conversation so far (messages, their token ids, the KV cache over them) and the
     sampling settings; :meth:`send` streams a reply.
@@ -135,11 +140,17 @@ class ChatSession:
         except Exception:
             self.messages.pop()  # the conversation stays as it was
             raise
-        if self.text is not None and full.startswith(self.text):
-            new = self.tokenizer.encode(full[len(self.text) :])
-            self.ids += new
-        else:  # the template rewrote earlier turns (or the text is unknown): start again
-            self.ids = self.tokenizer.encode(full)
+        # only the new text, unless the template rewrote earlier turns (or the text is unknown)
+        extends = self.text is not None and full.startswith(self.text)
+        try:
+            ids = self.tokenizer.encode(full[len(self.text or "") :] if extends else full)
+        except ValueError as e:
+            self.messages.pop()
+            raise TurnRefused(f"the tokenizer cannot read this line: {e}") from e
+        if extends:
+            self.ids += ids
+        else:
+            self.ids = ids
             self.cache.reset()
         self.text = full
         dropped = 0

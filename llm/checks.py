@@ -80,6 +80,22 @@ def flag(key: str, value: Any) -> bool:
     return value
 
 
+def path(key: str, value: Any, example: str) -> Any:
+    """``value``, refused when it is an empty string: ``Path('')`` is the working folder, which a
+    corpus would read as "every text file under here"."""
+    if isinstance(value, str) and not value.strip():
+        raise SettingError(
+            f"{key}={value!r} is empty: set it to a file, folder or glob, e.g. {key}={example}"
+        )
+    return value
+
+
+def data_path(data: Any) -> None:
+    """``data.path`` where the data config has one and it is set (``???`` raises on its own)."""
+    if data is not None and "path" in data.keys():  # noqa: SIM118 - `in` is False for a `???`
+        path("data.path", data.get("path"), example="data/my_corpus.txt")
+
+
 def _message(key: str, value: Any, what: str, example: Any) -> str:
     shown = repr(value) if isinstance(value, str) else value
     hint = f", e.g. {key}={example}" if example is not None else ""

@@ -242,3 +242,239 @@ def test_a_template_the_vocabulary_cannot_write_is_named(
     args = [*_finetune(tmp_path, "instruct", path), f"init={init}"]
     err = _fails(llm_main, capsys, "finetune", *args)
     assert "cannot encode the Alpaca prompt template of task=instruct" in err and "['#']" in err
+
+
+# -- settings refused before any data is read -----------------------------------------------
+
+
+def _verb_args(verb: str, tmp_path: Path) -> list[str]:
+    """A command line of `verb` that would run, on a small corpus in tmp_path."""
+    corpus = write_corpus(tmp_path)
+    if verb == "finetune":
+        return _finetune(tmp_path, "text", corpus)
+    if verb == "prepare":
+        return ["data=text_files", "tokenizer=char", f"data.path={corpus}",
+                f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
+    return [*tiny_overrides(tmp_path, corpus), *FAST]
+
+
+EMPTY_PATH = "is empty: set it to a file, folder or glob, e.g. data.path=data/my_corpus.txt"
+VAL_INTERVAL = (
+    ": must be an integer >= 1 (training batches between validations) or a number in (0, 1] "
+    "(a fraction of an epoch), e.g. trainer.val_check_interval=250"
+)
+
+
+@pytest.mark.parametrize(
+    ("verb", "overrides", "named"),
+    [
+        ("train", ["data.path="], f"data.path='' {EMPTY_PATH}"),
+        ("finetune", ["data.path=' '"], f"data.path=' ' {EMPTY_PATH}"),
+        ("prepare", ["data.path="], f"data.path='' {EMPTY_PATH}"),
+        ("train", ["trainer.val_check_interval=0"], f"trainer.val_check_interval=0{VAL_INTERVAL}"),
+        ("finetune", ["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5: must"),
+        ("finetune", ["lora=default", "lora.alpha=nan"],
+         "lora.alpha=nan: must be a finite number > 0.0, e.g. lora.alpha=16"),
+        ("finetune", ["lora=default", "lora.r=0"],
+         "lora.r=0: must be an integer >= 1, e.g. lora.r=8"),
+        ("finetune", ["lora=default", "lora.dropout=1"],
+         "lora.dropout=1: must be a finite number >= 0.0 and < 1.0"),
+    ],
+)  # fmt: skip
+def test_settings_refused_before_any_data_is_read(
+    verb: str,
+    overrides: list[str],
+    named: str,
+    tmp_path: Path,
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """An empty data.path is the working folder (every .txt/.md under it was read); an interval
+    of 0 divided by zero in Lightning; a NaN LoRA alpha was blamed on the learning rate."""
+    err = _fails(llm_main, capsys, verb, *_verb_args(verb, tmp_path), *overrides)
+    assert named in err.splitlines()[0]
+    assert not (tmp_path / "data" / "cache").exists()  # refused before any tokenizing
+
+
+# -- memory: refused with the figures before allocating ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "advice"),
+    [
+        ("data.batch_size=100000000", "lower data.batch_size (or model.block_size"),
+        ("model.n_embd=1000000", "lower model.n_embd or model.n_layer"),
+    ],
+)
+def test_a_run_that_cannot_fit_in_memory_is_refused(
+    override: str, advice: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    err = _fails(llm_main, capsys, "train", *_verb_args("train", tmp_path), override)
+    first = err.splitlines()[0]
+    assert first.startswith("Error: this run needs at least ") and " GiB of memory (" in first
+    assert "but the CPU has " in first and " GiB available: " in first and advice in first
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "llama", "vocab_size": 320, "max_position_embeddings": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 10**6,
+         "intermediate_size": 64, "tie_word_embeddings": True},
+        {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_layer": 2,
+         "n_head": 2, "n_embd": 10**6},
+    ],
+)  # fmt: skip
+def test_a_hugging_face_config_too_large_for_memory_is_refused(
+    config: dict[str, Any], tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """A config.json that says hidden_size 10**6: named before its weights are read."""
+    folder = tmp_path / "crafted"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    named = f"Error: the model of {folder / 'config.json'} needs at least "
+    corpus = write_corpus(tmp_path)
+    err = _fails(llm_main, capsys, "finetune", *_finetune(tmp_path, "text", corpus),
+                 f"init={folder}")  # fmt: skip
+    assert err.startswith(named) and f"check the sizes in {folder / 'config.json'}" in err
+    err = _fails(llm_main, capsys, "evaluate", f"init={folder}", "data=text_files",
+                 f"data.path={corpus}")  # fmt: skip
+    assert err.startswith(named)
+
+
+# -- classify -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "row"),
+    [
+        ("text,label\nwin cash,spam\nsee you,\nhi,ham\n", "sms.csv:3"),
+    ],
+)
+def test_an_empty_label_is_named_by_file_and_row(
+    content: str, row: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """Not a third class named ''."""
+    path = tmp_path / "sms.csv"
+    path.write_text(content, encoding="utf-8")
+    err = _fails(llm_main, capsys, "finetune", *_finetune(tmp_path, "classify", path))
+    assert err.splitlines()[0] == (
+        f"Error: {tmp_path / row}: the label (column 'label') is empty; give that row its "
+        "label, or delete the row"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "where"),
+    [
+        (["text_file=-"], "", "text_file=- (standard input)"),
+        (["text_file=-"], " \n\t\n", "text_file=- (standard input)"),
+        (["text_file=FILE"], None, "text_file=FILE"),
+        (["text= "], None, "text="),
+    ],
+)
+def test_classify_refuses_an_empty_text(
+    args: list[str],
+    stdin: str | None,
+    where: str,
+    classifier_ckpt: Path,
+    tmp_path: Path,
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Empty input printed a label and a probability (`ham 0.5678`)."""
+    import io
+    import sys
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    args = [a.replace("FILE", str(empty)) for a in args]
+    err = _fails(llm_main, capsys, "classify", f"ckpt_path={classifier_ckpt}", *args)
+    assert err.splitlines()[0] == (
+        f"Error: {where.replace('FILE', str(empty))} is empty (or only whitespace): there is no "
+        "text to classify; give one, e.g. 'text=Claim your free prize now!' or "
+        "text_file=message.txt"
+    )
+
+
+# -- verbs whose tokenizer is the checkpoint's ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("verb", "override"),
+    [
+        ("evaluate", "tokenizer=gpt2"),
+        ("generate", "tokenizer=gpt2"),
+        ("chat", "tokenizer=gpt2"),
+        ("classify", "tokenizer=gpt2"),
+        ("generate", "+tokenizer=gpt2"),
+        ("evaluate", "tokenizer.name=x"),
+    ],
+)
+def test_a_tokenizer_override_says_the_checkpoint_brings_its_own(
+    verb: str, override: str, classifier_ckpt: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """Not Hydra's "use +tokenizer=gpt2" (which would add a group nothing reads)."""
+    text = ["text=hi"] if verb == "classify" else []
+    err = _fails(llm_main, capsys, verb, f"ckpt_path={classifier_ckpt}", *text, override)
+    key = override.lstrip("+").split("=")[0]
+    source = "ckpt_path=, or the init= folder" if verb == "evaluate" else "ckpt_path="
+    assert err.splitlines()[0] == (
+        f"Error: llm {verb} has no {key} setting: the tokenizer comes from the checkpoint "
+        f"({source}), so text is read the way the model was trained; drop {override}"
+    )
+
+
+# -- one run per run folder ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", ["train", "finetune"])
+def test_a_run_folder_another_process_uses_is_refused(
+    verb: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """Two runs with one hydra.run.dir mixed their checkpoints and logs: the lock is held here
+    as another `llm train` would hold it, so the refusal is certain (no race, no sleep)."""
+    from filelock import FileLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with FileLock(run / "run.lock"):
+        err = _fails(llm_main, capsys, verb, *_verb_args(verb, tmp_path), f"hydra.run.dir={run}")
+    assert err.splitlines()[0] == (
+        f"Error: another process is using the run folder {run} (it holds {run / 'run.lock'}); "
+        "two runs in one folder would mix their checkpoints and logs. Wait for it to end, or run "
+        "elsewhere: without hydra.run.dir= each run gets a new dated folder, or set "
+        "hydra.run.dir=<another folder>"
+    )
+    assert not (run / "checkpoints").exists() and not (tmp_path / "data" / "cache").exists()
+    logs = "".join(p.read_text() for p in run.glob("*.log"))
+    assert "Traceback" not in logs  # nothing of this refusal in the other run's log
+
+
+def test_only_the_launching_process_locks_and_the_lock_ends_with_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's ddp re-runs the command per rank (LOCAL_RANK set): those share the folder
+    their launcher holds. A run that ended leaves the folder free (a resume takes it again)."""
+    from filelock import FileLock, Timeout
+    from omegaconf import OmegaConf
+
+    from llm.cli.runs import _RANK_VARIABLES, RunFolderBusy, run_folder_lock
+
+    for name in _RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = OmegaConf.create({"output_dir": str(tmp_path / "run")})
+    with run_folder_lock(cfg):
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with run_folder_lock(cfg):  # rank 1 of the same run
+            pass
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with pytest.raises(RunFolderBusy), run_folder_lock(cfg):
+            pass
+        with pytest.raises(Timeout):
+            FileLock(tmp_path / "run" / "run.lock").acquire(timeout=0)
+    with run_folder_lock(cfg):  # the first run ended: free again
+        pass

@@ -257,3 +257,58 @@ def test_piped_chat_exits_0(trained: dict[str, Any]) -> None:
                    stdin="Hello\n/quit\n")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() and proc.stdout.endswith("\n")
+
+
+def test_a_byte_that_is_not_utf8_does_not_end_the_session(
+    trained: dict[str, Any],
+    llm_main: Any,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Latin-1 bytes piped in are read as U+FFFD; a char vocabulary without it skips that line
+    with a note (the conversation as it was), and the next line gets its reply."""
+    args = (f"ckpt_path={trained['ckpt']}", "max_new_tokens=6", "template=none")
+    runs = []
+    for raw in (b"caf\xe9 au lait\nHello\n/quit\n", b"Hello\n/quit\n"):
+        stdin = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert llm_main("chat", *args) == 0
+        runs.append(capsys.readouterr())
+    assert runs[0].err.splitlines() == [
+        "[bytes that are not UTF-8 were read as \ufffd]",
+        "[line skipped: the tokenizer cannot read this line: unknown character '\ufffd' at "
+        "position 3: not in the fitted vocabulary (configure unk_token to map unknown characters)]",
+    ]
+    assert runs[0].out == runs[1].out and runs[0].out.strip()  # as if "Hello" came alone
+
+
+def test_a_turn_the_tokenizer_cannot_read_leaves_the_conversation_as_it_was(
+    char_tokenizer: CharTokenizer,
+) -> None:
+    from llm.chat import TurnRefused
+
+    session = ChatSession(_model(char_tokenizer.vocab_size, 64), char_tokenizer,
+                          max_new_tokens=4, seed=0)  # fmt: skip
+    with pytest.raises(TurnRefused, match="unknown character '☺'"):
+        list(session.send("hi ☺"))
+    assert session.messages == [] and session.ids == []
+    assert "".join(session.send("hi")) is not None and len(session.messages) == 2
+
+
+@pytest.mark.slow
+def test_piped_bytes_that_are_not_utf8_keep_the_session_going(trained: dict[str, Any]) -> None:
+    """The real standard input of `llm chat`, fed bytes (not text) through a pipe."""
+    import subprocess
+
+    from helpers import ENV, ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm", "chat", f"ckpt_path={trained['ckpt']}",
+         "max_new_tokens=6", "template=none"],
+        input=b"\xff\xfe bad\nHello\n/quit\n", capture_output=True, cwd=ROOT, env=ENV,
+        timeout=300,
+    )  # fmt: skip
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert "line skipped" in err and "Traceback" not in err and "codec" not in err
+    assert proc.stdout.strip()  # "Hello" got its reply

@@ -115,6 +115,41 @@ def test_quoting_leaves_other_keys_and_quoted_values_alone() -> None:
     assert quote_free_text("optim.lr=interval(a=1)", []) == "optim.lr=interval(a=1)"
 
 
+def test_a_path_beyond_ascii_is_quoted_for_hydra() -> None:
+    """Hydra's grammar refuses `é` in a bare value; a path key's value is quoted for it, but a
+    value Hydra reads as something else on purpose (null, a sweep) is left alone."""
+    from llm.cli.app import quote_free_text
+
+    assert quote_free_text("ckpt_path=/runs/été/last.ckpt", []) == 'ckpt_path="/runs/été/last.ckpt"'
+    assert quote_free_text("ckpt_path=/my runs/last.ckpt", []) == "ckpt_path=/my runs/last.ckpt"
+    assert quote_free_text("ckpt_path=null", []) == "ckpt_path=null"
+    assert quote_free_text("prompt=été", []) == "prompt=été"  # not a path key
+
+
+def test_a_printed_resume_command_pastes_back_through_the_shell_and_hydra() -> None:
+    """A run folder with a space, letters beyond ASCII and `=` (its overrides): the words the
+    shell makes of the hint are what the `llm` command reads as those paths."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from llm.cli.app import quote_free_text
+    from llm.training.shutdown import resume_message
+
+    run = "/tmp/my runs/été_seed=3"
+    ckpt = f"{run}/checkpoints/interrupted.ckpt"
+    hint = resume_message(ckpt, ["model=tiny", f"hydra.run.dir={run}"]).splitlines()[1]
+    words = shlex.split(hint.removeprefix("Resume with: "))
+    assert words[:2] == ["llm", "train"]
+    parser = OverridesParser.create()
+    parsed = [parser.parse_override(quote_free_text(w, [])) for w in words[2:]]
+    assert {o.key_or_group: o.value() for o in parsed} == {
+        "ckpt_path": ckpt,
+        "model": "tiny",
+        "hydra.run.dir": run,
+    }
+
+
 @pytest.mark.slow
 def test_generate_takes_free_text_and_stdin(trained: dict[str, Any]) -> None:
     prompt = 'Hear me, "speak"! ${x} \\'

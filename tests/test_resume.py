@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -252,3 +253,19 @@ def test_signal_saves_checkpoint_and_exits_with_its_status(
     assert "Traceback" not in output
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert 3 <= raw["global_step"] < 100000
+
+
+@pytest.mark.slow
+def test_a_run_folder_is_free_again_to_resume_in_once_its_run_ended(
+    tmp_path: Path, llm_main: Any
+) -> None:
+    """The run.lock a run holds ends with it: `ckpt_path=<run>/checkpoints/last.ckpt
+    hydra.run.dir=<run>` resumes in the same folder."""
+    run = tmp_path / "run"
+    args = [*tiny_overrides(tmp_path, write_corpus(tmp_path)), "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1", "callbacks.sample_text=null",
+            "callbacks.attention=null", "~logger", f"hydra.run.dir={run}"]  # fmt: skip
+    assert llm_main("train", *args, "trainer.max_steps=2") == 0
+    last = run / "checkpoints" / "last.ckpt"
+    assert llm_main("train", *args, "trainer.max_steps=4", f"ckpt_path={last}") == 0
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4

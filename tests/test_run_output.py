@@ -61,6 +61,30 @@ def test_a_run_ends_with_its_summary_and_keeps_a_log(
 
 
 @pytest.mark.slow
+def test_the_next_commands_paste_back_for_a_folder_with_a_space_and_an_accent(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """The summary's `llm generate ckpt_path=...` line, split as a shell splits it, runs."""
+    import shlex
+
+    run = tmp_path / "my runs" / "été"
+    args = [
+        *tiny_overrides(tmp_path, write_corpus(tmp_path)),
+        *("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"),
+        *("~logger", "callbacks.sample_text=null", "callbacks.attention=null"),
+        f"output_dir={run}",
+    ]
+    assert llm_main("train", *args) == 0
+    out = capsys.readouterr().out.splitlines()
+    generate = shlex.split(next(line for line in out if line.startswith("  llm generate ")))
+    assert generate == ["llm", "generate", f"ckpt_path={run}/checkpoints/last.ckpt"]
+    tensorboard = shlex.split(next(line for line in out if "tensorboard --logdir" in line))
+    assert tensorboard == ["tensorboard", "--logdir", str(run)]
+    assert llm_main(generate[1], *generate[2:], "max_new_tokens=4", "prompt=First") == 0
+    assert capsys.readouterr().out.startswith("First")
+
+
+@pytest.mark.slow
 def test_a_failed_run_logs_its_traceback_in_the_run_folder(
     tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
 ) -> None:

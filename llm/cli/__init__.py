@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug():
             raise
-        print(report_error(e), file=sys.stderr)
+        print(report_error(e, name), file=sys.stderr)
         return 1
     finally:
         if sweep.swept is not None:  # a -m sweep ends with its jobs' table, failed ones too

@@ -79,9 +79,12 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callabl
                 sys.argv = list(_argv)
             quiet_other_ranks()
             try:
+                if config_name in OWN_TOKENIZER and "tokenizer" in cfg:  # +tokenizer=gpt2
+                    raise ValueError(no_tokenizer_key(config_name, _tokenizer_override()))
                 return task(cfg)
             except Exception as e:
-                log_failure(e)
+                if getattr(e, "log_in_run_folder", True):  # not into another run's log
+                    log_failure(e)
                 if is_multirun():  # the sweeper records the failed job and decides what next
                     raise
                 _failure = e
@@ -92,6 +95,15 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callabl
         return hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(run)
 
     return decorate
+
+
+def _tokenizer_override() -> str:
+    """The tokenizer override on this command line, as typed (``+tokenizer=gpt2``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    typed = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return next((str(o) for o in typed if str(o).lstrip("+~").startswith("tokenizer")),
+                "tokenizer=...")  # fmt: skip
 
 
 def run_verb(main: Callable[[], Any], args: Sequence[str], free_text: Sequence[str] = ()) -> Any:
@@ -184,11 +196,14 @@ def debug() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
 
 
-def report_error(error: BaseException) -> str:
+def report_error(error: BaseException, verb: str | None = None) -> str:
     """A failed command as a few lines: what went wrong and where, no traceback."""
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
+    own_tokenizer = checkpoint_tokenizer(error, verb)
+    if own_tokenizer:
+        return f"Error: {own_tokenizer}\nSet HYDRA_FULL_ERROR=1 for the traceback."
     if isinstance(error, InstantiationException) and isinstance(error.__cause__, ValueError):
         error = error.__cause__  # our own check, raised while Hydra built the object
     missing = error
@@ -204,6 +219,35 @@ def report_error(error: BaseException) -> str:
         )
     # our messages say what to do; the exception they were raised from is in the traceback
     return f"Error: {describe_error(error)}\nSet HYDRA_FULL_ERROR=1 for the traceback."
+
+
+# Verbs that read text with the checkpoint's own tokenizer: they have no tokenizer key, and
+# Hydra's advice for one (`+tokenizer=...`) would add a group nothing reads.
+OWN_TOKENIZER = ("evaluate", "generate", "chat", "classify")
+
+
+def checkpoint_tokenizer(error: BaseException, verb: str | None) -> str | None:
+    """Hydra's "Could not override 'tokenizer...'" for such a verb, said in its terms (None for
+    any other error)."""
+    from hydra.errors import ConfigCompositionException
+
+    if verb not in OWN_TOKENIZER or not isinstance(error, ConfigCompositionException):
+        return None
+    refused = re.match(r"Could not override '(tokenizer(?:\.[^']*)?)'", str(error))
+    if refused is None:
+        return None
+    typed = re.search(r"use \+(\S+)", str(error))
+    return no_tokenizer_key(verb, typed.group(1) if typed else refused.group(1) + "=...")
+
+
+def no_tokenizer_key(verb: str, override: str) -> str:
+    """Why ``override`` (``tokenizer=gpt2``) has no place on ``llm <verb>``'s command line."""
+    key = override.lstrip("+").split("=", 1)[0]
+    source = "ckpt_path=, or the init= folder" if verb == "evaluate" else "ckpt_path="
+    return (
+        f"llm {verb} has no {key} setting: the tokenizer comes from the checkpoint ({source}), "
+        f"so text is read the way the model was trained; drop {override}"
+    )
 
 
 def describe_error(error: BaseException) -> str:
@@ -227,24 +271,40 @@ def hydra_quote(text: str) -> str:
 
 
 # Keys that hold a path: run folders are named after their overrides (`..._seed=3`), and a
-# bare `=` in a value is a Hydra grammar error, so such values are quoted too.
+# bare `=` in a value is a Hydra grammar error, as are letters beyond ASCII, so such values are
+# quoted too.
 _PATH_KEY = re.compile(r"(^|\.)(\w*path|\w*dir|init|out|\w*_file)$")
 
 
 def quote_free_text(arg: str, keys: Sequence[str]) -> str:
     """``prompt=Hello, world!`` -> ``prompt="Hello, world!"`` for the verb's free-text keys, and
-    ``ckpt_path=runs/x_seed=3/last.ckpt`` quoted likewise for any path key.
+    ``ckpt_path=runs/x_seed=3/last.ckpt`` quoted likewise for any path key that Hydra would
+    not read back as typed.
 
     A value the user quoted for Hydra already (``prompt='"a, b"'``) is left as it is, as is a
-    path without ``=`` (so ``-m init=a.ckpt,b.ckpt`` still sweeps).
+    path Hydra reads as something else on purpose (``-m init=a.ckpt,b.ckpt`` still sweeps,
+    ``ckpt_path=null`` is still null).
     """
     key, sep, value = arg.partition("=")
     bare = key.lstrip("+~")
     if not sep or (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
         return arg
-    if bare in keys or (_PATH_KEY.search(bare) and "=" in value and "(" not in value):
+    if bare in keys or (_PATH_KEY.search(bare) and _misread(value)):
         return f"{key}={hydra_quote(value)}"
     return arg
+
+
+def _misread(value: str) -> bool:
+    """Whether Hydra's grammar refuses ``key=value`` or reads it as another string (a space
+    stripped): a value it reads as a sweep, a number or null was meant as one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_override(f"key={value}").value()
+    except HydraException:
+        return True
+    return isinstance(parsed, str) and parsed != value
 
 
 def read_free_text(cfg: DictConfig, key: str) -> str:

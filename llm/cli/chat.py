@@ -30,6 +30,14 @@ def _template(cfg: DictConfig, lm: Any) -> str | None:
     return None if choice == "none" else choice
 
 
+def _tolerate_bad_bytes() -> None:
+    """A byte that is not UTF-8 (Latin-1 text pasted in, a stray binary byte) is read as U+FFFD
+    rather than ending the session with a codec error; the line it is in is noted."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)  # a TextIOWrapper's, not a StringIO's
+    if reconfigure is not None:
+        reconfigure(errors="replace")
+
+
 def _read_line(interactive: bool) -> str | None:
     """One line of input (None at its end); the terminal gets a prompt and line editing."""
     if interactive:
@@ -45,7 +53,7 @@ def _read_line(interactive: bool) -> str | None:
 @hydra_app("chat")
 def main(cfg: DictConfig) -> int:
     """Load the checkpoint, then read a line, stream the reply, until /quit or end of input."""
-    from llm.chat import ChatSession
+    from llm.chat import ChatSession, TurnRefused
     from llm.checkpoint import load_language_model
 
     settings = sampling_settings(cfg)
@@ -59,6 +67,7 @@ def main(cfg: DictConfig) -> int:
         notify=_note,
         **settings,
     )
+    _tolerate_bad_bytes()
     interactive = sys.stdin.isatty()
     if interactive:
         _note(
@@ -78,9 +87,14 @@ def main(cfg: DictConfig) -> int:
             continue
         if not command:
             continue
+        if "\ufffd" in line:
+            _note("bytes that are not UTF-8 were read as \ufffd")
         try:
             for piece in session.send(line):
                 print(piece, end="", flush=True)
+        except TurnRefused as e:  # nothing was sampled; the conversation is as it was
+            _note(f"line skipped: {e}")
+            continue
         except KeyboardInterrupt:
             print(flush=True)
             _note("reply stopped")

@@ -115,6 +115,7 @@ def loss(cfg: DictConfig, key: str, value: str) -> dict[str, float]:
     from llm.tokenizers import tokenizer_from_dict
 
     checks.integer("limit_batches", cfg.limit_batches, minimum=1, nullable=True, example=20)
+    checks.data_path(cfg.data)
     module = _module(key, value, resolve_device(str(cfg.device)))
     data = cfg.data.copy()
     with open_dict(data):

@@ -18,11 +18,13 @@ from llm.cli.runs import (
     announce,
     best_val_loss,
     build_trainer,
+    check_memory,
     check_run,
     checkpoint_paths,
     end_metrics,
     hparams,
     log_hparams,
+    run_folder_lock,
     sample_settings,
     shutdown_of,
     summary,
@@ -31,6 +33,12 @@ from llm.cli.sweep import end_sweep_job, sweep_pruning
 
 TASKS = ("text", "classify", "instruct")
 log = logging.getLogger("llm")
+# what to lower when the model and a batch cannot fit: the weights' keys, the batch's
+ADVICE = (
+    "finetune a smaller init= model (lora=default keeps no gradients or optimizer state for "
+    "the frozen weights)",
+    "lower data.batch_size (or block_size=, data.max_length: the tokens in each sequence)",
+)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -44,8 +52,16 @@ def validate(cfg: DictConfig) -> None:
             "hub name such as init=gpt2"
         )
     check_run(cfg)
+    lora_settings(cfg)  # lora.* named now, not as a NaN loss after the weights are loaded
     if "path" in cfg.data.keys():  # noqa: SIM118 - `in cfg.data` is False for a `???`
         _ = cfg.data.path  # a `???` left unset raises here, naming data.path, before any load
+
+
+def lora_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``lora`` group as checked plain settings (None: full finetuning)."""
+    from llm.finetuning.lora import lora_config
+
+    return lora_config(OmegaConf.to_container(cfg.lora) if cfg.get("lora") else None)
 
 
 def _tokenizer(cfg: DictConfig, init: Any) -> Any:
@@ -77,17 +93,17 @@ def build(cfg: DictConfig, init: Any, tokenizer: Any) -> tuple[Any, Any]:
     import hydra
 
     from llm.finetuning.init import load_base_weights
-    from llm.finetuning.lora import lora_config
     from llm.training.module import GPTLitModule
 
     task = cfg.task.name
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    lora = lora_config(OmegaConf.to_container(cfg.lora) if cfg.get("lora") else None)
+    lora = lora_settings(cfg)
     data = cfg.data.copy()
     with open_dict(data):
         data.block_size = int(init.model["block_size"])
     dm = hydra.utils.instantiate(data, tokenizer=tokenizer)
     dm.prepare_data()
+    check_memory(cfg, init.model, dm, ADVICE, *_memory_shape(cfg, init.model, lora, dm))
     common = {
         "model": init.model,
         "tokenizer": dm.tokenizer.to_dict(),
@@ -113,6 +129,17 @@ def build(cfg: DictConfig, init: Any, tokenizer: Any) -> tuple[Any, Any]:
         )
     load_base_weights(module.model, init.state_dict)
     return module, dm
+
+
+def _memory_shape(
+    cfg: DictConfig, model: dict[str, Any], lora: dict[str, Any] | None, dm: Any
+) -> tuple[float, int | None]:
+    """(share of the weights that train, logits' width) for the memory check: LoRA's adapters
+    are small; a classifier's logits are one per label."""
+    layers = cfg.task.get("trainable_layers")
+    share = 0.0 if lora else 1.0 if layers is None else int(layers) / int(model["n_layer"])
+    labels = getattr(dm, "labels", None) if cfg.task.name == "classify" else None
+    return share, len(labels) if labels else None
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
@@ -217,7 +244,8 @@ def outcome_lines(result: dict[str, Any]) -> list[str]:
 @hydra_app("finetune")
 def main(cfg: DictConfig) -> float:
     """The Hydra app; the return value is what ``-m`` sweepers optimise (NaN: no val loss)."""
-    result = finetune(cfg)
+    with run_folder_lock(cfg):
+        result = finetune(cfg)
     if result["shutdown"] is not None:
         raise result["shutdown"]
     return result["best_val_loss"]

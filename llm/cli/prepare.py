@@ -13,6 +13,7 @@ import time
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from llm import checks
 from llm.cli.app import hydra_app
 from llm.data.cache import (
     DEFAULT_SHARD_TOKENS,
@@ -29,6 +30,7 @@ def prepare(cfg: DictConfig) -> dict:
     Uses the corpus and cache settings of ``cfg.data`` directly (not the DataModule), so that
     preparing data never imports torch or Lightning.
     """
+    checks.data_path(cfg.data)
     tokenizer = instantiate(cfg.tokenizer)
     corpus = instantiate(cfg.data.corpus)
     path = cfg.data.path if "path" in cfg.data.keys() else None  # noqa: SIM118 - `???` raises

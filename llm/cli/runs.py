@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llm import checks
-from llm.cli.sweep import check_multirun_strategy
+from llm.cli.sweep import check_multirun_strategy, strategy_name
 
 log = logging.getLogger("llm")
 # config keys that are Hydra's, paths or plumbing (they change no result): never hyperparameters
@@ -38,8 +42,142 @@ def check_run(cfg: DictConfig) -> None:
 
     checks.integer("trainer.max_steps", cfg.trainer.get("max_steps"), minimum=1, example=2000)
     checks.integer("seed", cfg.get("seed"), example=1337)
+    check_val_interval(cfg.trainer.get("val_check_interval"))
     check_optim(OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
+    checks.data_path(cfg.get("data"))
     check_multirun_strategy(cfg)
+
+
+def check_val_interval(value: Any) -> None:
+    """Lightning reads an int as batches and a float as a fraction of an epoch; 0 divides by
+    zero deep inside its loop, a float above 1 is refused there with no key named."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    if isinstance(value, float) and 0.0 < value <= 1.0:
+        return
+    shown = repr(value) if isinstance(value, str) else value
+    raise checks.SettingError(
+        f"trainer.val_check_interval={shown}: must be an integer >= 1 (training batches between "
+        "validations) or a number in (0, 1] (a fraction of an epoch), e.g. "
+        "trainer.val_check_interval=250"
+    )
+
+
+# Set to a rank's number in every process but the one the user started: Lightning's ddp
+# re-runs the command per local rank (LOCAL_RANK); torchrun, SLURM and other launchers.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID",
+                   "JSM_NAMESPACE_RANK")  # fmt: skip
+LOCK_NAME = "run.lock"
+
+
+def is_launching_process() -> bool:
+    """Whether this is global rank 0 before any Trainer exists (its rank variables, if any, 0)."""
+    return all(os.environ.get(name, "0") == "0" for name in _RANK_VARIABLES)
+
+
+@contextmanager
+def run_folder_lock(cfg: DictConfig) -> Iterator[None]:
+    """Hold ``<output_dir>/run.lock`` while the run lasts, so a second run in the same folder is
+    refused before it writes a checkpoint or a line of its log among this one's.
+
+    Only the launching process locks (the ranks it starts share its folder). The lock is the
+    operating system's (flock): it ends with the process, so a killed run leaves no stale lock and
+    a resume in the same folder (``hydra.run.dir=<run>``) takes it again.
+    """
+    if not is_launching_process():
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    folder = Path(str(cfg.output_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderBusy(
+            f"another process is using the run folder {folder} (it holds {folder / LOCK_NAME}); "
+            "two runs in one folder would mix their checkpoints and logs. Wait for it to end, or "
+            "run elsewhere: without hydra.run.dir= each run gets a new dated folder, or set "
+            "hydra.run.dir=<another folder>"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class RunFolderBusy(RuntimeError):
+    """The run folder is locked by another run (whose log file this one's failure stays out of)."""
+
+    log_in_run_folder = False
+
+
+def check_memory(
+    cfg: DictConfig,
+    model: dict[str, Any],
+    dm: Any,
+    advice: tuple[str, str],
+    trainable: float = 1.0,
+    outputs: int | None = None,
+) -> None:
+    """Refuse, before the model is built, a run whose weights and one batch clearly exceed the
+    training device's free memory (:mod:`llm.memory`); ``advice``: what to lower where the
+    weights, resp. the batch, are most of it."""
+    from llm import memory
+    from llm.model import GPTConfig
+
+    device = training_device(cfg.trainer)
+    if device is None or not is_launching_process():  # the ranks it starts need not ask again
+        return
+    config = GPTConfig(**model)
+    tokens = getattr(dm, "max_length", None) or getattr(dm, "block_size", None)
+    need = memory.estimate(
+        config,
+        checks.integer("data.batch_size", cfg.data.get("batch_size"), minimum=1),  # type: ignore[arg-type]
+        int(tokens or config.block_size),
+        trainable=trainable,
+        optimizer=str(cfg.optim.get("name", "adamw")),
+        precision=cfg.trainer.get("precision", "32-true"),
+        outputs=outputs,
+        shards=_shards(cfg.trainer),
+    )
+    memory.check_fits(need, device, *advice)
+    if device != "cpu":  # the weights are built on the CPU first
+        weights = memory.Estimate(need.params, need.params * 4)
+        memory.check_fits(weights, "cpu", *advice, what="building the model")
+
+
+def training_device(trainer_cfg: DictConfig) -> str | None:
+    """Where ``trainer.accelerator`` trains: ``cpu`` (Apple's MPS: the same unified memory),
+    ``cuda:N``, or None where free memory is not told (or asking would initialise CUDA before
+    a fork-based strategy forks)."""
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator") or "auto").lower()
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        if any(k in strategy_name(trainer_cfg) for k in ("fork", "notebook")):
+            return None
+        devices = trainer_cfg.get("devices")
+        first = devices[0] if OmegaConf.is_list(devices) and len(devices) else 0
+        return f"cuda:{int(first)}"
+    return "cpu" if accelerator in ("cpu", "mps", "auto") else None
+
+
+def _shards(trainer_cfg: DictConfig) -> int:
+    """Devices the weights are split over: all of them under FSDP or DeepSpeed, else 1."""
+    if not any(k in strategy_name(trainer_cfg) for k in ("fsdp", "deepspeed")):
+        return 1
+    import torch
+
+    devices = trainer_cfg.get("devices")
+    if OmegaConf.is_list(devices):
+        count = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        count = devices
+    else:  # -1 or auto: every visible GPU
+        count = torch.cuda.device_count()
+    return max(count, 1) * max(int(trainer_cfg.get("num_nodes") or 1), 1)
 
 
 def instantiate_all(cfg: DictConfig | None) -> list[Any]:
@@ -228,12 +366,14 @@ def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None 
     lines += extra or []
     best_path, last_path = checkpoint_paths(trainer)
     lines += [f"Best checkpoint: {best_path}", f"Last checkpoint: {last_path}", "Next:"]
-    lines.append(f"  tensorboard --logdir {run_dir}")
+    # quoted for the shell; the llm command quotes a path for Hydra itself (quote_free_text)
+    lines.append(f"  tensorboard --logdir {shlex.quote(str(run_dir))}")
+    ckpt = shlex.quote(f"ckpt_path={last_path}")
     if last_path and module.kind == "classifier":
-        lines.append(f"  llm classify ckpt_path={last_path} 'text=...'")
+        lines.append(f"  llm classify {ckpt} 'text=...'")
     elif last_path:
-        lines.append(f"  llm generate ckpt_path={last_path}")
-        lines.append(f"  llm evaluate ckpt_path={last_path}")
+        lines.append(f"  llm generate {ckpt}")
+        lines.append(f"  llm evaluate {ckpt}")
     return "\n".join(lines)
 
 

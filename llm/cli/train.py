@@ -16,11 +16,13 @@ from llm.cli.runs import (
     announce,
     best_val_loss,
     build_trainer,
+    check_memory,
     check_run,
     checkpoint_paths,
     end_metrics,
     hparams,
     log_hparams,
+    run_folder_lock,
     sample_settings,
     shutdown_of,
     summary,
@@ -28,6 +30,11 @@ from llm.cli.runs import (
 from llm.cli.sweep import end_sweep_job, sweep_pruning
 
 log = logging.getLogger("llm")
+# what to lower when the model and a batch cannot fit: the weights' keys, the batch's
+ADVICE = (
+    "lower model.n_embd or model.n_layer",
+    "lower data.batch_size (or model.block_size, the tokens in each sequence)",
+)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -62,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare_data()
 
     model = hydra.utils.instantiate(cfg.model, vocab_size=int(dm.vocab_size)).to_dict()
+    check_memory(cfg, model, dm, ADVICE)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     module = GPTLitModule(
         model=model,
@@ -108,7 +116,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra_app("train")
 def main(cfg: DictConfig) -> float:
     """The Hydra app; the return value is what ``-m`` sweepers optimise (NaN: no val loss)."""
-    result = train(cfg)
+    with run_folder_lock(cfg):
+        result = train(cfg)
     if result["shutdown"] is not None:
         raise result["shutdown"]
     return result["best_val_loss"]

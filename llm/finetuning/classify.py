@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from llm.data.datamodule import ResumableOrder
 from llm.finetuning.records import (
+    SOURCE,
     encode_field,
     examples_loader,
     read_records,
@@ -116,6 +117,12 @@ class ClassificationDataModule(ResumableOrder, L.LightningDataModule):
             path,
             " ; set data.text_column= / data.label_column= to the right names",
         )
+        for row in rows:  # an empty cell would become a class of its own, named ''
+            if not str(row[self.label_column]).strip():
+                raise ValueError(
+                    f"{row.get(SOURCE, path)}: the label (column {self.label_column!r}) is "
+                    "empty; give that row its label, or delete the row"
+                )
         return rows
 
     def prepare_data(self) -> None:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm import checks
+
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -205,8 +207,8 @@ def lora_config(cfg: Any) -> dict[str, Any] | None:
             f"lora lacks {['lora.' + k for k in missing]} (see conf/lora/default.yaml)"
         )
     return {
-        "r": int(cfg["r"]),
-        "alpha": float(cfg["alpha"]),
-        "dropout": float(cfg["dropout"]),
+        "r": checks.integer("lora.r", cfg["r"], minimum=1, example=8),
+        "alpha": checks.number("lora.alpha", cfg["alpha"], above=0.0, example=16),
+        "dropout": checks.number("lora.dropout", cfg["dropout"], minimum=0.0, below=1.0),
         "targets": [str(t) for t in cfg["targets"]],
     }

@@ -173,10 +173,22 @@ def load(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, Tensor]]:
         config = _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'} lacks {e} (needed for a {kind} model)") from e
+    _check_fits(config, path)
     tensors = read_tensors(path)
     if kind == "gpt2":
         return config, _gpt2_from_hf(tensors, path)
     return config, _llama_from_hf(tensors, config, path)
+
+
+def _check_fits(config: GPTConfig, path: Path) -> None:
+    """Refuse a config.json whose model cannot fit in this machine's memory (a typo'd or crafted
+    size), before its weights are read or its tensors allocated."""
+    from llm import memory
+
+    sizes = "hidden_size/n_embd, num_hidden_layers/n_layer, intermediate_size, vocab_size"
+    advice = f"check the sizes in {path / 'config.json'} ({sizes})"
+    need = memory.estimate(config, training=False)
+    memory.check_fits(need, "cpu", advice, advice, what=f"the model of {path / 'config.json'}")
 
 
 def save(config: GPTConfig, state_dict: dict[str, Tensor], directory: str | Path) -> Path:
