@@ -178,3 +178,12 @@ def check_fits(
         f"{what} needs at least {human(need.total)} of memory ({'; '.join(parts)}), but "
         f"{where} has {human(free)} available: {advice}"
     )
+
+
+def check_pretrained_fits(config: Any, path: Path) -> None:
+    """Refuse a config.json whose model cannot fit in this machine's memory (a typo'd or crafted
+    size), before its weights are read or its tensors allocated."""
+    sizes = "hidden_size/n_embd, num_hidden_layers/n_layer, intermediate_size, vocab_size"
+    advice = f"check the sizes in {path / 'config.json'} ({sizes})"
+    need = estimate(config, training=False)
+    check_fits(need, "cpu", advice, advice, what=f"the model of {path / 'config.json'}")

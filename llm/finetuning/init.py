@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llm import memory
 from llm.checkpoint import LanguageModel, read_checkpoint
 
 _HINT = (
@@ -77,7 +78,7 @@ def _from_hf(name_or_dir: str) -> InitWeights:
     from llm.model import GPT, hf
     from llm.tokenizers import HFTokenizer
 
-    model = GPT.from_pretrained(name_or_dir)
+    model = GPT.from_pretrained(name_or_dir, check=memory.check_pretrained_fits)
     folder = hf.resolve(name_or_dir)
     tokenizer = None
     if hf.architecture(model.config) != "gpt2" and (folder / "tokenizer.json").is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,12 @@ class GPT(nn.Module):
     generate = generate
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path, **overrides: Any) -> GPT:
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path,
+        check: Callable[[GPTConfig, Path], None] | None = None,
+        **overrides: Any,
+    ) -> GPT:
         """Load a Hugging Face GPT-2, Llama or Qwen3 checkpoint (a folder or a hub name).
 
         Overrides may change only what no weight depends on: dropout, attn_impl, and block_size,
@@ -172,7 +178,7 @@ class GPT(nn.Module):
                 "block_size (shrink only)"
             )
         block_size = overrides.pop("block_size", None)
-        config, state_dict = hf.load(name_or_dir)
+        config, state_dict = hf.load(name_or_dir, check)  # check: before weights are read
         model = cls(dataclasses.replace(config, **overrides))
         model.load_state_dict(state_dict)
         if block_size is not None:

@@ -6,6 +6,7 @@ tensors; it never builds a model (GPT.from_pretrained and GPT.save_pretrained do
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,13 @@ def read_config(path: Path) -> dict[str, Any]:
     return hf
 
 
-def load(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, Tensor]]:
-    """The checkpoint's config and its weights under our names; by config.json's model_type."""
+def load(
+    name_or_dir: str | Path, check: Callable[[GPTConfig, Path], None] | None = None
+) -> tuple[GPTConfig, dict[str, Tensor]]:
+    """The checkpoint's config and its weights under our names; by config.json's model_type.
+
+    ``check(config, folder)`` runs before any weight is read (the caller's memory check, say).
+    """
     path = resolve(name_or_dir)
     hf = read_config(path)
     kind = hf.get("model_type", "gpt2")
@@ -173,22 +179,12 @@ def load(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, Tensor]]:
         config = _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'} lacks {e} (needed for a {kind} model)") from e
-    _check_fits(config, path)
+    if check is not None:
+        check(config, path)
     tensors = read_tensors(path)
     if kind == "gpt2":
         return config, _gpt2_from_hf(tensors, path)
     return config, _llama_from_hf(tensors, config, path)
-
-
-def _check_fits(config: GPTConfig, path: Path) -> None:
-    """Refuse a config.json whose model cannot fit in this machine's memory (a typo'd or crafted
-    size), before its weights are read or its tensors allocated."""
-    from llm import memory
-
-    sizes = "hidden_size/n_embd, num_hidden_layers/n_layer, intermediate_size, vocab_size"
-    advice = f"check the sizes in {path / 'config.json'} ({sizes})"
-    need = memory.estimate(config, training=False)
-    memory.check_fits(need, "cpu", advice, advice, what=f"the model of {path / 'config.json'}")
 
 
 def save(config: GPTConfig, state_dict: dict[str, Tensor], directory: str | Path) -> Path:
