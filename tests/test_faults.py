@@ -168,6 +168,8 @@ def test_killed_train_resumed_from_last_ckpt_equals_an_uninterrupted_run(
     if fault.endswith("SIGTERM"):  # the command it printed, once, and the stop in the log
         assert (killed.stdout + killed.stderr).count("Resume with: ") == 1
         assert "stopped by SIGTERM at step" in (run / "train.log").read_text()
+        final = next(x for x in killed.stdout.splitlines() if x.startswith("Final loss:"))
+        assert f"at step 4 (step {stopped_at})" in final  # the last val's own step, not 7's
     # the documented resume: the same command with ckpt_path=<run>/checkpoints/last.ckpt
     ckpt = run / "checkpoints" / "last.ckpt"
     args = [a for a in _train_args(tmp_path, run) if not a.startswith("hydra.run.dir=")]
