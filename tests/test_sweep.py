@@ -586,3 +586,53 @@ def test_killed_workers_trial_is_failed_and_not_counted(
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
     assert [t.user_attrs.get("fail_reason") for t in trials[:2]] == ["interrupted"] * 2
     assert trials[2].user_attrs[WORKER] == worker_record()  # this process ran it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "before"),
+    [  # killed after trial 1 was asked (before its job ran), or after it was told
+        ("sweep.trial_started@2", [TrialState.COMPLETE, TrialState.RUNNING]),
+        ("sweep.trial_told@2", [TrialState.COMPLETE, TrialState.COMPLETE]),
+    ],
+)
+def test_sigkilled_search_resumes_to_n_trials(
+    tmp_path: Path, fault: str, before: list[TrialState]
+) -> None:
+    """`llm train -m` SIGKILLed at a named point, then the same command again: n_trials counted
+    trials, the killed one interrupted and made up for, each completed one reported once."""
+    from llm import faults
+    from llm.sweeps.check import check_sweep
+
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        SEARCH,
+        *_experiment(tmp_path),
+        "trainer.max_steps=2",
+        "hydra.sweeper.n_trials=3",
+        "data.batch_size=choice(4,8)",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    killed = run_cli("train", *args, cwd=tmp_path, **{faults.ENV: fault})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [t.state for t in _study(sweep).trials] == before
+
+    resumed = run_cli("train", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = _study(sweep).trials
+    completed = [t.number for t in trials if t.state == TrialState.COMPLETE]
+    if before[-1] == TrialState.RUNNING:  # interrupted, not counted: trials 2 and 3 make up
+        assert trials[1].state == TrialState.FAIL
+        assert trials[1].user_attrs["fail_reason"] == "interrupted"
+        assert completed == [0, 2, 3]
+        assert not (sweep / "trial_1").exists()  # its job never started
+    else:
+        assert completed == [0, 1, 2]
+    assert check_sweep(sweep, 3) == []  # n_trials counted, none running, no temp files, ...
+    # the report the sweep ends with (`llm report`'s) lists each completed trial once
+    assert "Sweep report" in resumed.stdout
+    rows = _csv(sweep / "report" / "report.csv")
+    assert sorted((int(r["trial"]), r["status"]) for r in rows) == [
+        (n, "completed") for n in completed
+    ]
