@@ -602,6 +602,7 @@ def test_sigkilled_search_resumes_to_n_trials(
     """`llm train -m` SIGKILLed at a named point, then the same command again: n_trials counted
     trials, the killed one interrupted and made up for, each completed one reported once."""
     from llm import faults
+    from llm.sweeps import check
     from llm.sweeps.check import check_sweep
 
     sweep = tmp_path / "sweep"
@@ -617,6 +618,7 @@ def test_sigkilled_search_resumes_to_n_trials(
     killed = run_cli("train", *args, cwd=tmp_path, **{faults.ENV: fault})
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert [t.state for t in _study(sweep).trials] == before
+    assert "2 counted trials, not 3" in check_sweep(sweep, 3)  # the killed one still counts
 
     resumed = run_cli("train", *args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -630,6 +632,7 @@ def test_sigkilled_search_resumes_to_n_trials(
     else:
         assert completed == [0, 1, 2]
     assert check_sweep(sweep, 3) == []  # n_trials counted, none running, no temp files, ...
+    assert check.main([str(sweep), "3"]) == 0
     # the report the sweep ends with (`llm report`'s) lists each completed trial once
     assert "Sweep report" in resumed.stdout
     rows = _csv(sweep / "report" / "report.csv")
