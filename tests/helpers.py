@@ -86,7 +86,9 @@ def run_cli(
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=300,
+        # only a bound for a hung command: a 3-trial sweep took a minute on the 2-core box
+        # loaded 6 deep, and twice that beside another pytest worker
+        timeout=900,
     )
 
 
