@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,8 +86,33 @@ def run_cli(
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=300,
+        # only a bound for a hung command: a 3-trial sweep took a minute on the 2-core box
+        # loaded 6 deep, and twice that beside another pytest worker
+        timeout=900,
     )
+
+
+def start_cli(verb: str, *args: str, cwd: Path = ROOT, **env: str) -> subprocess.Popen[bytes]:
+    """``llm <verb> <args>`` started as from a terminal, its stdout and stderr piped (bytes).
+
+    Ctrl-C (SIGINT) keeps its default action in it even where these tests run with SIGINT
+    ignored, as a background job of a non-interactive shell (``pytest ... &``) does: a child
+    inherits an ignored signal, and Python then installs no KeyboardInterrupt handler.
+    """
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:  # a handled signal is reset to its default in the new program
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "llm", verb, *args],
+            cwd=cwd,
+            env={**ENV, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class LossRecorder(L.Callback):

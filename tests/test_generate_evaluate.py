@@ -279,26 +279,31 @@ def test_generate_cli_ctrl_c_keeps_what_came_and_exits_130(
 @pytest.mark.slow
 def test_sigint_stops_a_huge_generation_cleanly(trained: dict[str, Any]) -> None:
     """A real Ctrl-C (SIGINT) on a 10-million-token request: output so far, then exit 130."""
+    import os
+    import re
     import signal
-    import subprocess
-    import sys
-    import time
 
-    from helpers import ENV, ROOT
+    from helpers import start_cli
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm", "generate", f"ckpt_path={trained['ckpt']}",
-         "prompt=Go", "max_new_tokens=10000000", "device=cpu"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = start_cli(
+        "generate", f"ckpt_path={trained['ckpt']}", "prompt=Go", "max_new_tokens=10000000",
+        "device=cpu",
     )  # fmt: skip
     assert proc.stdout is not None
-    first = proc.stdout.read(10)  # streamed: text arrives long before the request could end
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert first.startswith("Go") and proc.returncode == 130
-    assert "Interrupted: stopped after" in err and "tokens/s)" in err
-    assert len(first + out) > 10
+    try:
+        first = b""  # streamed: the prompt, then sampled text, so it is sampling now
+        while len(first) < 10 and (chunk := os.read(proc.stdout.fileno(), 10 - len(first))):
+            first += chunk
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)  # reads on from the same pipe: nothing lost
+    finally:
+        if proc.poll() is None:  # a failed wait must not leave it sampling
+            proc.kill()
+            proc.communicate()
+    text, log = (first + out).decode(), err.decode()
+    assert text.startswith("Go") and len(text) > 10 and proc.returncode == 130, log
+    stopped = re.search(r"Interrupted: stopped after (\d+) tokens\.", log)
+    assert stopped and int(stopped[1]) >= 1 and "tokens/s)" in log, log
 
 
 # -- lm-evaluation-harness ------------------------------------------------------------------

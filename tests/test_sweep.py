@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -465,26 +466,111 @@ def test_unusable_storage_url_is_a_clear_error(tmp_path: Path) -> None:
             sweeper.create_study()
 
 
-@pytest.mark.slow
-def test_killed_workers_trial_is_failed_by_heartbeat_and_not_counted(
-    tmp_path: Path, llm_main: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import time
+def _orphans_study(sweep: Path) -> tuple[optuna.Study, Any]:
+    """A study of the shipped search with heartbeats (every 60 s, a trial silent for an hour
+    is stale), and a way to age a trial's heartbeat by two hours."""
+    import sqlite3
     import warnings
 
-    import llm.cli.train
-
-    sweep = tmp_path / "sweep"
-    sweep.mkdir()
+    sweep.mkdir(parents=True)
+    db = sweep / "optuna.db"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeats are "experimental"
         storage = optuna.storages.RDBStorage(
-            f"sqlite:///{sweep / 'optuna.db'}", heartbeat_interval=1, grace_period=1
+            f"sqlite:///{db}", heartbeat_interval=60, grace_period=3600
         )
-        study = optuna.create_study(study_name="shakespeare_char_cpu", storage=storage)
-        killed = study.ask()  # a worker asked for it, beat once, then died
-        storage.record_heartbeat(killed._trial_id)
-    time.sleep(1.5)
+    study = optuna.create_study(study_name="shakespeare_char_cpu", storage=storage)
+
+    def beat(trial: optuna.Trial, hours_ago: int = 0) -> None:
+        storage.record_heartbeat(trial._trial_id)
+        if hours_ago:  # what a worker that stopped beating long ago left behind
+            with sqlite3.connect(db) as con:
+                con.execute(
+                    "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?) "
+                    "WHERE trial_id = ?",
+                    (f"-{hours_ago} hours", trial._trial_id),
+                )
+            con.close()
+
+    return study, beat
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="process start times are read from /proc")
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
+def test_trials_of_gone_workers_are_failed_without_waiting(tmp_path: Path) -> None:
+    """A RUNNING trial whose worker is gone is interrupted: on this host when its process is
+    gone (at once, whatever its heartbeat), elsewhere when its heartbeat went stale."""
+    import subprocess
+
+    from hydra_plugins.llm_optuna_sweeper._impl import (
+        WORKER,
+        counted_trials,
+        fail_orphaned_trials,
+        worker_alive,
+        worker_record,
+    )
+
+    study, beat = _orphans_study(tmp_path / "sweep")
+    elsewhere = {"host": "another-host", "pid": os.getpid(), "started": None}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True)  # fmt: skip
+    live = subprocess.Popen(  # runs until its stdin closes
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, text=True
+    )
+    try:
+        gone = worker_record(int(dead.stdout))  # exited and reaped: no such process
+        running = worker_record(live.pid)
+        reused = {**running, "started": running["started"] - 1}  # the pid, another process
+        owners = [
+            elsewhere,  # 0: stale heartbeat -> failed
+            elsewhere,  # 1: fresh heartbeat -> running
+            gone,  # 2: fresh heartbeat, but its process is gone -> failed
+            running,  # 3: stale heartbeat, but its process runs -> running
+            reused,  # 4 -> failed
+            None,  # 5: nothing known, no heartbeat (another sweeper's) -> running
+        ]
+        trials = [study.ask() for _ in owners]
+        for trial, owner, hours in zip(trials, owners, [2, 0, 0, 2, 0, 0], strict=True):
+            if owner is not None:
+                trial.set_user_attr(WORKER, owner)
+                beat(trial, hours_ago=hours)
+        assert [worker_alive(o) for o in owners] == [None, None, False, True, False, None]
+        assert worker_alive(worker_record()) is True
+
+        assert fail_orphaned_trials(study) == [0, 2, 4]
+    finally:
+        live.communicate("")
+    states = [t.state for t in study.trials]
+    R, F = TrialState.RUNNING, TrialState.FAIL
+    assert states == [F, R, F, R, F, R]
+    assert {t.user_attrs.get("fail_reason") for t in study.trials if t.state == F} == {
+        "interrupted"
+    }
+    assert counted_trials(study) == 3  # the running ones; the interrupted ones are made up for
+    assert fail_orphaned_trials(study) == [3]  # now that its process has exited
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
+def test_killed_workers_trial_is_failed_and_not_counted(
+    tmp_path: Path, llm_main: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trials left RUNNING by killed workers (one here, one elsewhere) are failed when the
+    search resumes, and made up for."""
+    import subprocess
+
+    import llm.cli.train
+    from hydra_plugins.llm_optuna_sweeper._impl import WORKER, worker_record
+
+    sweep = tmp_path / "sweep"
+    study, beat = _orphans_study(sweep)
+    here = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True)  # fmt: skip
+    killed_here, killed_elsewhere = study.ask(), study.ask()
+    killed_here.set_user_attr(WORKER, worker_record(int(here.stdout)))
+    killed_elsewhere.set_user_attr(WORKER, {"host": "another-host", "pid": 1, "started": None})
+    beat(killed_here)  # fresh: no need to wait for it to go stale
+    beat(killed_elsewhere, hours_ago=2)
     monkeypatch.setattr(llm.cli.train, "train", _fake_train({}))
     llm_main(
         "train",
@@ -492,10 +578,64 @@ def test_killed_workers_trial_is_failed_by_heartbeat_and_not_counted(
         SEARCH,
         *_experiment(tmp_path),
         "hydra.sweeper.n_trials=1",
-        "hydra.sweeper.heartbeat_interval=1",
-        "hydra.sweeper.grace_period=1",
+        "hydra.sweeper.heartbeat_interval=60",
+        "hydra.sweeper.grace_period=3600",
         f"hydra.sweep.dir={sweep}",
     )
     trials = _study(sweep).trials
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert [t.number for t in trials] == [0, 1]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.user_attrs.get("fail_reason") for t in trials[:2]] == ["interrupted"] * 2
+    assert trials[2].user_attrs[WORKER] == worker_record()  # this process ran it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "before"),
+    [  # killed after trial 1 was asked (before its job ran), or after it was told
+        ("sweep.trial_started@2", [TrialState.COMPLETE, TrialState.RUNNING]),
+        ("sweep.trial_told@2", [TrialState.COMPLETE, TrialState.COMPLETE]),
+    ],
+)
+def test_sigkilled_search_resumes_to_n_trials(
+    tmp_path: Path, fault: str, before: list[TrialState]
+) -> None:
+    """`llm train -m` SIGKILLed at a named point, then the same command again: n_trials counted
+    trials, the killed one interrupted and made up for, each completed one reported once."""
+    from llm import faults
+    from llm.sweeps import check
+    from llm.sweeps.check import check_sweep
+
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        SEARCH,
+        *_experiment(tmp_path),
+        "trainer.max_steps=2",
+        "hydra.sweeper.n_trials=3",
+        "data.batch_size=choice(4,8)",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    killed = run_cli("train", *args, cwd=tmp_path, **{faults.ENV: fault})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [t.state for t in _study(sweep).trials] == before
+    assert "2 counted trials, not 3" in check_sweep(sweep, 3)  # the killed one still counts
+
+    resumed = run_cli("train", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = _study(sweep).trials
+    completed = [t.number for t in trials if t.state == TrialState.COMPLETE]
+    if before[-1] == TrialState.RUNNING:  # interrupted, not counted: trials 2 and 3 make up
+        assert trials[1].state == TrialState.FAIL
+        assert trials[1].user_attrs["fail_reason"] == "interrupted"
+        assert completed == [0, 2, 3]
+        assert not (sweep / "trial_1").exists()  # its job never started
+    else:
+        assert completed == [0, 1, 2]
+    assert check_sweep(sweep, 3) == []  # n_trials counted, none running, no temp files, ...
+    assert check.main([str(sweep), "3"]) == 0
+    # the report the sweep ends with (`llm report`'s) lists each completed trial once
+    assert "Sweep report" in resumed.stdout
+    rows = _csv(sweep / "report" / "report.csv")
+    assert sorted((int(r["trial"]), r["status"]) for r in rows) == [
+        (n, "completed") for n in completed
+    ]

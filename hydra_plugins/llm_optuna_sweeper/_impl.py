@@ -4,13 +4,21 @@ Each trial's job gets three environment variables (through ``hydra.job.env_set``
 also recorded in the job's ``.hydra/hydra.yaml``): the storage URL, the study name and the
 trial number. ``llm.sweeps.pruning`` reads them to report intermediate val losses for pruning,
 and ``llm.sweeps.report`` to find a run's trial.
+
+A worker killed outright (SIGKILL) leaves its trial RUNNING. Each trial records the worker that
+asked for it (the ``worker`` user attribute: host, pid, process start time), so the next worker
+on the same host fails it at once when that process is gone; trials of workers on other hosts
+are failed once their heartbeats stop. Either way the trial is ``interrupted`` and not counted.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import socket
+import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,6 +46,7 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
+from llm import faults
 from llm.sweeps.env import ENV_STORAGE, ENV_STUDY, ENV_TRIAL
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,8 @@ log = logging.getLogger(__name__)
 # user attr on FAIL trials: why it failed; "interrupted" ones do not count toward n_trials
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
+# user attr on every trial this sweeper asks for: the process that runs it (see worker_record)
+WORKER = "worker"
 
 SYNTAX_HELP = (
     "use Hydra's sweep syntax: `choice(a, b, c)` or `a,b,c` (categorical), "
@@ -174,6 +185,94 @@ def counted_trials(study: optuna.Study) -> int:
         ):
             n += 1
     return n
+
+
+def _machine() -> str:
+    """This host, as far as its processes can see each other: the host name, and on Linux the
+    boot and the pid namespace too (a container with the host's name sees other pids)."""
+    name = socket.gethostname()
+    if sys.platform != "linux":
+        return name
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{name}/{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return name
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot; Linux), so a reused pid is told
+    apart; None where unknown. Raises ProcessLookupError if there is no such live process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3
+    if fields[0] in ("Z", "X"):  # killed, not yet reaped: gone all the same
+        raise ProcessLookupError(pid)
+    return int(fields[19])  # field 22
+
+
+def worker_record(pid: int | None = None) -> dict[str, Any]:
+    """The ``worker`` user attribute of a trial run by process ``pid`` (default: this one)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        started = _started(pid) if sys.platform == "linux" else None
+    except ProcessLookupError:
+        started = None
+    return {"host": _machine(), "pid": pid, "started": started}
+
+
+def worker_alive(record: Any) -> bool | None:
+    """Whether the process of a ``worker`` record still runs: None when it ran on another host
+    (or the record is missing), which only its heartbeats can tell."""
+    if not isinstance(record, dict) or record.get("host") != _machine():
+        return None
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        if sys.platform == "linux":
+            started, recorded = _started(pid), record.get("started")
+            # the same start time, or one side unknown; another one: the pid was reused
+            return started is None or recorded is None or started == recorded
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """Mark ``FAIL`` (``interrupted``: not counted) the RUNNING trials no live worker runs.
+
+    A trial is orphaned when the process that asked for it, on this host, is gone (no waiting),
+    or, for a worker elsewhere, when its heartbeat is older than the grace period (storages
+    with heartbeats). A live process on this host keeps its trial whatever its heartbeat.
+    Returns the numbers of the trials failed.
+    """
+    storage = study._storage  # type: ignore[attr-defined]
+    stale: set[int] = set()
+    if getattr(storage, "get_heartbeat_interval", lambda: None)():
+        stale = set(storage._get_stale_trial_ids(study._study_id))  # type: ignore[attr-defined]
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        alive = worker_alive(t.user_attrs.get(WORKER))
+        if alive is False or (alive is None and t._trial_id in stale):
+            try:
+                storage.set_trial_user_attr(t._trial_id, FAIL_REASON, INTERRUPTED)
+                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # it finished meanwhile, or another worker failed it first
+            failed.append(t.number)
+            log.warning(
+                "Trial %d was left running by a worker that is gone: marked interrupted",
+                t.number,
+            )
+    return failed
 
 
 def absolute_storage(url: str) -> str:
@@ -377,9 +476,7 @@ class LLMOptunaSweeperImpl:
             log.info("The study has %d trials already: continuing it", len(study.get_trials()))
         returns: list[Sequence[JobReturn]] = []
         while True:
-            with warnings.catch_warnings():  # heartbeats are "experimental" since 2.9
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # no-op without heartbeats
+            fail_orphaned_trials(study)
             remaining = self.n_trials - counted_trials(study)
             if remaining <= 0:
                 break
@@ -391,7 +488,10 @@ class LLMOptunaSweeperImpl:
     def _ask(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial:
         with warnings.catch_warnings():  # we record heartbeats ourselves (see _Heartbeat)
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-            return study.ask(space)
+            trial = study.ask(space)
+        trial.set_user_attr(WORKER, worker_record())  # first thing: who runs it
+        faults.point("sweep.trial_started")
+        return trial
 
     def _check_space(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> None:
         """A resumed study must keep its search space (Optuna refuses changed categoricals)."""
@@ -433,6 +533,7 @@ class LLMOptunaSweeperImpl:
                     for i, ret in zip(group, rets, strict=True):
                         self._tell(study, trials[i], ret)
                         told.add(i)
+                        faults.point("sweep.trial_told")
                         results.append(ret)
         except BaseException:  # Ctrl-C, a bad override: leave the study resumable
             for i, trial in enumerate(trials):

@@ -34,7 +34,8 @@ class LLMOptunaSweeperConf:
     # Search space: `key: <Hydra sweep syntax>`, e.g. `optim.lr: tag(log, interval(1e-4, 1e-2))`.
     params: dict[str, Any] | None = None
     # Seconds between heartbeats of running trials; a trial silent for `grace_period` (default
-    # 2 x interval) is a killed worker's and is marked failed when a worker next looks.
+    # 2 x interval) is a killed worker's and is marked failed when a worker next looks. (A worker
+    # on the same host fails a trial whose process is gone at once, heartbeat or not.)
     heartbeat_interval: int | None = 60
     grace_period: int | None = None
 
