@@ -9,7 +9,8 @@ wall time, and resumed the way a user would: ``llm prepare`` and a ``-m`` sweep 
 same command again, ``llm train`` / ``llm finetune`` with ``ckpt_path=<run>/checkpoints/last.ckpt``
 (a run killed before its first checkpoint is started again in a new folder). The resumed result
 must equal the reference: the shard bytes and token count of a cache; the weights, step and
-final val loss of a run (1e-6 on the CPU); the number of completed trials of a sweep. The table
+final val loss of a run (1e-6 on the CPU); a sweep whole by ``llm.sweeps.check`` (``n_trials``
+counted, each completed trial once in its report, none left running). The table
 counts the kills, the resumed results identical to the reference, those with data lost (fewer
 shards, tokens or steps, a missing last.ckpt) and those that left temp files.
 
@@ -179,23 +180,21 @@ def sweep_case(args: list[str], n_trials: int) -> Case:
         return llm("train", "-m", *args, f"hydra.sweep.dir={folder / 'sweep'}")
 
     def result(folder: Path) -> dict[str, Any]:
-        import optuna
+        sys.path.insert(0, str(ROOT))
+        from llm.sweeps.check import check_sweep
 
-        db = folder / "sweep" / "optuna.db"
-        if not db.is_file():
-            return {"counted": 0}
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=None, storage=f"sqlite:///{db}")
-        states = [t.state.name for t in study.trials]
-        return {"counted": states.count("COMPLETE") + states.count("PRUNED")}
+        if not (folder / "sweep" / "optuna.db").is_file():
+            return {"whole": False, "problems": ["no optuna.db"]}
+        problems = check_sweep(folder / "sweep", n_trials)
+        return {"whole": not problems, "problems": problems}
 
     return Case(
         "sweep (-m, Optuna)",
         command,
         lambda f, c: c,
         result,
-        lambda ref, got: got["counted"] < n_trials,
-        lambda a, b: a["counted"] == b["counted"] == n_trials,
+        lambda ref, got: not got["whole"],
+        lambda a, b: a["whole"] and b["whole"],
     )
 
 
