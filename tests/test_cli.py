@@ -137,7 +137,7 @@ def test_a_printed_resume_command_pastes_back_through_the_shell_and_hydra() -> N
     from llm.training.shutdown import resume_message
 
     run = "/tmp/my runs/été_seed=3"
-    ckpt = f"{run}/checkpoints/interrupted.ckpt"
+    ckpt = f"{run}/checkpoints/last.ckpt"
     hint = resume_message(ckpt, ["model=tiny", f"hydra.run.dir={run}"]).splitlines()[1]
     words = shlex.split(hint.removeprefix("Resume with: "))
     assert words[:2] == ["llm", "train"]
