@@ -221,7 +221,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     }
     metrics = end_metrics(trainer, module)
     if "test" in result:
-        metrics.update({f"hp/{k.replace('/', '_')}": v for k, v in result["test"].items()})
+        from llm.training.board import END
+
+        metrics.update({f"{END}{k.replace('/', '_')}": v for k, v in result["test"].items()})
     log_hparams(trainer, loggers, hparams(cfg, params), metrics)
     if trainer.is_global_zero:
         log.info("\n%s", summary(cfg, trainer, module, outcome_lines(result)))

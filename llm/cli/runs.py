@@ -264,8 +264,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             continue
         if isinstance(v, dict):
             out.update(flatten(v, f"{key}."))
-        elif v is None:
-            out[key] = "None"
+        elif v is None:  # not set: HPARAMS shows no value rather than the string "None"
+            continue
         elif isinstance(v, bool | int | float | str):
             out[key] = v
         else:
@@ -296,8 +296,8 @@ def hparams(cfg: DictConfig, params: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, DictConfig):  # a group choice (model=baby): its name
             choices = _choices()
             first[key] = str(choices.get(key, "")) or str(value.get("_target_", key))
-        elif key in flat or value is None or isinstance(value, bool | int | float | str):
-            first[key] = flat.get(key, "None" if value is None else value)
+        elif key in flat or isinstance(value, bool | int | float | str):
+            first[key] = flat.get(key, value)
     filtered = flatten(first) if first else {}
     return {**filtered, **{k: v for k, v in flat.items() if k not in filtered}}
 
@@ -309,23 +309,40 @@ def _choices() -> dict[str, Any]:
 
 
 def log_hparams(trainer: Any, loggers: list[Any], params: dict[str, Any], metrics: dict) -> None:
-    """Hyperparameters and end-of-run metrics to every logger (rank zero), then close them."""
+    """Hyperparameters and end-of-run metrics to every logger (rank zero), then close them.
+
+    TensorBoard gets the HPARAMS session written here (:mod:`llm.training.board`): the keys the
+    command line set shown first, the end figures at the run's last step under ``whole_run/``;
+    other loggers get Lightning's ``log_hyperparams``.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from llm.training import board
+
     if not loggers or not trainer.is_global_zero:
         return
     clean = {k: v for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    first = [k for k in overridden_keys() if k in params]
+    benchmark = board.BENCHMARK in trainer.callback_metrics
     for logger in loggers:
-        logger.log_hyperparams(params, clean)
+        if isinstance(logger, TensorBoardLogger):
+            logger.hparams.update(params)  # its hparams.yaml, written when it is finalized
+            board.write_session([logger], params, clean, first, trainer.global_step, benchmark)
+        else:
+            logger.log_hyperparams(params, clean)
         logger.finalize("success")
 
 
 def end_metrics(trainer: Any, module: Any) -> dict[str, float | None]:
     """HPARAMS' metrics: best val loss, final train loss, tokens/s, parameter count."""
+    from llm.training.board import END
+
     train_loss = trainer.callback_metrics.get("train/loss")
     return {
-        "hp/best_val_loss": best_val_loss(trainer, module),
-        "hp/final_train_loss": None if train_loss is None else float(train_loss),
-        "hp/tokens_per_sec": module.tokens_per_second(),
-        "hp/params": float(sum(p.numel() for p in module.parameters())),
+        f"{END}best_val_loss": best_val_loss(trainer, module),
+        f"{END}final_train_loss": None if train_loss is None else float(train_loss),
+        f"{END}tokens_per_sec": module.tokens_per_second(),
+        f"{END}params": float(sum(p.numel() for p in module.parameters())),
     }
 
 
