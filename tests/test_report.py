@@ -148,6 +148,8 @@ def test_single_run_folder_is_a_report_of_one(tmp_path: Path) -> None:
         ("run", "completed", 5)
     ]
     assert result["out_dir"] == run / "report"
+    md = (run / "report" / "report.md").read_text(encoding="utf-8")
+    assert "\n1 run: best val loss first" in md  # not "1 runs"
 
 
 @pytest.mark.slow
@@ -167,7 +169,8 @@ def test_benchmark_columns_and_sorting_by_one(tmp_path: Path) -> None:
     assert [(r["run"], r["val/mc_acc_norm"]) for r in by_mc] == [
         ("b", 0.75), ("a", 0.5), ("c", None),
     ]  # fmt: skip
-    md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    # beside a plain folder of runs, not in among them
+    md = (tmp_path.parent / f"{tmp_path.name}_report" / "report.md").read_text(encoding="utf-8")
     assert "highest val/mc_acc_norm first" in md and "| 0.7500 |" in md
     with pytest.raises(report.ReportError, match="sort=loss: these runs can be sorted by"):
         report.report(tmp_path, sort="loss")

@@ -203,15 +203,14 @@ def sample_settings(cfg: DictConfig) -> dict[str, Any] | None:
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> tuple[Any, list]:
     """The Trainer of ``cfg.trainer`` with the configured loggers and callbacks (and extra)."""
-    from lightning.pytorch.callbacks import ProgressBar
-
     from llm.cli.spawned import spawned_ranks
     from llm.training.checkpointing import AtomicCheckpointIO
+    from llm.training.progress import lines_without_bar
 
     loggers = build_loggers(cfg.get("logger"), resumed_step(cfg.get("ckpt_path")))
     callbacks = instantiate_all(cfg.get("callbacks") or {})
-    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses both at once
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar then
+        callbacks = lines_without_bar(callbacks)
     callbacks += extra_callbacks or []
     callbacks += spawned_ranks(cfg.trainer)
     plugins = [] if _sharded(cfg.trainer) else [AtomicCheckpointIO()]
@@ -356,6 +355,51 @@ def announce(cfg: DictConfig) -> None:
     overrides = " ".join(shlex.quote(str(o)) for o in hydra_cfg.overrides.task) or "(none)"
     log.info("llm %s: %s", cfg.get("task_name", hydra_cfg.job.name), hydra_cfg.runtime.output_dir)
     log.info("overrides: %s", overrides)
+
+
+def end_of_run(
+    cfg: DictConfig, trainer: Any, module: Any, seconds: float, extra: list[str] | None = None
+) -> None:
+    """Say how the run ended (rank zero): its full :func:`summary`; a ``-m`` sweep's job says one
+    line (the summary goes to its log file, and the sweep ends with its best job's)."""
+    from llm.cli import sweep
+    from llm.cli.app import is_multirun
+
+    if not trainer.is_global_zero:
+        return
+    text = summary(cfg, trainer, module, extra)
+    if not is_multirun():
+        log.info("\n%s", text)
+        return
+    to_log_file("\n" + text)
+    folder = Path(str(cfg.get("output_dir") or trainer.default_root_dir)).resolve()
+    sweep.job_summaries[str(folder)] = text
+    log.info(job_line(best_val_loss(trainer, module), seconds))
+
+
+def job_line(best: float, seconds: float) -> str:
+    """``job 1 (optim.lr=0.003): best val/loss 2.4123 in 0m42s``: one sweep job, one line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get().job
+    overrides = " ".join(str(o) for o in HydraConfig.get().overrides.task) or "no overrides"
+    shown = f"best val/loss {best:.4f}" if math.isfinite(best) else "no val/loss"
+    return f"job {job.num} ({overrides}): {shown} in {duration(seconds)}"
+
+
+def duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s``: how long a run took."""
+    from llm.training.progress import _duration
+
+    return _duration(seconds)
+
+
+def to_log_file(text: str) -> None:
+    """``text`` into the run's log file only (the root logger's file handlers), not the console."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None = None) -> str:

@@ -310,7 +310,8 @@ def to_markdown(table: list[dict[str, Any]], root: Path, sort: str = DEFAULT_SOR
     lines = [
         f"# Sweep report: {root}",
         "",
-        f"{len(table)} runs: {order}, then runs without one, failed runs last.",
+        f"{len(table)} {'run' if len(table) == 1 else 'runs'}: {order}, then runs without one, "
+        "failed runs last.",
         "",
     ]
     if common:
@@ -414,6 +415,17 @@ def plot_study(study: Any, out: Path) -> list[Path]:
     return written
 
 
+def default_out(root: Path) -> Path:
+    """Where the report goes without ``out=``: ``report/`` inside a sweep folder (Hydra's
+    ``multirun.yaml`` marks it), a run folder or a ``logs/`` tree; beside a plain folder of
+    run folders (``logs/train/runs`` -> ``logs/train/runs_report``), where a ``report/`` in
+    among them would read as one more run."""
+    sweep = (root / "multirun.yaml").is_file()
+    if sweep or not any((p / ".hydra" / "config.yaml").is_file() for p in root.iterdir()):
+        return root / "report"
+    return root.parent / f"{root.resolve().name}_report"
+
+
 def report(
     root: str | Path, out: str | Path | None = None, sort: str | None = None
 ) -> dict[str, Any]:
@@ -422,8 +434,8 @@ def report(
 
     matplotlib.use("Agg")
     root = Path(root)
-    out_dir = Path(out) if out is not None else root / "report"
     runs = [load_run(p, root) for p in find_runs(root)]
+    out_dir = Path(out) if out is not None else default_out(root)
     studies = _load_studies(runs)
     sort = sort or DEFAULT_SORT
     table = rows(runs, sort)
