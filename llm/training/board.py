@@ -123,3 +123,13 @@ def write_session(
         for tag, value in values.items():
             writer.add_scalar(tag, value, step)
         writer.flush()
+
+
+def write_text(writer: Any, tag: str, text: str, step: int) -> None:
+    """Markdown ``text`` under ``tag`` itself: SummaryWriter.add_text appends ``/text_summary``,
+    so a sample logged as "sample" showed as ``sample/text_summary``."""
+    from torch.utils.tensorboard.summary import text as text_summary
+
+    summary = text_summary(tag, text)
+    summary.value[0].tag = tag
+    writer._get_file_writer().add_summary(summary, step)
