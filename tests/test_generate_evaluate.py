@@ -104,6 +104,13 @@ def test_evaluate_cli_prints_metrics(
     for key in ("val_loss:", "perplexity:", "bits_per_char:"):
         assert key in out
     lines = dict(line.split(": ") for line in out.strip().splitlines())
+    # which checkpoint, which split, how many tokens were scored
+    assert lines["checkpoint"] == str(trained["ckpt"])
+    assert lines["split"].startswith(f"validation, the last 10% of {trained['corpus']} ")
+    from helpers import compose
+
+    batch = compose("evaluate", ["data=text_files"]).data.batch_size
+    assert lines["tokens"].endswith(f"(the first 3 batches of {batch} windows, limit_batches=3)")
     loss = float(lines["val_loss"])
     assert float(lines["bits_per_char"]) == pytest.approx(loss / math.log(2), abs=2e-4)
 

@@ -48,8 +48,11 @@ def _make_run(
     for tag, series in (scalars or {}).items():
         for step, v in series:
             writer.add_scalar(tag, v, step)
-    if finished:
-        writer.add_scalar("hp/best_val_loss", min((v for _, v in val), default=0.0), 0)
+    if finished:  # the end figures (llm.training.board), at the last step
+        last = max((s for s, _ in val), default=len(tps))
+        writer.add_scalar("whole_run/best_val_loss", min((v for _, v in val), default=0.0), last)
+        if tps:  # the run's one tokens/s (tokens over training time), not these windows'
+            writer.add_scalar("whole_run/tokens_per_sec", 1234.5, last)
     writer.close()
     if failed:  # what the llm command writes into the run's log file when the run fails
         (run / "train.log").write_text("[t][llm][ERROR] - run failed\nTraceback ...\n")
@@ -125,7 +128,7 @@ def test_report_ranks_runs_and_tells_their_status(
     ]
     assert float(rows[0]["best_val_loss"]) == pytest.approx(2.5) and rows[0]["best_step"] == "4"
     assert float(rows[1]["best_val_loss"]) == pytest.approx(2.8) and rows[1]["best_step"] == "2"
-    assert float(rows[0]["tokens_per_sec"]) == pytest.approx(200.0)
+    assert float(rows[0]["tokens_per_sec"]) == pytest.approx(1234.5)
     assert rows[0]["overrides"] == "optim.lr=0.001 model=tiny"  # data.path is excluded
     assert rows[3]["best_val_loss"] == "" and rows[3]["rank"] == "4"
     assert float(rows[5]["best_val_loss"]) == pytest.approx(2.0)  # failed, yet its loss shows
@@ -133,7 +136,7 @@ def test_report_ranks_runs_and_tells_their_status(
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "| 5 | 6_optim.lr=0.02 | completed | no val/loss logged |" in md
     assert "Overrides common to all runs: `model=tiny`" in md
-    assert "| 1 | 0_optim.lr=0.001 | completed | 2.5000 | 4 | 4 | 200.0 |  | optim.lr=0.001 |" in md
+    assert "| 1 | 0_optim.lr=0.001 | completed | 2.5000 | 4 | 4 | 1,234 |  | optim.lr=0.001 |" in md
     assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -145,6 +148,8 @@ def test_single_run_folder_is_a_report_of_one(tmp_path: Path) -> None:
         ("run", "completed", 5)
     ]
     assert result["out_dir"] == run / "report"
+    md = (run / "report" / "report.md").read_text(encoding="utf-8")
+    assert "\n1 run: best val loss first" in md  # not "1 runs"
 
 
 @pytest.mark.slow
@@ -164,7 +169,8 @@ def test_benchmark_columns_and_sorting_by_one(tmp_path: Path) -> None:
     assert [(r["run"], r["val/mc_acc_norm"]) for r in by_mc] == [
         ("b", 0.75), ("a", 0.5), ("c", None),
     ]  # fmt: skip
-    md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    # beside a plain folder of runs, not in among them
+    md = (tmp_path.parent / f"{tmp_path.name}_report" / "report.md").read_text(encoding="utf-8")
     assert "highest val/mc_acc_norm first" in md and "| 0.7500 |" in md
     with pytest.raises(report.ReportError, match="sort=loss: these runs can be sorted by"):
         report.report(tmp_path, sort="loss")

@@ -4,6 +4,7 @@ no noise, and sweeps whose every job validates and whose table ends the command.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,18 @@ def test_every_job_of_a_short_sweep_validates_and_the_sweep_ends_with_its_table(
     assert len(rows) == 2 and all("completed" in r and "no val/loss" not in r for r in rows)
     assert f"Report folder: {sweep / 'report'}" in out
     assert (sweep / "report" / "val_loss.png").is_file()
+    # each job says one line (overrides, best val loss, time); the sweep ends with its best
+    # job's full summary, after the table; each job's log file keeps its own summary
+    jobs = [line for line in out.splitlines() if line.startswith("job ")]
+    assert [j.split(" (")[0] for j in jobs] == ["job 0", "job 1"]
+    assert all("optim.lr=" in j and ": best val/loss " in j and re.search(r" in \dm\d\ds$", j)
+               for j in jobs)  # fmt: skip
+    assert out.count("Run folder:") == 1 and out.index("Run folder:") > out.index("# Sweep report")
+    best = rows[0].split("|")[2].strip()
+    assert f"Best job ({best}):\nRun folder:      {sweep / best}" in out
+    for job in ("0_", "1_"):
+        (folder,) = sweep.glob(f"{job}*")
+        assert f"Run folder:      {folder}" in (folder / "train.log").read_text()
 
 
 def test_plain_progress_lines_say_step_loss_speed_and_time_left() -> None:
@@ -180,3 +193,61 @@ def test_attention_figure_is_readable() -> None:
     assert len(colorbars) == 1 and fig._suptitle.get_text() == "layer 1"
     width, height = fig.get_size_inches()
     assert width >= 9 and height >= 3  # three heads of at least 3 inches each
+
+
+@pytest.mark.slow
+def test_step_lines_go_on_when_the_progress_bar_is_off(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """`trainer.enable_progress_bar=false` (as experiment=shakespeare_char_cpu_speedrun sets):
+    plain step lines at the bar's interval, rather than nothing until the summary."""
+    from helpers import compose
+
+    from llm.cli.runs import build_trainer
+    from llm.training.progress import StepLines
+
+    speedrun = compose(
+        "train", ["experiment=shakespeare_char_cpu_speedrun", f"output_dir={tmp_path / 's'}"]
+    )
+    assert speedrun.trainer.enable_progress_bar is False
+    trainer, _ = build_trainer(speedrun)
+    (lines,) = [c for c in trainer.callbacks if isinstance(c, StepLines)]
+    assert lines.every_n_steps == 50 and trainer.progress_bar_callback is None
+
+    args = [*_args(tmp_path), "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2"]
+    assert llm_main("train", *args) == 0
+    out = capsys.readouterr().out
+    progress = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [p.split()[1] for p in progress] == ["2/6", "4/6", "6/6"]
+    assert all("train/loss " in p for p in progress), progress
+    assert all(" tokens/s" in p for p in progress[1:]), progress  # from the 2nd logging step
+
+
+def test_log_lines_on_a_terminal_go_through_the_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal, `validation at step N: ...` is written with tqdm.write (which clears the
+    bar and draws it again), not printed onto the bar's line."""
+    import logging
+    import sys
+
+    import tqdm
+
+    from llm.training.progress import Bar, progress_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = progress_bar(refresh_rate=5, every_n_steps=7)
+    assert isinstance(bar, Bar) and bar.every_n_steps == 7
+    written: list[str] = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, **kw: written.append(s)))
+    console = logging.StreamHandler(sys.stdout)
+    root = logging.getLogger()
+    root.addHandler(console)
+    monkeypatch.setattr(root, "level", logging.INFO)
+    try:
+        bar.on_fit_start(None, None)  # type: ignore[arg-type]
+        logging.getLogger("llm.training.module").info("validation at step 3: val/loss 2.5000")
+        bar.teardown(None, None, "fit")  # type: ignore[arg-type]
+        restored = console in root.handlers
+        logging.getLogger("llm").info("after the bar")  # the plain console handler again
+    finally:
+        root.removeHandler(console)
+    assert written == ["validation at step 3: val/loss 2.5000"] and restored

@@ -125,12 +125,36 @@ def loss(cfg: DictConfig, key: str, value: str) -> dict[str, float]:
     dm = hydra.utils.instantiate(data, tokenizer=tokenizer)
     limit = None if cfg.limit_batches is None else int(cfg.limit_batches)
     metrics = evaluate(module, dm, limit_batches=limit)
+    print(f"{'checkpoint' if key == 'ckpt_path' else 'init'}: {value}")
+    print(f"split: {split_text(cfg, dm)}")
+    print(f"tokens: {int(metrics['tokens'])} scored ({scored_text(limit, dm)})")
     print(f"val_loss: {metrics['val_loss']:.4f}")
     print(f"perplexity: {metrics['ppl']:.4f}")
     if "bpc" in metrics:
         print(f"bits_per_char: {metrics['bpc']:.4f}")
-    print(f"tokens: {int(metrics['tokens'])}")
     return metrics
+
+
+def split_text(cfg: DictConfig, dm: Any) -> str:
+    """Which tokens were scored: the data's validation split (its last ``val_fraction``, as in
+    training), of which corpus and its token cache."""
+    from hydra.core.hydra_config import HydraConfig
+
+    source = cfg.data.get("path")
+    if source is None and HydraConfig.initialized():
+        source = f"data={HydraConfig.get().runtime.choices.get('data')}"
+    fraction = float(getattr(dm, "val_fraction", 0.0))
+    cache = getattr(dm, "cache_path", None)
+    where = f", token cache {cache}" if cache else ""
+    return f"validation, the last {fraction:.0%} of {source} (data.val_fraction={fraction}){where}"
+
+
+def scored_text(limit: int | None, dm: Any) -> str:
+    """Whether the whole split was scored or its first ``limit_batches`` batches."""
+    windows = len(getattr(dm, "val_dataset", None) or [])
+    if limit is None:
+        return f"the whole split, {windows} windows of {dm.block_size} tokens"
+    return f"the first {limit} batches of {dm.batch_size} windows, limit_batches={limit}"
 
 
 def _module(key: str, value: str, device: Any) -> Any:

@@ -8,6 +8,7 @@ sweeps). ``finetune(cfg)`` is what tests call; ``main`` returns the best validat
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,12 @@ from llm.cli.runs import (
     check_run,
     checkpoint_paths,
     end_metrics,
+    end_of_run,
     hparams,
     log_hparams,
     run_folder_lock,
     sample_settings,
     shutdown_of,
-    summary,
 )
 from llm.cli.sweep import end_sweep_job, sweep_pruning
 
@@ -151,6 +152,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     from llm.finetuning.init import load_init
     from llm.finetuning.lora import count_params
 
+    started = time.perf_counter()
     validate(cfg)
     quiet_libraries()
     announce(cfg)
@@ -221,10 +223,11 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     }
     metrics = end_metrics(trainer, module)
     if "test" in result:
-        metrics.update({f"hp/{k.replace('/', '_')}": v for k, v in result["test"].items()})
+        from llm.training.board import END
+
+        metrics.update({f"{END}{k.replace('/', '_')}": v for k, v in result["test"].items()})
     log_hparams(trainer, loggers, hparams(cfg, params), metrics)
-    if trainer.is_global_zero:
-        log.info("\n%s", summary(cfg, trainer, module, outcome_lines(result)))
+    end_of_run(cfg, trainer, module, time.perf_counter() - started, outcome_lines(result))
     end_sweep_job(pruning, result["shutdown"])
     return result
 

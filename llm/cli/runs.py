@@ -203,15 +203,14 @@ def sample_settings(cfg: DictConfig) -> dict[str, Any] | None:
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> tuple[Any, list]:
     """The Trainer of ``cfg.trainer`` with the configured loggers and callbacks (and extra)."""
-    from lightning.pytorch.callbacks import ProgressBar
-
     from llm.cli.spawned import spawned_ranks
     from llm.training.checkpointing import AtomicCheckpointIO
+    from llm.training.progress import lines_without_bar
 
     loggers = build_loggers(cfg.get("logger"), resumed_step(cfg.get("ckpt_path")))
     callbacks = instantiate_all(cfg.get("callbacks") or {})
-    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses both at once
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar then
+        callbacks = lines_without_bar(callbacks)
     callbacks += extra_callbacks or []
     callbacks += spawned_ranks(cfg.trainer)
     plugins = [] if _sharded(cfg.trainer) else [AtomicCheckpointIO()]
@@ -264,8 +263,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             continue
         if isinstance(v, dict):
             out.update(flatten(v, f"{key}."))
-        elif v is None:
-            out[key] = "None"
+        elif v is None:  # not set: HPARAMS shows no value rather than the string "None"
+            continue
         elif isinstance(v, bool | int | float | str):
             out[key] = v
         else:
@@ -296,8 +295,8 @@ def hparams(cfg: DictConfig, params: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, DictConfig):  # a group choice (model=baby): its name
             choices = _choices()
             first[key] = str(choices.get(key, "")) or str(value.get("_target_", key))
-        elif key in flat or value is None or isinstance(value, bool | int | float | str):
-            first[key] = flat.get(key, "None" if value is None else value)
+        elif key in flat or isinstance(value, bool | int | float | str):
+            first[key] = flat.get(key, value)
     filtered = flatten(first) if first else {}
     return {**filtered, **{k: v for k, v in flat.items() if k not in filtered}}
 
@@ -309,23 +308,40 @@ def _choices() -> dict[str, Any]:
 
 
 def log_hparams(trainer: Any, loggers: list[Any], params: dict[str, Any], metrics: dict) -> None:
-    """Hyperparameters and end-of-run metrics to every logger (rank zero), then close them."""
+    """Hyperparameters and end-of-run metrics to every logger (rank zero), then close them.
+
+    TensorBoard gets the HPARAMS session written here (:mod:`llm.training.board`): the keys the
+    command line set shown first, the end figures at the run's last step under ``whole_run/``;
+    other loggers get Lightning's ``log_hyperparams``.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from llm.training import board
+
     if not loggers or not trainer.is_global_zero:
         return
     clean = {k: v for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    first = [k for k in overridden_keys() if k in params]
+    benchmark = board.BENCHMARK in trainer.callback_metrics
     for logger in loggers:
-        logger.log_hyperparams(params, clean)
+        if isinstance(logger, TensorBoardLogger):
+            logger.hparams.update(params)  # its hparams.yaml, written when it is finalized
+            board.write_session([logger], params, clean, first, trainer.global_step, benchmark)
+        else:
+            logger.log_hyperparams(params, clean)
         logger.finalize("success")
 
 
 def end_metrics(trainer: Any, module: Any) -> dict[str, float | None]:
     """HPARAMS' metrics: best val loss, final train loss, tokens/s, parameter count."""
+    from llm.training.board import END
+
     train_loss = trainer.callback_metrics.get("train/loss")
     return {
-        "hp/best_val_loss": best_val_loss(trainer, module),
-        "hp/final_train_loss": None if train_loss is None else float(train_loss),
-        "hp/tokens_per_sec": module.tokens_per_second(),
-        "hp/params": float(sum(p.numel() for p in module.parameters())),
+        f"{END}best_val_loss": best_val_loss(trainer, module),
+        f"{END}final_train_loss": None if train_loss is None else float(train_loss),
+        f"{END}tokens_per_sec": module.tokens_per_second(),
+        f"{END}params": float(sum(p.numel() for p in module.parameters())),
     }
 
 
@@ -339,6 +355,51 @@ def announce(cfg: DictConfig) -> None:
     overrides = " ".join(shlex.quote(str(o)) for o in hydra_cfg.overrides.task) or "(none)"
     log.info("llm %s: %s", cfg.get("task_name", hydra_cfg.job.name), hydra_cfg.runtime.output_dir)
     log.info("overrides: %s", overrides)
+
+
+def end_of_run(
+    cfg: DictConfig, trainer: Any, module: Any, seconds: float, extra: list[str] | None = None
+) -> None:
+    """Say how the run ended (rank zero): its full :func:`summary`; a ``-m`` sweep's job says one
+    line (the summary goes to its log file, and the sweep ends with its best job's)."""
+    from llm.cli import sweep
+    from llm.cli.app import is_multirun
+
+    if not trainer.is_global_zero:
+        return
+    text = summary(cfg, trainer, module, extra)
+    if not is_multirun():
+        log.info("\n%s", text)
+        return
+    to_log_file("\n" + text)
+    folder = Path(str(cfg.get("output_dir") or trainer.default_root_dir)).resolve()
+    sweep.job_summaries[str(folder)] = text
+    log.info(job_line(best_val_loss(trainer, module), seconds))
+
+
+def job_line(best: float, seconds: float) -> str:
+    """``job 1 (optim.lr=0.003): best val/loss 2.4123 in 0m42s``: one sweep job, one line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get().job
+    overrides = " ".join(str(o) for o in HydraConfig.get().overrides.task) or "no overrides"
+    shown = f"best val/loss {best:.4f}" if math.isfinite(best) else "no val/loss"
+    return f"job {job.num} ({overrides}): {shown} in {duration(seconds)}"
+
+
+def duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s``: how long a run took."""
+    from llm.training.progress import _duration
+
+    return _duration(seconds)
+
+
+def to_log_file(text: str) -> None:
+    """``text`` into the run's log file only (the root logger's file handlers), not the console."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None = None) -> str:

@@ -59,8 +59,10 @@ def end_sweep_job(pruning: Any, interrupted: BaseException | None) -> None:
         raise interrupted
 
 
-# The folder of the sweep this process ran (set when a -m sweep starts), for its report.
+# The folder of the sweep this process ran (set when a -m sweep starts), for its report, and
+# each job's full summary by its run folder (a job prints one line), for the sweep's end.
 swept: Path | None = None
+job_summaries: dict[str, str] = {}
 
 
 class SweepReport(Callback):
@@ -69,6 +71,7 @@ class SweepReport(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global swept
         swept = Path(str(config.hydra.sweep.dir))
+        job_summaries.clear()
 
 
 def print_sweep_report(folder: Path) -> None:
@@ -81,3 +84,6 @@ def print_sweep_report(folder: Path) -> None:
         return
     print("\n" + (result["out_dir"] / "report.md").read_text(encoding="utf-8"))
     print(f"Report folder: {result['out_dir']}  (llm report dir={folder} writes it again)")
+    best = str((folder / result["rows"][0]["run"]).resolve()) if result["rows"] else None
+    if best in job_summaries:  # the best job's summary (ran in this process): what to run next
+        print(f"\nBest job ({result['rows'][0]['run']}):\n{job_summaries[best]}")

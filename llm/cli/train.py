@@ -7,6 +7,7 @@ best validation loss, which ``-m`` sweepers (Optuna) minimise.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,12 +21,12 @@ from llm.cli.runs import (
     check_run,
     checkpoint_paths,
     end_metrics,
+    end_of_run,
     hparams,
     log_hparams,
     run_folder_lock,
     sample_settings,
     shutdown_of,
-    summary,
 )
 from llm.cli.sweep import end_sweep_job, sweep_pruning
 
@@ -60,6 +61,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from llm.cli.spawned import bring_back
     from llm.training.module import GPTLitModule
 
+    started = time.perf_counter()
     validate(cfg)
     quiet_libraries()
     announce(cfg)
@@ -107,8 +109,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "module": module,
         "shutdown": shutdown_of(trainer),
     }
-    if trainer.is_global_zero:
-        log.info("\n%s", summary(cfg, trainer, module))
+    end_of_run(cfg, trainer, module, time.perf_counter() - started)
     end_sweep_job(pruning, result["shutdown"])  # after logging: pruned trials show in HPARAMS
     return result
 

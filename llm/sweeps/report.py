@@ -14,7 +14,6 @@ import csv
 import io
 import logging
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ COLUMNS = [
 # benchmark scalars shown (best value over the run) when logged; all are higher-is-better
 BENCHMARKS = ("val/mc_acc", "val/mc_acc_norm")
 DEFAULT_SORT = "best_val_loss"
+# the run's end figures (llm.training.board.END): written once training ends; "hp/": before
+END_PREFIXES = ("whole_run/", "hp/")
 
 
 class ReportError(ValueError):
@@ -150,12 +151,25 @@ def _ending(run_dir: Path) -> str | None:
     return ending
 
 
+def _end_value(scalars: dict[str, list[tuple[int, float]]], name: str) -> float | None:
+    """One of the run's end figures (the last written, finite), or None before the run ended.
+
+    Tokens/s is this one value, the summary's (tokens over the training time, validation
+    excluded), not a statistic of the ``train/tokens_per_sec`` windows.
+    """
+    for prefix in END_PREFIXES:
+        series = sorted(scalars.get(prefix + name, []))
+        if series and math.isfinite(series[-1][1]):
+            return series[-1][1]
+    return None
+
+
 def _disk_status(run: Run, scalars: dict[str, list[tuple[int, float]]]) -> str:
     """Status of a run that is not an Optuna trial, from what it left on disk."""
     ending = _ending(run.path)
     if ending is not None:
         return ending
-    if "hp/best_val_loss" in scalars:  # train() logs it after fit returns
+    if _end_value(scalars, "best_val_loss") is not None:  # train() logs it after fit returns
         return "completed"
     newest = max((p.stat().st_mtime for p in run.path.rglob("*") if p.is_file()), default=0.0)
     return "running" if time.time() - newest < RUNNING_WINDOW_S else "failed"
@@ -167,10 +181,9 @@ def load_run(run_dir: Path, root: Path) -> Run:
     run = Run(path=run_dir, name=name, overrides=_overrides(run_dir))
     scalars = _scalars(run_dir)  # the TensorBoard events live in the run folder itself
     run.val_curve = sorted(scalars.get("val/loss", []))
-    steps = [s for tag, series in scalars.items() if not tag.startswith("hp/") for s, _ in series]
+    steps = [s for tag, ser in scalars.items() if not tag.startswith(END_PREFIXES) for s, _ in ser]
     run.last_step = max(steps, default=None)
-    tps = [v for _, v in scalars.get("train/tokens_per_sec", []) if math.isfinite(v)]
-    run.tokens_per_sec = statistics.median(tps) if tps else None
+    run.tokens_per_sec = _end_value(scalars, "tokens_per_sec")
     for tag in BENCHMARKS:
         values = [v for _, v in scalars.get(tag, []) if math.isfinite(v)]
         if values:
@@ -248,8 +261,8 @@ def check_sort(sort: str, runs: list[Run]) -> None:
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
+    if isinstance(value, float):  # digits 0: a count, grouped as the run summary prints it
+        return f"{value:,.0f}" if digits == 0 else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -297,7 +310,8 @@ def to_markdown(table: list[dict[str, Any]], root: Path, sort: str = DEFAULT_SOR
     lines = [
         f"# Sweep report: {root}",
         "",
-        f"{len(table)} runs: {order}, then runs without one, failed runs last.",
+        f"{len(table)} {'run' if len(table) == 1 else 'runs'}: {order}, then runs without one, "
+        "failed runs last.",
         "",
     ]
     if common:
@@ -311,7 +325,7 @@ def to_markdown(table: list[dict[str, Any]], root: Path, sort: str = DEFAULT_SOR
         lines.append(
             "| "
             + " | ".join(
-                _fmt(cells[k], 1 if k == "tokens_per_sec" else 4).replace("|", "\\|") for k in names
+                _fmt(cells[k], 0 if k == "tokens_per_sec" else 4).replace("|", "\\|") for k in names
             )
             + " |"
         )
@@ -401,6 +415,17 @@ def plot_study(study: Any, out: Path) -> list[Path]:
     return written
 
 
+def default_out(root: Path) -> Path:
+    """Where the report goes without ``out=``: ``report/`` inside a sweep folder (Hydra's
+    ``multirun.yaml`` marks it), a run folder or a ``logs/`` tree; beside a plain folder of
+    run folders (``logs/train/runs`` -> ``logs/train/runs_report``), where a ``report/`` in
+    among them would read as one more run."""
+    sweep = (root / "multirun.yaml").is_file()
+    if sweep or not any((p / ".hydra" / "config.yaml").is_file() for p in root.iterdir()):
+        return root / "report"
+    return root.parent / f"{root.resolve().name}_report"
+
+
 def report(
     root: str | Path, out: str | Path | None = None, sort: str | None = None
 ) -> dict[str, Any]:
@@ -409,8 +434,8 @@ def report(
 
     matplotlib.use("Agg")
     root = Path(root)
-    out_dir = Path(out) if out is not None else root / "report"
     runs = [load_run(p, root) for p in find_runs(root)]
+    out_dir = Path(out) if out is not None else default_out(root)
     studies = _load_studies(runs)
     sort = sort or DEFAULT_SORT
     table = rows(runs, sort)

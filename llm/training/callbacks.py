@@ -14,6 +14,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from llm.training.board import write_text
+
 
 def _tensorboard(trainer: L.Trainer) -> Any | None:
     """The SummaryWriter of the first TensorBoardLogger, or None."""
@@ -23,9 +25,12 @@ def _tensorboard(trainer: L.Trainer) -> Any | None:
     return None
 
 
-def _should_run(trainer: L.Trainer) -> bool:
-    """Rank zero only, not during the sanity check, and not under FSDP (sharded weights)."""
-    if trainer.sanity_checking or not trainer.is_global_zero:
+def _should_run(trainer: L.Trainer, at_start: bool = False) -> bool:
+    """Rank zero only, not under FSDP (sharded weights), and not during the sanity check unless
+    ``at_start``: the check of a fresh run is its step 0 (`GPTLitModule.log_initial_validation`)."""
+    if not trainer.is_global_zero:
+        return False
+    if trainer.sanity_checking and not (at_start and trainer.global_step == 0):
         return False
     return "FSDP" not in type(trainer.strategy).__name__
 
@@ -81,11 +86,8 @@ class SampleTextCallback(L.Callback):
                 top_k=self.top_k,
                 seed=self.seed,
             )
-        writer.add_text(
-            "samples/text",
-            self.markdown(pl_module.tokenizer, ids, out[0].tolist()),
-            trainer.global_step,
-        )
+        sample = self.markdown(pl_module.tokenizer, ids, out[0].tolist())
+        write_text(writer, "sample", sample, trainer.global_step)
 
     def markdown(self, tokenizer: Any, prompt: list[int], ids: list[int]) -> str:
         """The settings, then prompt and continuation as a code block (spacing survives)."""
@@ -98,7 +100,9 @@ class SampleTextCallback(L.Callback):
 
 
 class AttentionHeatmapCallback(L.Callback):
-    """After each validation, log per-head attention on a fixed input as one figure per layer.
+    """At each validation, the one before the first step included (step 0: the untrained
+    model), log attention on a fixed input: one figure per head (``attention/layer0/head1``),
+    each large enough to read in TensorBoard's IMAGES card.
 
     ``layers``: a layer index, a list of them, or ``"all"``. ``text`` null reads the first
     ``max_tokens`` tokens of the validation data, which every tokenizer can encode.
@@ -139,7 +143,7 @@ class AttentionHeatmapCallback(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer = _tensorboard(trainer)
-        if writer is None or not _should_run(trainer):
+        if writer is None or not _should_run(trainer, at_start=True):
             return
         ids = self._ids(trainer, pl_module)
         if not ids:
@@ -152,8 +156,10 @@ class AttentionHeatmapCallback(L.Callback):
         labels = list(pieces(ids)) if pieces else [tok.decode([i]) for i in ids]
         for layer in self.layer_indices(model.config.n_layer):
             maps = model.attention_maps(idx, layer)[0].float().cpu()  # (H, T, T)
-            figure = heatmap_figure(maps, labels, title=f"layer {layer}")
-            writer.add_figure(f"attention/layer{layer}", figure, trainer.global_step)
+            for head in range(maps.shape[0]):
+                figure = heatmap_figure(maps[head : head + 1], labels, f"layer {layer}", head)
+                tag = f"attention/layer{layer}/head{head}"
+                writer.add_figure(tag, figure, trainer.global_step)
 
 
 class MultipleChoiceCallback(L.Callback):
@@ -224,7 +230,9 @@ def visible(piece: str) -> str:
     return out or "∅"
 
 
-def heatmap_figure(maps: torch.Tensor, labels: list[str] | None = None, title: str = "") -> Any:
+def heatmap_figure(
+    maps: torch.Tensor, labels: list[str] | None = None, title: str = "", first_head: int = 0
+) -> Any:
     """A grid of (T, T) heat maps, one per head: query rows, key columns, one shared colour
     bar; token labels on the axes (whitespace visible) while they stay legible."""
     import matplotlib
@@ -245,7 +253,7 @@ def heatmap_figure(maps: torch.Tensor, labels: list[str] | None = None, title: s
             ax.axis("off")
             continue
         image = ax.imshow(maps[h].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_title(f"head {first_head + h}", fontsize=9)
         ax.set_xlabel("key (attended to)", fontsize=8)
         ax.set_ylabel("query (attending)", fontsize=8)
         if labels is not None and t <= 48:

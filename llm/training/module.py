@@ -23,7 +23,8 @@ from llm import faults
 from llm.finetuning.lora import apply_lora
 from llm.model import GPT, GPTConfig
 from llm.prompts import check_template
-from llm.training.optim import build_optimizer, build_scheduler
+from llm.training import board
+from llm.training.optim import build_optimizer, build_scheduler, schedule_of
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class GPTLitModule(L.LightningModule):
         self._clock = {"mark": time.perf_counter(), "train": 0.0}
         self._log_resumed_validation()
         self._restore_rng()
+        if self.global_step == 0 and self.trainer.is_global_zero:  # a resumed run has one
+            board.write_layout(self.loggers, mfu=self._peak_flops is not None)
 
     def _log_resumed_validation(self) -> None:
         """A run resumed from a checkpoint written at a validation logs that validation again:
@@ -175,9 +178,9 @@ class GPTLitModule(L.LightningModule):
         bar. Written directly rather than through Lightning's cadence, so that train points
         fall on 0, n, 2n, ... like the validations, and no `epoch` scalar comes along."""
         metrics = {"train/loss": check_finite(loss, self.global_step)}
-        for opt in self.trainer.optimizers:  # one curve per parameter group, by its name
-            for i, group in enumerate(opt.param_groups):
-                metrics[f"lr/{group.get('name', f'group{i}')}"] = float(group["lr"])
+        for opt in self.trainer.optimizers:  # one curve per optimizer (lr/adamw, lr/muon)
+            for group in opt.param_groups:
+                metrics.setdefault(f"lr/{schedule_of(group)}", float(group["lr"]))
         metrics.update(self._throughput(now))
         self.log("train/loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         for key in ("train/tokens_per_sec", "train/mfu"):

@@ -74,10 +74,19 @@ def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
 def _decay_split(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return [  # named: the learning rate is logged per group (lr/decay, lr/no_decay, lr/muon)
+    return [  # named: `schedule_of` tells which learning-rate curve a group follows
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
+
+
+def schedule_of(group: Mapping[str, Any]) -> str:
+    """The learning-rate curve a parameter group follows, by its optimizer: "adamw" or "muon".
+
+    All of one optimizer's groups share one peak lr and one schedule, so one curve each
+    (``lr/adamw``, ``lr/muon``) shows them all; one per group drew the same curve twice.
+    """
+    return "muon" if group.get("name") == "muon" else "adamw"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

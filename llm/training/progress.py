@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import lightning as L
@@ -17,8 +18,30 @@ log = logging.getLogger("llm.progress")
 def progress_bar(refresh_rate: int = 10, every_n_steps: int = 50) -> ProgressBar:
     """A tqdm bar where stderr is a terminal, else :class:`PlainProgress` lines."""
     if sys.stderr.isatty():
-        return TQDMProgressBar(refresh_rate=refresh_rate)
+        return Bar(refresh_rate=refresh_rate, every_n_steps=every_n_steps)
     return PlainProgress(every_n_steps)
+
+
+class Bar(TQDMProgressBar):
+    """Lightning's tqdm bar, with the run's console log lines (``validation at step N: ...``)
+    written through ``tqdm.write`` while it shows, so none lands on the bar's own line."""
+
+    def __init__(self, refresh_rate: int = 10, every_n_steps: int = 50) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.every_n_steps = every_n_steps  # the plain lines' interval, if the bar is turned off
+        self._redirect: ExitStack | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        if self._redirect is None:
+            self._redirect = ExitStack()
+            self._redirect.enter_context(logging_redirect_tqdm())  # the root logger's console
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._redirect is not None:
+            self._redirect.close()
+            self._redirect = None
 
 
 def _duration(seconds: float) -> str:
@@ -28,9 +51,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-class PlainProgress(ProgressBar):
+class StepLines(L.Callback):
     """``step 250/2000 (12%)  train/loss 2.4123  13,502 tokens/s  eta 1m52s`` every N steps,
-    through logging, so it also lands in the run's log file."""
+    through logging, so it also lands in the run's log file. A plain callback: it is what a run
+    shows when ``trainer.enable_progress_bar=false`` (Lightning then refuses any progress bar)."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         super().__init__()
@@ -40,11 +64,9 @@ class PlainProgress(ProgressBar):
         self._start_step = 0
         self._last = -1  # under gradient accumulation, each step ends several batches
 
-    def disable(self) -> None:
-        self._enabled = False
-
-    def enable(self) -> None:
-        self._enabled = True
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """What the progress bar would show (the module's ``prog_bar=True`` values)."""
+        return dict(trainer.progress_bar_metrics)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start, self._start_step = time.perf_counter(), trainer.global_step
@@ -73,6 +95,36 @@ class PlainProgress(ProgressBar):
             rate = (time.perf_counter() - self._start) / done
             parts.append(f"eta {_duration(rate * (total - step))}")
         return "  ".join(parts)
+
+
+class PlainProgress(StepLines, ProgressBar):
+    """:class:`StepLines` as the run's progress bar, where stderr is not a terminal."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        StepLines.__init__(self, every_n_steps)
+        ProgressBar.__init__(self)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return ProgressBar.get_metrics(self, trainer, pl_module)
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+
+def lines_without_bar(callbacks: list[Any]) -> list[Any]:
+    """``callbacks`` for a Trainer with its progress bar off: each bar (which Lightning would
+    refuse) becomes :class:`StepLines` at its interval, so a run still says how it goes."""
+    out = []
+    for callback in callbacks:
+        if isinstance(callback, ProgressBar):
+            every = getattr(callback, "every_n_steps", None)
+            callback = StepLines(every) if every else None
+        if callback is not None:
+            out.append(callback)
+    return out
 
 
 class ModelOverview(L.Callback):
