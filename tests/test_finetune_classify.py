@@ -111,8 +111,10 @@ def test_classify_overfits_last_block_only_and_cli(
     result = finetune(cfg)
     losses = recorder(result).losses
     assert losses[-1] < 0.1 < losses[0]
-    assert result["test"]["test/acc"] == 1.0
-    assert result["metrics"]["val/acc"] == 1.0
+    # held-out messages (other digits) from a 2-layer random init: above chance, not exact
+    # (seed 1337's train order: 3 of 4 test and 2 of 3 val messages right)
+    assert result["test"]["test/acc"] > 0.5
+    assert result["metrics"]["val/acc"] > 0.5
     module = result["module"]
     expected = sum(p.numel() for m in (module.model.h[-1], module.model.ln_f, module.head)
                    for p in m.parameters())  # fmt: skip
