@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,26 @@ def test_log_lines_on_a_terminal_go_through_the_bar(monkeypatch: pytest.MonkeyPa
     finally:
         root.removeHandler(console)
     assert written == ["validation at step 3: val/loss 2.5000"] and restored
+
+
+def test_a_refused_command_leaves_no_run_folder(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture, trained: dict[str, Any]
+) -> None:
+    """`llm train optim.lr=abc` made a run folder that `llm report` listed as failed; a failed
+    resume keeps the folder it continues (its checkpoints, its log)."""
+    runs = tmp_path / "logs" / "train" / "runs"
+    args = [*tiny_overrides(tmp_path, write_corpus(tmp_path)), "trainer.max_steps=2"]
+    assert llm_main("train", *args, "optim.lr=abc") == 1
+    assert "optim.lr='abc'" in capsys.readouterr().err
+    assert not runs.exists() or not list(runs.iterdir())
+
+    run = tmp_path / "kept"  # a run folder (Hydra's .hydra/ in it) to resume in
+    shutil.copytree(trained["ckpt"].parent.parent, run)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("{}\n")
+    before = sorted(p.name for p in run.iterdir())
+    ckpt = run / "checkpoints" / trained["ckpt"].name
+    own = [o for o in trained["overrides"] if not o.startswith("output_dir=")]
+    assert llm_main("train", *own, f"ckpt_path={ckpt}", "trainer.max_steps=1") == 1
+    assert "nothing left to train" in capsys.readouterr().err
+    assert set(before) <= {p.name for p in run.iterdir()}

@@ -30,6 +30,8 @@ _argv: list[str] | None = None
 # The error a single run failed with, raised again once Hydra has returned (Hydra would print
 # its own lines about a failed job first).
 _failure: BaseException | None = None
+# HYDRA_FULL_ERROR as the user set it (run_verb sets it for Hydra while a verb runs)
+_user_debug = False
 
 
 def run_name(overrides: str | None, experiment: str | None, limit: int = 64) -> str:
@@ -87,6 +89,8 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callabl
                     log_failure(e)
                 if is_multirun():  # the sweeper records the failed job and decides what next
                     raise
+                if not _user_debug:  # with HYDRA_FULL_ERROR=1 the log keeps the traceback
+                    discard_unused_run_folder()
                 _failure = e
                 return None
             finally:
@@ -112,11 +116,12 @@ def run_verb(main: Callable[[], Any], args: Sequence[str], free_text: Sequence[s
     Errors propagate (Hydra is told to raise them rather than print them itself), so the
     ``llm`` command prints them one way: :func:`report_error`.
     """
-    global _argv, _failure
+    global _argv, _failure, _user_debug
     _argv, _failure = list(sys.argv), None
     hydra_argv = [sys.argv[0], *(quote_free_text(a, free_text) for a in args)]
     saved, sys.argv = sys.argv, hydra_argv
     full_error = os.environ.get("HYDRA_FULL_ERROR")
+    _user_debug = debug()
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         result = main()
@@ -189,6 +194,41 @@ def log_failure(error: BaseException) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+# what Hydra and the run's start write into a run folder before any work is done
+_START_FILES = (".hydra", "run.lock")
+
+
+def discard_unused_run_folder() -> None:
+    """Remove the run folder of a command refused before it wrote anything of its own (a wrong
+    setting, a download that failed, nothing left to train): ``llm report`` would list it as a
+    failed run. Only a folder this command made: Hydra's files, this session's log and lock;
+    a run folder with checkpoints, curves or an earlier session's log is kept."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir).resolve()
+    if folder == Path.cwd().resolve() or not (folder / ".hydra").is_dir():
+        return  # the printing verbs run in "."; they make no run folder
+    for entry in folder.iterdir():
+        if entry.name in _START_FILES:
+            continue
+        if entry.suffix != ".log" or not entry.is_file():
+            return
+        with open(entry, encoding="utf-8", errors="replace") as f:
+            if sum("][llm][INFO] - llm " in line for line in f) > 1:  # resumed before
+                return
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # the log file goes with the folder
+        log_file = Path(getattr(handler, "baseFilename", "/"))
+        if isinstance(handler, logging.FileHandler) and folder in log_file.parents:
+            root.removeHandler(handler)
+            handler.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def debug() -> bool:
