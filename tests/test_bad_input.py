@@ -450,6 +450,7 @@ def test_a_run_folder_another_process_uses_is_refused(
         "hydra.run.dir=<another folder>"
     )
     assert not (run / "checkpoints").exists() and not (tmp_path / "data" / "cache").exists()
+    assert (run / "run.lock").is_file()  # the other run's folder is left as it was
     logs = "".join(p.read_text() for p in run.glob("*.log"))
     assert "Traceback" not in logs  # nothing of this refusal in the other run's log
 

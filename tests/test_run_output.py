@@ -42,7 +42,7 @@ def test_a_run_ends_with_its_summary_and_keeps_a_log(
     assert summary[5] == f"Last checkpoint: {run}/checkpoints/last.ckpt"
     assert summary[6:] == [
         "Next:",
-        f"  tensorboard --logdir {run}",
+        f"  tensorboard --logdir {run.parent}",  # the run listed by its folder's name
         f"  llm generate ckpt_path={run}/checkpoints/last.ckpt",
         f"  llm evaluate ckpt_path={run}/checkpoints/last.ckpt",
     ]
@@ -81,15 +81,17 @@ def test_the_next_commands_paste_back_for_a_folder_with_a_space_and_an_accent(
     generate = shlex.split(next(line for line in out if line.startswith("  llm generate ")))
     assert generate == ["llm", "generate", f"ckpt_path={run}/checkpoints/last.ckpt"]
     tensorboard = shlex.split(next(line for line in out if "tensorboard --logdir" in line))
-    assert tensorboard == ["tensorboard", "--logdir", str(run)]
+    assert tensorboard == ["tensorboard", "--logdir", str(run.parent)]
     assert llm_main(generate[1], *generate[2:], "max_new_tokens=4", "prompt=First") == 0
     assert capsys.readouterr().out.startswith("First")
 
 
 @pytest.mark.slow
 def test_a_failed_run_logs_its_traceback_in_the_run_folder(
-    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Refused before training (an empty corpus): a short error and no run folder; with
+    HYDRA_FULL_ERROR=1 the folder stays, its log holding the traceback."""
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "nothing.txt").write_text("", encoding="utf-8")
@@ -97,7 +99,12 @@ def test_a_failed_run_logs_its_traceback_in_the_run_folder(
     assert llm_main("train", *args) == 1
     err = capsys.readouterr().err
     assert "is empty: it contains no text" in err and "Traceback" not in err
-    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    runs = tmp_path / "logs" / "train" / "runs"
+    assert not runs.exists() or not list(runs.iterdir())
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ValueError, match="is empty: it contains no text"):
+        llm_main("train", *args)
+    (run,) = runs.iterdir()
     log = (run / "train.log").read_text()
     assert "[ERROR] - run failed" in log and "Traceback (most recent call last)" in log
 

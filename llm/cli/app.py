@@ -89,7 +89,9 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callabl
                     log_failure(e)
                 if is_multirun():  # the sweeper records the failed job and decides what next
                     raise
-                if not _user_debug:  # with HYDRA_FULL_ERROR=1 the log keeps the traceback
+                # with HYDRA_FULL_ERROR=1 the folder stays, its log keeping the traceback; a
+                # folder another run holds (RunFolderBusy) is that run's, never touched
+                if not _user_debug and getattr(e, "log_in_run_folder", True):
                     discard_unused_run_folder()
                 _failure = e
                 return None

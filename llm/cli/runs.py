@@ -428,7 +428,9 @@ def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None 
     best_path, last_path = checkpoint_paths(trainer)
     lines += [f"Best checkpoint: {best_path}", f"Last checkpoint: {last_path}", "Next:"]
     # quoted for the shell; the llm command quotes a path for Hydra itself (quote_free_text)
-    lines.append(f"  tensorboard --logdir {shlex.quote(str(run_dir))}")
+    # the folder above the run: TensorBoard names a run by its folder below --logdir (the run
+    # folder itself would be listed as ".") and shows its sibling runs beside it
+    lines.append(f"  tensorboard --logdir {shlex.quote(str(Path(str(run_dir)).parent))}")
     ckpt = shlex.quote(f"ckpt_path={last_path}")
     if last_path and module.kind == "classifier":
         lines.append(f"  llm classify {ckpt} 'text=...'")
