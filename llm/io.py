@@ -156,7 +156,7 @@ def confined(
         problem = "is not a file name"
     base = Path(folder)
     path = base / text if problem is None else base
-    if problem is None and follow_links and not _inside(path, base):
+    if problem is None and follow_links and not inside(path, base):
         problem = f"resolves to {path.resolve(strict=False)}, outside the folder"
     if problem is not None:
         raise OutsideFolderError(
@@ -165,9 +165,9 @@ def confined(
     return path
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """Whether ``path``, links followed, lies in ``folder`` (links followed too)."""
-    return path.resolve(strict=False).is_relative_to(folder.resolve(strict=False))
+def inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path``, links followed, lies in ``folder`` (links followed too) or is it."""
+    return Path(path).resolve(strict=False).is_relative_to(Path(folder).resolve(strict=False))
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -183,3 +183,14 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise ValueError(
             f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
         ) from e
+
+
+def remove_temp_files(folder: str | os.PathLike[str], pattern: str = ".*.tmp") -> list[str]:
+    """Remove the temp files (this module's ``.<name>.*.tmp``) a killed writer left in
+    ``folder``; only where no other process writes there (under its lock, at a run's start)."""
+    removed = []
+    for p in Path(folder).glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p.name)
+    return removed

@@ -193,6 +193,11 @@ def log_failure(error: BaseException) -> None:
         "llm", logging.ERROR, __file__, 0, "run failed", None, (type(error), error, None)
     )
     record.exc_info = (type(error), error, error.__traceback__)
+    to_log_files(record)
+
+
+def to_log_files(record: logging.LogRecord) -> None:
+    """``record`` into the run's log file(s) (the root logger's file handlers), not the console."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from llm import checks
 from llm.cli.app import hydra_app
+from llm.io import inside
 
 
 def same_path(a: Path, b: Path) -> bool:
@@ -27,10 +28,6 @@ def same_path(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return a.resolve() == b.resolve()
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
 
 
 def check_destination(
@@ -44,7 +41,7 @@ def check_destination(
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"{key}={path}: {parent} is a file, not a folder; {key}= names {want}")
     for other, kept in keep.items():
-        if same_path(path, kept) or (folder and _inside(kept, path)):
+        if same_path(path, kept) or (folder and inside(kept, path)):
             where = "is" if same_path(path, kept) else "holds"
             raise ValueError(
                 f"{key}={path} {where} {other}={kept}, which export never overwrites (not even "

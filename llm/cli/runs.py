@@ -165,8 +165,8 @@ def training_device(trainer_cfg: DictConfig) -> str | None:
 
 
 def _shards(trainer_cfg: DictConfig) -> int:
-    """Devices the weights are split over: all of them under FSDP or DeepSpeed, else 1."""
-    if not any(k in strategy_name(trainer_cfg) for k in ("fsdp", "deepspeed")):
+    """Devices the weights are split over: all of them under a sharding strategy, else 1."""
+    if not _sharded(trainer_cfg):
         return 1
     import torch
 
@@ -221,9 +221,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
 
 
 def _sharded(trainer_cfg: DictConfig) -> bool:
-    """Strategies that save through their own distributed checkpoint writer."""
-    from llm.cli.sweep import strategy_name
-
+    """Strategies that shard the weights and save through their own distributed checkpoint
+    writer (which an AtomicCheckpointIO would replace)."""
     return any(s in strategy_name(trainer_cfg) for s in ("fsdp", "deepspeed", "model_parallel"))
 
 
@@ -396,10 +395,9 @@ def duration(seconds: float) -> str:
 
 def to_log_file(text: str) -> None:
     """``text`` into the run's log file only (the root logger's file handlers), not the console."""
-    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+    from llm.cli.app import to_log_files
+
+    to_log_files(log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None))
 
 
 def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None = None) -> str:

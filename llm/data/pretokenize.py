@@ -34,7 +34,7 @@ from llm.data.encoding import Encoder, default_workers, encoded
 from llm.data.progress import BuildProgress
 from llm.data.shards import shard_problem
 from llm.interrupts import Interrupted
-from llm.io import atomic_write_json, temp_file_beside
+from llm.io import atomic_write_json, remove_temp_files, temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +116,6 @@ def signals_raise() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def remove_temp_files(folder: Path) -> list[str]:
-    """Remove the temp files a killed build left in ``folder`` (only call it under the lock)."""
-    removed = []
-    for p in folder.glob(".*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            removed.append(p.name)
-    return removed
 
 
 def _well_formed(state: Any) -> bool:

@@ -27,7 +27,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from llm import faults
-from llm.io import temp_file_beside
+from llm.io import inside, remove_temp_files, temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +57,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-def remove_partial_checkpoints(folder: str | os.PathLike[str]) -> list[str]:
-    """The temp files a killed save left in ``folder`` (``.<name>.ckpt.*.tmp``), removed."""
-    removed = []
-    for tmp in Path(folder).glob(".*.ckpt.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-            removed.append(tmp.name)
-    return removed
-
-
-def inside(folder: str | os.PathLike[str] | None, path: Any) -> bool:
+def in_folder(folder: str | os.PathLike[str] | None, path: Any) -> bool:
     """Whether ``path`` resolves to a file within ``folder`` (``..`` and links followed)."""
     if not folder or not path:
         return False
-    root = Path(folder).resolve()
-    return root in Path(path).resolve().parents
+    return inside(path, folder) and Path(path).resolve() != Path(folder).resolve()
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -88,7 +77,7 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath and Path(self.dirpath).is_dir():
-            removed = remove_partial_checkpoints(self.dirpath)
+            removed = remove_temp_files(self.dirpath, ".*.ckpt.*.tmp")  # a killed save's
             if removed:
                 log.info("removed the partial checkpoints of a killed save: %s", ", ".join(removed))
 
@@ -132,11 +121,11 @@ class RunCheckpoint(ModelCheckpoint):
         state = dict(state_dict)
         dropped = []
         for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-            if state.get(key) and not inside(self.dirpath, state[key]):
+            if state.get(key) and not in_folder(self.dirpath, state[key]):
                 dropped.append(str(state[key]))
                 state[key] = ""
         best_k = state.get("best_k_models") or {}
-        kept = {p: v for p, v in best_k.items() if inside(self.dirpath, p)}
+        kept = {p: v for p, v in best_k.items() if in_folder(self.dirpath, p)}
         dropped += [str(p) for p in best_k if p not in kept]
         state["best_k_models"] = kept
         if state.get("kth_best_model_path") not in kept:
