@@ -380,17 +380,12 @@ def job_line(best: float, seconds: float) -> str:
     """``job 1 (optim.lr=0.003): best val/loss 2.4123 in 0m42s``: one sweep job, one line."""
     from hydra.core.hydra_config import HydraConfig
 
+    from llm.training.progress import duration
+
     job = HydraConfig.get().job
     overrides = " ".join(str(o) for o in HydraConfig.get().overrides.task) or "no overrides"
     shown = f"best val/loss {best:.4f}" if math.isfinite(best) else "no val/loss"
     return f"job {job.num} ({overrides}): {shown} in {duration(seconds)}"
-
-
-def duration(seconds: float) -> str:
-    """``1h02m``, ``3m05s``: how long a run took."""
-    from llm.training.progress import _duration
-
-    return _duration(seconds)
 
 
 def to_log_file(text: str) -> None:

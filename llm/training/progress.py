@@ -44,7 +44,8 @@ class Bar(TQDMProgressBar):
             self._redirect = None
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s``: a run's or an ETA's length."""
     seconds = max(int(seconds), 0)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -93,7 +94,7 @@ class StepLines(L.Callback):
         done = step - self._start_step
         if total and self._start is not None and done > 0:
             rate = (time.perf_counter() - self._start) / done
-            parts.append(f"eta {_duration(rate * (total - step))}")
+            parts.append(f"eta {duration(rate * (total - step))}")
         return "  ".join(parts)
 
 
