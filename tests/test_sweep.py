@@ -26,8 +26,8 @@ SEARCH = "hparams_search=shakespeare_char_cpu_optuna"
 def _experiment(tmp_path: Path) -> list[str]:
     """A tiny-model experiment in a config dir of the test's own, and the overrides to use it.
 
-    Keeping the fixed settings in an experiment keeps grid job folder names short
-    (`0_experiment=sweep_test,optim.lr=0.001`), as a real sweep's would be.
+    A grid job's folder names only what it sweeps (`0_lr=0.001`); the experiment is in each
+    job's .hydra/overrides.yaml.
     """
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
@@ -83,10 +83,7 @@ def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
     assert "Sweep report" in proc.stdout  # the sweep ends with its table ...
     assert "Directory watcher" not in proc.stdout + proc.stderr  # ... without TensorBoard's chatter
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
-    assert jobs == [
-        "0_experiment=sweep_test,optim.lr=0.001",
-        "1_experiment=sweep_test,optim.lr=0.002",
-    ]
+    assert jobs == ["0_lr=0.001", "1_lr=0.002"]  # job number and swept values: short trial IDs
     for job in jobs:
         assert OmegaConf.load(sweep / job / ".hydra" / "config.yaml").trainer.max_steps == 4
     # TensorBoard on the sweep folder: one run per job, named by its overrides, with HPARAMS
@@ -123,13 +120,13 @@ def test_grid_sweep_over_norm_and_mlp_trains_each_architecture(
     assert llm_main("train", "-m", *_experiment(tmp_path), *grid, f"hydra.sweep.dir={sweep}") == 0
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
     assert jobs == [
-        "0_experiment=sweep_test,model.mlp=gelu,model.norm=layernorm",
-        "1_experiment=sweep_test,model.mlp=swiglu,model.norm=layernorm",
-        "2_experiment=sweep_test,model.mlp=gelu,model.norm=rmsnorm",
-        "3_experiment=sweep_test,model.mlp=swiglu,model.norm=rmsnorm",
+        "0_norm=layernorm,mlp=gelu",
+        "1_norm=layernorm,mlp=swiglu",
+        "2_norm=rmsnorm,mlp=gelu",
+        "3_norm=rmsnorm,mlp=swiglu",
     ]
     for job in jobs:
-        norm, mlp = job.split("model.norm=")[1], job.split("model.mlp=")[1].split(",")[0]
+        norm, mlp = job.split("norm=")[1].split(",")[0], job.split("mlp=")[1]
         cfg = OmegaConf.load(sweep / job / ".hydra" / "config.yaml")
         assert (cfg.model.norm, cfg.model.mlp) == (norm, mlp)
         raw = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)
@@ -639,3 +636,24 @@ def test_sigkilled_search_resumes_to_n_trials(
     assert sorted((int(r["trial"]), r["status"]) for r in rows) == [
         (n, "completed") for n in completed
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "overrides", "name"),
+    [
+        (["-m", "experiment=x", "optim.lr=1e-3,2e-3", "data.path=/d"],
+         ["experiment=x", "optim.lr=0.001", "data.path=/d"], "0_lr=0.001"),
+        (["-m", "optim.lr=1e-3,2e-3", "optim.muon.lr=range(1,3)"],  # two `lr`: keys kept whole
+         ["optim.lr=0.001", "optim.muon.lr=2"], "0_optim.lr=0.001,optim.muon.lr=2"),
+        (["-m", "model=choice(tiny,cpu)", "+trainer.x=1"], ["model=cpu", "+trainer.x=1"],
+         "0_model=cpu"),
+        (["-m", "optim.lr=1e-3"], ["optim.lr=0.001"], "0_optim.lr=0.001"),  # nothing swept
+    ],
+)  # fmt: skip
+def test_a_grid_job_is_named_by_its_number_and_swept_values(
+    argv: list[str], overrides: list[str], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm.cli.app import job_name
+
+    monkeypatch.setattr(sys, "argv", ["llm", *argv])
+    assert job_name(0, overrides) == name

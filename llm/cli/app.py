@@ -52,6 +52,37 @@ def run_name(overrides: str | None, experiment: str | None, limit: int = 64) -> 
 OmegaConf.register_new_resolver("llm_run_name", run_name, replace=True)
 
 
+def swept_keys(args: Sequence[str]) -> list[str]:
+    """The keys a ``-m`` command line sweeps (``key=a,b``, ``range(...)``, ``choice(...)``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(words)
+    except Exception:  # not Hydra's to refuse here: the sweep itself reports a bad override
+        return []
+    return [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+
+
+def job_name(num: int, overrides: Sequence[str], limit: int = 64) -> str:
+    """A sweep job's folder (its name in TensorBoard and HPARAMS): ``<num>_<swept values>``,
+    e.g. ``0_lr=0.001,norm=rmsnorm``. The constants of the sweep are left out (each job's
+    .hydra/overrides.yaml keeps them) and a key is cut to its last part unless two swept keys
+    share it; with nothing swept, the job's overrides as a run folder names them."""
+    swept = swept_keys(sys.argv[1:])
+    items = [str(o).split("=", 1) for o in overrides if "=" in str(o)]
+    items = [(k.lstrip("+~"), v) for k, v in items if k.lstrip("+~") in swept]
+    if not items:
+        return f"{num}{run_name(','.join(str(o) for o in overrides), None, limit)}"
+    last = [k.rsplit(".", 1)[-1] for k, _ in items]
+    short = [s if last.count(s) == 1 else k for s, (k, _) in zip(last, items, strict=True)]
+    label = ",".join(f"{k}={v}" for k, (_, v) in zip(short, items, strict=True))
+    return f"{num}{run_name(label, None, limit)}"
+
+
+OmegaConf.register_new_resolver("llm_job_name", job_name, replace=True)
+
+
 def run_dir(ckpt_path: str | None, new: str) -> str:
     """The run folder a run writes to: the one ``ckpt_path`` lies in when it is a checkpoint of
     a run folder (``<run>/checkpoints/last.ckpt``), so a resumed run continues its own folder
