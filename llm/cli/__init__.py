@@ -23,6 +23,26 @@ class Verb:
     description: str
     examples: tuple[str, ...]
     free_text: tuple[str, ...] = ()  # keys whose values are free text (quoted for Hydra)
+    # the experiment run when the command line chooses none of RECIPE_GROUPS: `llm train` alone
+    # is a recipe, while a user's own groups compose on the groups' clean defaults
+    recipe: str | None = None
+
+
+# choosing one of these on the command line (`model=baby`) opts out of a verb's recipe
+RECIPE_GROUPS = ("experiment", "hparams_search", "model", "tokenizer", "data", "trainer", "optim")
+
+
+def with_recipe(verb: Verb, args: Sequence[str]) -> list[str]:
+    """``args`` with the verb's recipe (``experiment=<recipe>``) first, unless they choose a
+    group of RECIPE_GROUPS themselves; flags (``-m``) and ``key.sub=value`` keys do not."""
+    chosen = {
+        a.split("=", 1)[0].lstrip("+~")
+        for a in args
+        if not a.startswith("-") and ("=" in a or a.startswith("~"))
+    }
+    if verb.recipe is None or chosen & set(RECIPE_GROUPS):
+        return list(args)
+    return [f"experiment={verb.recipe}", *args]
 
 
 VERBS: dict[str, Verb] = {
@@ -31,12 +51,16 @@ VERBS: dict[str, Verb] = {
         "train",
         "pretrain a GPT (default: nanoGPT's CPU recipe on tiny shakespeare)",
         "Pretrain a GPT from scratch. Every run writes its config, TensorBoard logs and\n"
-        "checkpoints to its own folder under logs/train/runs/.",
+        "checkpoints to its own folder under logs/train/runs/. With no group chosen on the\n"
+        "command line it runs experiment=shakespeare_char_cpu (keys such as optim.lr=\n"
+        "change it); choosing model=, tokenizer=, data=, trainer=, optim= or experiment=\n"
+        "composes those groups on their own defaults instead.",
         (
             "llm train                                        # experiment=shakespeare_char_cpu",
             "llm train model=baby tokenizer=gpt2 trainer=gpu optim.lr=6e-4",
             "llm train -m optim.lr=3e-4,1e-3 model=tiny,cpu    # a 4-job sweep",
         ),
+        recipe="shakespeare_char_cpu",
     ),
     "finetune": Verb(
         "llm.cli.finetune",
@@ -198,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep.swept = None
     try:
         module = importlib.import_module(verb.module)
-        result = run_verb(module.main, rest, verb.free_text)
+        result = run_verb(module.main, with_recipe(verb, rest), verb.free_text)
     except KeyboardInterrupt as e:  # a message says what was kept and how to resume
         print(str(e) or "Interrupted.", file=sys.stderr)
         return int(getattr(e, "exit_code", 130))

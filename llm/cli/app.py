@@ -37,6 +37,8 @@ _user_debug = False
 def run_name(overrides: str | None, experiment: str | None, limit: int = 64) -> str:
     """The part of a run folder's name after its date: ``_<overrides>``, else
     ``_<experiment>``; safe for a file name, and cut after whole overrides (``,+N``)."""
+    if experiment and overrides == f"experiment={experiment}":
+        overrides = None  # `llm train` alone: the recipe its verb chose, named as such
     label = re.sub(r"[^\w.,=+\-\[\]]", "_", str(overrides or experiment or ""))
     if len(label) > limit:
         items = re.split(r",(?=[\w.+\-]+=)", label)  # commas inside values stay

@@ -39,9 +39,9 @@ def group_options(group: str, verb: str) -> list[str]:
     return options
 
 
-def _compose(config: str) -> DictConfig:
+def _compose(config: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config, return_hydra_config=True)
+        return compose(config, overrides, return_hydra_config=True)
 
 
 def _scalars(cfg: DictConfig, groups: set[str]) -> list[str]:
@@ -60,7 +60,9 @@ def _scalars(cfg: DictConfig, groups: set[str]) -> list[str]:
 
 def verb_help(name: str, verb: Verb) -> str:
     """The help text of one verb."""
-    cfg = _compose(verb.config)
+    from llm.cli import with_recipe
+
+    cfg = _compose(verb.config, with_recipe(verb, []))  # what `llm <verb>` alone runs
     choices = {g: c for g, c in cfg.hydra.runtime.choices.items() if g != "hydra" and "/" not in g}
     lines = [f"llm {name}: {verb.summary}", "", verb.description, "", "examples:"]
     lines += [f"  {e}" for e in verb.examples]
