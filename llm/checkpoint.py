@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llm.finetuning.lora import apply_lora, lora_state_dict_merged
+from llm.finetuning.lora import lora_state_dict_merged
 from llm.io import atomic_open
-from llm.model import GPT, GPTConfig
+from llm.model import GPT
+from llm.model.build import build_model
 from llm.tokenizers import Tokenizer, tokenizer_from_dict
 
 if TYPE_CHECKING:
-    from llm.training.module import GPTLitModule
+    from llm.training.task import TaskModule
 
 KINDS = ("lm", "classifier")
 _HINT = "runs write logs/<train|finetune>/runs/<date>/checkpoints/last.ckpt"
@@ -118,7 +119,7 @@ def first_non_finite(state_dict: dict[str, Any]) -> str | None:
     return None
 
 
-def _module_class(kind: str) -> type[GPTLitModule]:
+def _module_class(kind: str) -> type[TaskModule]:
     if kind == "classifier":
         from llm.finetuning.classify import ClassifierModule
 
@@ -164,10 +165,7 @@ def load_language_model(
     hp = raw["hyper_parameters"]
     if not hp.get("tokenizer"):
         raise CheckpointError(f"{key}={path} holds no tokenizer: it cannot encode text")
-    model = GPT(GPTConfig(**hp["model"]))
-    lora = hp.get("lora")
-    if lora:
-        apply_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
+    model = build_model(hp["model"], hp.get("lora"))
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
@@ -185,7 +183,7 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     kind: str | None = None,
     key: str = "ckpt_path",
-) -> GPTLitModule:
+) -> TaskModule:
     """Rebuild the module (model, tokenizer, LoRA adapters unmerged) in eval mode.
 
     ``kind`` refuses any other kind with a message that names the command for it.
@@ -204,7 +202,7 @@ def describe(kind: str) -> str:
     return {"lm": "language-model", "classifier": "classifier"}.get(kind, kind)
 
 
-def save_checkpoint(module: GPTLitModule, path: str | os.PathLike[str]) -> Path:
+def save_checkpoint(module: TaskModule, path: str | os.PathLike[str]) -> Path:
     """A checkpoint of ``module``'s weights and settings that every loader here reads
     (written atomically; no optimizer state, so it starts runs rather than resuming them)."""
     import lightning as L
@@ -222,7 +220,7 @@ def save_checkpoint(module: GPTLitModule, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def check_resumable(path: str | os.PathLike[str], module: GPTLitModule, max_steps: int) -> None:
+def check_resumable(path: str | os.PathLike[str], module: TaskModule, max_steps: int) -> None:
     """Refuse, before Lightning's opaque size-mismatch traceback, to resume another model.
 
     Resuming needs the same kind, architecture and tokenizer (same ids for the same text),

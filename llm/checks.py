@@ -100,3 +100,14 @@ def _message(key: str, value: Any, what: str, example: Any) -> str:
     shown = repr(value) if isinstance(value, str) else value
     hint = f", e.g. {key}={example}" if example is not None else ""
     return f"{key}={shown}: must be {what}{hint}"
+
+
+def context_fits(data_block_size: Any, model_block_size: Any) -> None:
+    """``data.block_size`` cannot exceed ``model.block_size``: the model cannot attend over
+    longer sequences than its position table."""
+    if data_block_size is not None and int(data_block_size) > int(model_block_size):
+        raise SettingError(
+            f"data.block_size={data_block_size} > model.block_size={model_block_size}: the "
+            "model cannot attend over longer sequences than its position table; lower "
+            "data.block_size or raise model.block_size"
+        )

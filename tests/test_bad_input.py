@@ -463,7 +463,7 @@ def test_only_the_launching_process_locks_and_the_lock_ends_with_the_run(
     from filelock import FileLock, Timeout
     from omegaconf import OmegaConf
 
-    from llm.cli.runs import _RANK_VARIABLES, RunFolderBusy, run_folder_lock
+    from llm.training.trainer import _RANK_VARIABLES, RunFolderBusy, run_folder_lock
 
     for name in _RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)

@@ -115,7 +115,7 @@ def test_optim_options_build_an_optimizer(name: str) -> None:
 
 @pytest.mark.parametrize("group", ["logger", "callbacks"])
 def test_logger_and_callback_options_instantiate(group: str, tmp_path: Path) -> None:
-    from llm.cli.runs import instantiate_all
+    from llm.training.trainer import instantiate_all
 
     for name in _options(group):
         cfg = _compose(f"{group}={name}", f"output_dir={tmp_path}")

@@ -211,8 +211,8 @@ def test_step_lines_go_on_when_the_progress_bar_is_off(
     plain step lines at the bar's interval, rather than nothing until the summary."""
     from helpers import compose
 
-    from llm.cli.runs import build_trainer
     from llm.training.progress import StepLines
+    from llm.training.trainer import build_trainer
 
     speedrun = compose(
         "train", ["experiment=shakespeare_char_cpu_speedrun", f"output_dir={tmp_path / 's'}"]

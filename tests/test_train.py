@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from llm.training.callbacks import AttentionHeatmapCallback, SampleTextCallback
 from llm.training.module import GPTLitModule
+from llm.training.throughput import Throughput
 
 TINY = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 # conf/optim/adamw.yaml (the one home of the defaults) with a short schedule
@@ -62,7 +63,7 @@ def test_module_trains_checkpoints_and_reloads(tmp_path: Path, char_tokenizer: A
     tok = _fitted(char_tokenizer)
     module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", save_last=True)
-    trainer = _trainer(tmp_path, 6, [ckpt])
+    trainer = _trainer(tmp_path, 6, [ckpt, Throughput()])  # as every run has
     dl = _loader(tok)
     trainer.fit(module, dl, dl)
 
@@ -87,18 +88,16 @@ def test_module_trains_checkpoints_and_reloads(tmp_path: Path, char_tokenizer: A
         torch.testing.assert_close(reloaded(x)[0], module(x)[0])
 
 
-class _KnownPeakModule(GPTLitModule):
+def test_mfu_is_logged_when_peak_flops_are_known(
+    tmp_path: Path, char_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As on a GPU whose peak FLOPs Lightning knows: here 1 TFLOP/s, so MFU is logged."""
+    from llm.training import throughput
 
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._peak_flops = 1e12
-
-
-def test_mfu_is_logged_when_peak_flops_are_known(tmp_path: Path, char_tokenizer: Any) -> None:
+    monkeypatch.setattr(throughput, "peak_flops", lambda device, precision: 1e12)
     tok = _fitted(char_tokenizer)
-    module = _KnownPeakModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
-    trainer = _trainer(tmp_path, 3, limit_val_batches=0)
+    module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
+    trainer = _trainer(tmp_path, 3, limit_val_batches=0, callbacks=[throughput.Throughput()])
     trainer.fit(module, _loader(tok))
     m = trainer.callback_metrics
     tps, mfu = float(m["train/tokens_per_sec"]), float(m["train/mfu"])
@@ -269,8 +268,9 @@ def test_train_yaml_composes_for_every_experiment_and_trainer() -> None:
 def test_validate_rejects_bad_settings() -> None:
     from omegaconf import OmegaConf
 
-    from llm.cli.train import validate
+    from llm.training.pretrain import Pretrain
 
+    validate = Pretrain().validate
     ok = {
         "trainer": {"max_steps": 5},
         "model": {"_target_": "llm.model.GPTConfig", "block_size": 32},

@@ -11,14 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from llm.cli.app import is_multirun
-
-
-def strategy_name(trainer_cfg: DictConfig) -> str:
-    """``trainer.strategy`` as a lower-case name: the string, or a strategy object's target."""
-    strategy = trainer_cfg.get("strategy")
-    if isinstance(strategy, DictConfig):
-        strategy = strategy.get("_target_")
-    return str(strategy or "").lower()
+from llm.training.trainer import strategy_name
 
 
 def check_multirun_strategy(cfg: DictConfig) -> None:

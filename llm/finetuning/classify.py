@@ -26,8 +26,7 @@ from llm.finetuning.records import (
     split_records,
 )
 from llm.model import GPT
-from llm.training.module import GPTLitModule, check_finite
-from llm.training.optim import build_optimizer, build_scheduler
+from llm.training.task import TaskModule
 
 
 def freeze_for_classification(model: GPT, trainable_layers: int | None) -> None:
@@ -182,7 +181,7 @@ class ClassificationDataModule(ResumableOrder, L.LightningDataModule):
         return self._loader("test", False)
 
 
-class ClassifierModule(GPTLitModule):
+class ClassifierModule(TaskModule):
     """GPT body + `head: n_embd -> len(labels)`; logs loss and accuracy on train/val/test.
 
     Extra hparams (all plain): labels, max_length, trainable_layers (None: all train; N: last
@@ -197,16 +196,19 @@ class ClassifierModule(GPTLitModule):
         tokenizer: dict[str, Any] | None = None,
         optim: dict[str, Any] | None = None,
         compile: bool = False,
-        sample: dict[str, Any] | None = None,  # unused; kept so checkpoints reload
         lora: dict[str, Any] | None = None,
         labels: list[str] | None = None,
         max_length: int = 128,
         trainable_layers: int | None = None,
     ) -> None:
-        super().__init__(model, tokenizer, optim, compile, sample=None, lora=lora)
         if not labels or len(labels) < 2:
             raise ValueError(f"classification needs at least 2 labels, got {labels}")
-        self.hparams.update(
+        super().__init__(
+            model,
+            tokenizer,
+            optim,
+            compile,
+            lora,
             labels=[str(x) for x in labels],
             max_length=int(max_length),
             trainable_layers=None if trainable_layers is None else int(trainable_layers),
@@ -216,11 +218,14 @@ class ClassifierModule(GPTLitModule):
         if not lora:  # LoRA froze every base weight already
             freeze_for_classification(self.model, trainable_layers)
         n = len(self.labels)
-        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self._val_losses: list[Tensor] = []
 
-    def forward(self, idx: Tensor, lengths: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def optimized(self) -> nn.Module:
+        return self  # the body *and* the head (frozen parameters are skipped)
+
+    def classify(self, idx: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Class logits (B, n_labels) from the hidden state at position lengths - 1."""
         h = self.model.hidden_states(idx)
         if lengths is None:
@@ -228,26 +233,30 @@ class ClassifierModule(GPTLitModule):
         last = (lengths - 1).clamp(min=0)
         return self.head(h[torch.arange(h.size(0), device=h.device), last])
 
-    def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> Tensor:
+    def forward(self, idx: Tensor, lengths: Tensor | None = None) -> Tensor:
+        return self.classify(idx, lengths)
+
+    def _loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         ids, lengths, y = batch
-        logits = self(ids, lengths)
-        loss = F.cross_entropy(logits.float(), y)
+        logits = self.classify(ids, lengths)
+        return F.cross_entropy(logits.float(), y), logits.argmax(-1), y
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, predicted, y = self._loss(batch)
+        if self.logging_step():  # the batch's accuracy; no host sync on other steps
+            self.log_train({"train/loss": loss, "train/acc": (predicted == y).float().mean()})
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> Tensor:
+        loss, predicted, y = self._loss(batch)
         acc = getattr(self, f"{stage}_acc")
-        acc(logits.argmax(-1), y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step)
-        self.log(
-            f"{stage}/acc", acc, prog_bar=stage != "train", on_step=on_step, on_epoch=not on_step
-        )
+        acc(predicted, y)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:  # type: ignore[override]
-        loss = self._step(batch, "train")
-        check_finite(loss, self.global_step)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:  # type: ignore[override]
-        loss = self._step(batch, "val")
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._evaluate(batch, "val")
         self._val_losses.append(loss.detach().float())
         return loss
 
@@ -259,15 +268,8 @@ class ClassifierModule(GPTLitModule):
             loss = self.all_gather(torch.stack(losses).mean()).float().mean()
             self.log_initial_validation({"val/loss": loss, "val/acc": self.val_acc.compute()})
 
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """As pretraining, but over the body *and* the head (frozen parameters skipped)."""
-        o = self.hparams["optim"]
-        opt = build_optimizer(self, o)
-        sched = build_scheduler(opt, o, self.trainer.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "test")
 
     @torch.no_grad()
     def predict_texts(self, texts: Sequence[str]) -> list[tuple[str, float]]:
@@ -278,7 +280,7 @@ class ClassifierModule(GPTLitModule):
         seqs = encode_texts(self.tokenizer, texts, self.hparams["max_length"])
         pad = self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0
         ids, lengths = pad_batch(seqs, max(len(s) for s in seqs), pad)
-        probs = torch.softmax(self(ids.to(self.device), lengths.to(self.device)).float(), -1)
+        probs = torch.softmax(self.classify(ids.to(self.device), lengths.to(self.device)), -1)
         conf, idx = probs.max(-1)
         pairs = zip(idx.tolist(), conf.tolist(), strict=True)
         return [(self.labels[i], float(c)) for i, c in pairs]
