@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm import checks
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/
+# The package's own configs (llm/conf/, shipped in the wheel; the checkout's conf/ links to it)
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 T = TypeVar("T")
 
 # The command line as the user typed it (`llm train ...`), which Lightning's DDP launcher
