@@ -11,7 +11,11 @@ Checks, each printed as a row with its figures (about 5-8 minutes on one H100/H2
 3. ddp: the same with `trainer=ddp` when there is more than one GPU.
 4. generate: 256 tokens from the adamw checkpoint, KV cache against no cache (same greedy
    tokens), tokens/s.
-5. nanoGPT (with `--nanogpt PATH`, a nanoGPT checkout): its bench.py at the same batch, block
+5. board: the adamw run's TensorBoard events hold the custom-scalars layout with its MFU chart
+   and `train/mfu` points (what TensorBoard shows on a GPU).
+6. classify: `llm finetune task=classify` from the adamw checkpoint under `NoSyncCheck`, so
+   every task's step (not only pretraining's) is held to no host sync.
+7. nanoGPT (with `--nanogpt PATH`, a nanoGPT checkout): its bench.py at the same batch, block
    and dtype with compile, so both tokens/s come from the same run on the same GPU.
 
 The data is tiny shakespeare with GPT-2's BPE (throughput does not depend on the text). Extra
@@ -80,6 +84,59 @@ def train(name: str, out: Path, args: argparse.Namespace, *extra: str) -> dict[s
         "seconds": seconds,
         "ckpt": out / name / "checkpoints" / "last.ckpt",
     }
+
+
+def board(run: Path, gpu: bool) -> dict[str, Any]:
+    """The run's layout has an MFU chart and train/mfu has points on a GPU whose peak is known
+    (on a CPU: neither)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    if metadata.CONFIG_SUMMARY_TAG not in events.Tags()["tensors"]:
+        return {"check": "board", "ok": False, "error": "no custom-scalars layout"}
+    layout = layout_pb2.Layout()
+    proto = events.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto
+    layout.ParseFromString(proto.string_val[0])
+    charts = [c.title for cat in layout.category for c in cat.chart]
+    mfu = events.Scalars("train/mfu") if "train/mfu" in events.Tags()["scalars"] else []
+    ok = ("MFU" in charts and len(mfu) > 0) if gpu else ("MFU" not in charts and not mfu)
+    note = f"charts {', '.join(charts)}; train/mfu points {len(mfu)}"
+    return {"check": "board", "ok": ok, "note": note}
+
+
+def classify(ckpt: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A classifier finetune on the GPU with NoSyncCheck: its step never waits on the host."""
+    rows = ["text\tlabel"] + [
+        f"{'win money now' if i % 2 else 'see you at lunch'} {i}\t{'spam' if i % 2 else 'ham'}"
+        for i in range(200)
+    ]
+    data = out / "classify.tsv"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    overrides = [
+        "task=classify",
+        f"init={ckpt}",
+        f"data.path={data}",
+        "trainer=gpu",
+        f"trainer.max_steps={min(args.steps, 60)}",
+        "trainer.val_check_interval=30",
+        "trainer.log_every_n_steps=10",
+        "trainer.enable_progress_bar=false",
+        "+callbacks.no_sync._target_=llm.training.diagnostics.NoSyncCheck",
+        f"hydra.run.dir={out / 'classify'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm", "finetune", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    if proc.returncode != 0:
+        return {"check": "classify", "ok": False, "error": (proc.stderr or proc.stdout)[-2000:]}
+    acc = re.search(r"val/acc: +([\d.]+)", proc.stdout)
+    return {"check": "classify", "ok": True, "note": f"no host sync; val/acc {acc and acc[1]}"}
 
 
 def generate(ckpt: Path, device: str, new_tokens: int = 256) -> dict[str, Any]:
@@ -156,6 +213,8 @@ def main() -> int:
         rows.append(train("ddp", out, args, "trainer=ddp"))
     if rows[0]["ok"]:
         rows.append(generate(rows[0]["ckpt"], args.device))
+        rows.append(board(out / "adamw", gpu=args.device == "cuda"))
+        rows.append(classify(rows[0]["ckpt"], out, args))
     if args.nanogpt is not None:
         rows.append(nanogpt(args.nanogpt, args))
 
