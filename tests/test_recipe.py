@@ -8,9 +8,10 @@ import yaml
 from helpers import ROOT, compose, run_cli
 from omegaconf import OmegaConf
 
-from llm.cli import VERBS, with_recipe
+from llm.cli import VERBS
+from llm.cli.app import with_recipe
 
-TRAIN = VERBS["train"]
+TRAIN = VERBS["train"].recipe
 RECIPE = OmegaConf.load(ROOT / "conf/experiment/shakespeare_char_cpu.yaml")
 
 

@@ -395,7 +395,7 @@ def test_search_space_syntax_and_errors() -> None:
     from hydra.errors import HydraException
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from hydra_plugins.llm_optuna_sweeper._impl import classify, parse_search_space
+    from llm.sweeps.optuna_sweeper import classify, parse_search_space
 
     parser = OverridesParser.create()
     space, fixed = parse_search_space(
@@ -449,7 +449,7 @@ def test_search_space_syntax_and_errors() -> None:
 def test_unusable_storage_url_is_a_clear_error(tmp_path: Path) -> None:
     from hydra.errors import HydraException
 
-    from hydra_plugins.llm_optuna_sweeper._impl import LLMOptunaSweeperImpl
+    from llm.sweeps.optuna_sweeper import LLMOptunaSweeperImpl
 
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -499,7 +499,7 @@ def test_trials_of_gone_workers_are_failed_without_waiting(tmp_path: Path) -> No
     gone (at once, whatever its heartbeat), elsewhere when its heartbeat went stale."""
     import subprocess
 
-    from hydra_plugins.llm_optuna_sweeper._impl import (
+    from llm.sweeps.optuna_sweeper import (
         WORKER,
         counted_trials,
         fail_orphaned_trials,
@@ -557,7 +557,7 @@ def test_killed_workers_trial_is_failed_and_not_counted(
     import subprocess
 
     import llm.cli.train
-    from hydra_plugins.llm_optuna_sweeper._impl import WORKER, worker_record
+    from llm.sweeps.optuna_sweeper import WORKER, worker_record
 
     sweep = tmp_path / "sweep"
     study, beat = _orphans_study(sweep)

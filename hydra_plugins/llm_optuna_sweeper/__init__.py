@@ -2,5 +2,6 @@
 
 The PyPI ``hydra-optuna-sweeper`` pins ``optuna<3``, whose SQLite storage does not work with
 SQLAlchemy 2; this plugin keeps the same ``-m hparams_search=...`` experience on current Optuna.
-Heavy imports live in ``_impl`` (Hydra's plugin scanner skips modules starting with ``_``).
+The work is done in :mod:`llm.sweeps.optuna_sweeper` (imported when a sweep runs); this
+package holds only what Hydra's plugin scanner must find.
 """

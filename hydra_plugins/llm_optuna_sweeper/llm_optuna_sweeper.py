@@ -1,4 +1,5 @@
-"""The Hydra ``Sweeper`` class; the work is done in ``_impl`` so plugin discovery stays cheap."""
+"""The Hydra ``Sweeper`` class Hydra discovers here; the work is done in
+:mod:`llm.sweeps.optuna_sweeper`, imported only when a sweep runs (plugin discovery stays cheap)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ class LLMOptunaSweeper(Sweeper):
     """Optuna search over Hydra overrides; see :class:`LLMOptunaSweeperConf` for the knobs."""
 
     def __init__(self, **kwargs: Any) -> None:
-        from ._impl import LLMOptunaSweeperImpl
+        from llm.sweeps.optuna_sweeper import LLMOptunaSweeperImpl
 
         self.sweeper = LLMOptunaSweeperImpl(**kwargs)
 

@@ -28,23 +28,6 @@ class Verb:
     recipe: str | None = None
 
 
-# choosing one of these on the command line (`model=baby`) opts out of a verb's recipe
-RECIPE_GROUPS = ("experiment", "hparams_search", "model", "tokenizer", "data", "trainer", "optim")
-
-
-def with_recipe(verb: Verb, args: Sequence[str]) -> list[str]:
-    """``args`` with the verb's recipe (``experiment=<recipe>``) first, unless they choose a
-    group of RECIPE_GROUPS themselves; flags (``-m``) and ``key.sub=value`` keys do not."""
-    chosen = {
-        a.split("=", 1)[0].lstrip("+~")
-        for a in args
-        if not a.startswith("-") and ("=" in a or a.startswith("~"))
-    }
-    if verb.recipe is None or chosen & set(RECIPE_GROUPS):
-        return list(args)
-    return [f"experiment={verb.recipe}", *args]
-
-
 VERBS: dict[str, Verb] = {
     "train": Verb(
         "llm.cli.train",
@@ -217,12 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(verb_help(name, verb))
         return 0
     from llm.cli import sweep
-    from llm.cli.app import debug, report_error, run_verb
+    from llm.cli.app import debug, report_error, run_verb, with_recipe
 
     sweep.swept = None
     try:
         module = importlib.import_module(verb.module)
-        result = run_verb(module.main, with_recipe(verb, rest), verb.free_text)
+        result = run_verb(module.main, with_recipe(verb.recipe, rest), verb.free_text)
     except KeyboardInterrupt as e:  # a message says what was kept and how to resume
         print(str(e) or "Interrupted.", file=sys.stderr)
         return int(getattr(e, "exit_code", 130))

@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llm import checks
+from llm.sweeps.jobs import is_multirun
 
 # The package's own configs (llm/conf/, shipped in the wheel; the checkout's conf/ links to it)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -53,6 +54,23 @@ def run_name(overrides: str | None, experiment: str | None, limit: int = 64) -> 
 
 
 OmegaConf.register_new_resolver("llm_run_name", run_name, replace=True)
+
+
+# choosing one of these on the command line (`model=baby`) opts out of a verb's recipe
+RECIPE_GROUPS = ("experiment", "hparams_search", "model", "tokenizer", "data", "trainer", "optim")
+
+
+def with_recipe(recipe: str | None, args: Sequence[str]) -> list[str]:
+    """``args`` with a verb's recipe (``experiment=<recipe>``) first, unless they choose a
+    group of RECIPE_GROUPS themselves; flags (``-m``) and ``key.sub=value`` keys do not."""
+    chosen = {
+        a.split("=", 1)[0].lstrip("+~")
+        for a in args
+        if not a.startswith("-") and ("=" in a or a.startswith("~"))
+    }
+    if recipe is None or chosen & set(RECIPE_GROUPS):
+        return list(args)
+    return [f"experiment={recipe}", *args]
 
 
 def swept_keys(args: Sequence[str]) -> list[str]:
@@ -211,14 +229,6 @@ class _Chatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(n in message for n in self.NOISE)
-
-
-def is_multirun() -> bool:
-    """Whether this job is one of a ``-m`` sweep."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def log_failure(error: BaseException) -> None:

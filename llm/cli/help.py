@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from llm.cli.app import CONFIG_DIR
+from llm.cli.app import CONFIG_DIR, with_recipe
 
 if TYPE_CHECKING:
     from llm.cli import Verb
@@ -60,9 +60,7 @@ def _scalars(cfg: DictConfig, groups: set[str]) -> list[str]:
 
 def verb_help(name: str, verb: Verb) -> str:
     """The help text of one verb."""
-    from llm.cli import with_recipe
-
-    cfg = _compose(verb.config, with_recipe(verb, []))  # what `llm <verb>` alone runs
+    cfg = _compose(verb.config, with_recipe(verb.recipe, []))  # what `llm <verb>` alone runs
     choices = {g: c for g, c in cfg.hydra.runtime.choices.items() if g != "hydra" and "/" not in g}
     lines = [f"llm {name}: {verb.summary}", "", verb.description, "", "examples:"]
     lines += [f"  {e}" for e in verb.examples]

@@ -114,7 +114,8 @@ def run_task(cfg: DictConfig, task: Any) -> dict[str, Any]:
     import time
 
     from llm.cli.app import quiet_libraries
-    from llm.cli.sweep import check_multirun_strategy, end_sweep_job, sweep_pruning
+    from llm.cli.sweep import check_multirun_strategy
+    from llm.sweeps.jobs import end_sweep_job, sweep_pruning
     from llm.training.run import fit
 
     started = time.perf_counter()

@@ -1,9 +1,8 @@
-"""The sweep glue of the training verbs: is this job part of a ``-m`` sweep or an Optuna trial,
-which strategies a sweep cannot run, and how a job tells the sweeper it was pruned or stopped."""
+"""The command line's side of a sweep: which strategies a ``-m`` sweep cannot run, and the
+sweep's table at its end (the jobs' side is :mod:`llm.sweeps.jobs`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +26,6 @@ def check_multirun_strategy(cfg: DictConfig) -> None:
             "single-process trainer (trainer=cpu or trainer=gpu) or trainer=ddp_cpu "
             "(ddp_spawn), or run the multi-GPU job without -m"
         )
-
-
-def sweep_pruning() -> Any | None:
-    """The pruning callback of this job's Optuna trial (``-m hparams_search=...``), else None."""
-    from llm.sweeps.env import ENV_TRIAL
-
-    if not os.environ.get(ENV_TRIAL):  # plain runs do not import optuna
-        return None
-    from llm.sweeps.pruning import pruning_callback_from_env
-
-    return pruning_callback_from_env()
-
-
-def end_sweep_job(pruning: Any, interrupted: BaseException | None) -> None:
-    """Tell the sweeper how this job ended: pruned (``optuna.TrialPruned``) or interrupted.
-
-    Ctrl-C/SIGTERM stops a job cleanly; under a sweep the sweep must stop too, not go on to
-    the next job (an Optuna trial is then recorded as interrupted, not as a result).
-    """
-    if pruning is not None:
-        pruning.check_pruned()
-    if interrupted is not None and (pruning is not None or is_multirun()):
-        raise interrupted
 
 
 # The folder of the sweep this process ran (set when a -m sweep starts), for its report, and

@@ -34,8 +34,8 @@ def check_sweep(sweep_dir: str | Path, n_trials: int, study_name: str | None = N
     from omegaconf import OmegaConf
     from optuna.trial import TrialState
 
-    from hydra_plugins.llm_optuna_sweeper._impl import counted_trials
     from llm.sweeps import report
+    from llm.sweeps.optuna_sweeper import counted_trials
 
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "optuna.db").is_file():
