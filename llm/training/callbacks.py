@@ -102,7 +102,8 @@ class SampleTextCallback(L.Callback):
 class AttentionHeatmapCallback(L.Callback):
     """At each validation, the one before the first step included (step 0: the untrained
     model), log attention on a fixed input: one figure per head (``attention/layer0/head1``),
-    each large enough to read in TensorBoard's IMAGES card.
+    its token labels readable with IMAGES' "Show actual image size" (a card scales it to
+    about 330 px wide, too small for 32 labels).
 
     ``layers``: a layer index, a list of them, or ``"all"``. ``text`` null reads the first
     ``max_tokens`` tokens of the validation data, which every tokenizer can encode.
