@@ -95,6 +95,13 @@ def test_grid_multirun_cli_then_report(tmp_path: Path) -> None:
     assert sorted(tb.Runs()) == jobs  # each job's events in its own folder: named by overrides
     hparams = tb.PluginRunToTagToContent("hparams")
     assert all("_hparams_/session_start_info" in hparams[job] for job in jobs)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        hparams[jobs[0]]["_hparams_/experiment"]
+    ).experiment
+    differs = [i.name for i in experiment.hparam_infos if i.differs]
+    assert differs == ["optim.lr"]  # the sweep's axis; its constant experiment= is not marked
 
     proc = run_cli("report", f"dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llm import checks
-from llm.sweeps.jobs import is_multirun
+from llm.sweeps.jobs import is_multirun, swept_keys
 
 # The package's own configs (llm/conf/, shipped in the wheel; the checkout's conf/ links to it)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -71,18 +71,6 @@ def with_recipe(recipe: str | None, args: Sequence[str]) -> list[str]:
     if recipe is None or chosen & set(RECIPE_GROUPS):
         return list(args)
     return [f"experiment={recipe}", *args]
-
-
-def swept_keys(args: Sequence[str]) -> list[str]:
-    """The keys a ``-m`` command line sweeps (``key=a,b``, ``range(...)``, ``choice(...)``)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    words = [a for a in args if not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(words)
-    except Exception:  # not Hydra's to refuse here: the sweep itself reports a bad override
-        return []
-    return [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
 
 
 def job_name(num: int, overrides: Sequence[str], limit: int = 64) -> str:

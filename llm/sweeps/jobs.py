@@ -4,6 +4,8 @@ it tells the sweeper that it was pruned or stopped."""
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -13,6 +15,29 @@ def is_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def swept_keys(args: Sequence[str]) -> list[str]:
+    """The keys a ``-m`` command line sweeps (``key=a,b``, ``range(...)``, ``choice(...)``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words = [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(words)
+    except Exception:  # not Hydra's to refuse here: the sweep itself reports a bad override
+        return []
+    return [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+
+
+def sweep_axes() -> set[str] | None:
+    """The keys this sweep's jobs differ in (a grid's swept keys, an Optuna search's space);
+    None outside a sweep."""
+    if not is_multirun():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    params = HydraConfig.get().sweeper.get("params") or {}
+    return set(swept_keys(sys.argv[1:])) | {str(k) for k in params}
 
 
 def sweep_pruning() -> Any | None:

@@ -319,7 +319,12 @@ def log_hparams(trainer: Any, loggers: list[Any], params: dict[str, Any], metric
     if not loggers or not trainer.is_global_zero:
         return
     clean = {k: v for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-    first = [k for k in overridden_keys() if k in params]
+    from llm.sweeps.jobs import sweep_axes
+
+    # marked as differing (TensorBoard lists those first): a sweep's axes, else the command
+    # line's keys; the constants of a sweep are not among them
+    axes = sweep_axes()
+    first = [k for k in overridden_keys() if k in params and (axes is None or k in axes)]
     benchmark = board.BENCHMARK in trainer.callback_metrics
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
