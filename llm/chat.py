@@ -3,8 +3,9 @@
 Each turn renders the whole conversation with the checkpoint's template (:mod:`llm.prompts`)
 but runs only what is new through the model: the text past what the cache already holds (the
 new user turn, plus the previous reply's last token, sampled but not yet run). When the
-conversation outgrows the context, the oldest exchanges are dropped and the rest is prefilled
-again, with a note. The CLI is ``llm chat``.
+conversation outgrows the context, whole earliest exchanges are dropped (:func:`fit_turns`; a
+turn is never cut) and the rest is prefilled again, with a note the first time. The CLI is
+``llm chat``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ class TurnRefused(ValueError):
     conversation is left as it was, so the session can go on."""
 
 
+def fit_turns(
+    template: str | None, messages: list[Message], tokenizer: Tokenizer, room: int
+) -> tuple[list[Message], str, list[int]]:
+    """The latest whole turns of ``messages`` (ending with a user message) that fit in ``room``
+    tokens, with their text and ids: earliest exchanges (a user message and its reply) are
+    dropped whole, so the prompt starts at a turn boundary, never inside a turn; a system
+    message is kept. TurnRefused when the last user message alone does not fit.
+    """
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    starts = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    for start in starts:
+        kept = system + messages[start:]
+        text = render(template, kept, tokenizer)
+        ids = tokenizer.encode(text)
+        if len(ids) <= room:
+            return kept, text, ids
+    raise TurnRefused(
+        f"this turn is {len(ids)} tokens once rendered; the context has room for {room} beside "
+        "what it keeps for the reply: shorten the turn, or lower max_new_tokens"
+    )
+
+
 class ChatSession:
     """The conversation so far (messages, their token ids, the KV cache over them) and the
     sampling settings; :meth:`send` streams a reply.
@@ -36,7 +59,8 @@ class ChatSession:
     ``prefilled`` counts, per turn, the tokens run through the model before its reply's first
     token was sampled. ``reserve`` tokens of context are kept free for each reply (default:
     max_new_tokens, at most half the context); a reply stops at end-of-text, at
-    max_new_tokens, or where the context is full.
+    max_new_tokens, or where the context is full. ``notify`` gets the notes: the first time a
+    conversation drops turns to fit (once: after that it keeps dropping them silently).
     """
 
     def __init__(
@@ -86,7 +110,8 @@ class ChatSession:
         if self.system:
             self.messages.append({"role": "system", "content": self.system})
         self.ids: list[int] = []  # the conversation's tokens; the cache holds a prefix of them
-        self.text: str | None = ""  # the text those ids stand for (None: unknown, re-render)
+        self.text = ""  # the text those ids stand for
+        self.dropped = 0  # earlier messages dropped to fit the context
         self.cache.reset()
         self.generator: torch.Generator | None = None
         if self.seed is not None:
@@ -99,9 +124,14 @@ class ChatSession:
     def send(self, user: str) -> Iterator[str]:
         """The reply to ``user``, piece by piece as it is sampled (end-of-text not shown).
 
+        The turn is taken at the call (a turn the tokenizer or the context cannot take raises
+        TurnRefused then, the conversation as it was); the reply is sampled as it is iterated.
         Stopping early (closing the iterator, Ctrl-C) keeps what was sampled as the reply.
         """
         self._append_turn(user)
+        return self._reply()
+
+    def _reply(self) -> Iterator[str]:
         budget = min(self.max_new_tokens, self.block_size - len(self.ids))
         idx = torch.tensor([self.ids], dtype=torch.long, device=self.device)
         self.prefilled.append(len(self.ids) - self.cache.length)
@@ -133,60 +163,35 @@ class ChatSession:
             self._append_reply(reply, ended=bool(reply) and reply[-1] == eot)
 
     def _append_turn(self, user: str) -> None:
-        """Add the user's message and its tokens, dropping the oldest exchanges to fit."""
-        self.messages.append({"role": "user", "content": user})
+        """Add the user's message and its tokens, dropping the earliest whole turns to fit."""
+        messages = [*self.messages, {"role": "user", "content": user}]
+        full = render(self.template, messages, self.tokenizer)
+        # only the new text, unless the template rewrote earlier turns
+        extends = full.startswith(self.text)
         try:
-            full = render(self.template, self.messages, self.tokenizer)
-        except Exception:
-            self.messages.pop()  # the conversation stays as it was
-            raise
-        # only the new text, unless the template rewrote earlier turns (or the text is unknown)
-        extends = self.text is not None and full.startswith(self.text)
-        try:
-            ids = self.tokenizer.encode(full[len(self.text or "") :] if extends else full)
+            new = self.tokenizer.encode(full[len(self.text) :] if extends else full)
         except ValueError as e:
-            self.messages.pop()
             raise TurnRefused(f"the tokenizer cannot read this line: {e}") from e
-        if extends:
-            self.ids += ids
-        else:
-            self.ids = ids
+        ids = self.ids + new if extends else new
+        room = self.block_size - self.reserve
+        if len(ids) > room:
+            kept, full, ids = fit_turns(self.template, messages, self.tokenizer, room)
+            extends = False
+            if not self.dropped and len(kept) < len(messages):
+                self.notify(
+                    f"context full: dropped the earliest turns (the context holds "
+                    f"{self.block_size} tokens, {self.reserve} of them kept for the reply); "
+                    "later turns are dropped without a note"
+                )
+            self.dropped += len(messages) - len(kept)
+            messages = kept
+        if not extends:
             self.cache.reset()
-        self.text = full
-        dropped = 0
-        while len(self.ids) + self.reserve > self.block_size and self._drop_oldest():
-            dropped += 1
-        if dropped:
-            self.notify(
-                f"the conversation outgrew the {self.block_size}-token context: dropped the "
-                f"oldest {dropped} exchange(s) and read the rest again"
-            )
-        if len(self.ids) + self.reserve > self.block_size:
-            keep = self.block_size - self.reserve
-            self.notify(
-                f"this turn alone is {len(self.ids)} tokens; the context holds "
-                f"{self.block_size} with {self.reserve} kept for the reply: kept its last {keep}"
-            )
-            self.ids, self.text = self.ids[-keep:], None
-            self.cache.reset()
-        if not self.ids:  # a base model and nothing typed: start from a document boundary
+        if not ids:  # a base model and nothing typed: start from a document boundary
             if self.tokenizer.eot_id is None:
                 raise ValueError("nothing to continue and the tokenizer has no end-of-text token")
-            self.ids = [self.tokenizer.eot_id]
-
-    def _drop_oldest(self) -> bool:
-        """Drop the first exchange (user message and reply) and re-render; False if none left."""
-        first = next(i for i, m in enumerate(self.messages) if m["role"] != "system")
-        if first == len(self.messages) - 1:  # only the current user message is left
-            return False
-        end = first + 1
-        while end < len(self.messages) - 1 and self.messages[end]["role"] != "user":
-            end += 1
-        del self.messages[first:end]
-        self.text = render(self.template, self.messages, self.tokenizer)
-        self.ids = self.tokenizer.encode(self.text)
-        self.cache.reset()
-        return True
+            ids = [self.tokenizer.eot_id]
+        self.messages, self.ids, self.text = messages, ids, full
 
     def _append_reply(self, reply: list[int], ended: bool) -> None:
         content = self.tokenizer.decode(reply[:-1] if ended else reply)
@@ -195,5 +200,4 @@ class ChatSession:
             message["ended"] = True  # the base template keeps the end-of-text it stopped on
         self.messages.append(message)
         self.ids += reply
-        if self.text is not None:
-            self.text += self.tokenizer.decode(reply)
+        self.text += self.tokenizer.decode(reply)

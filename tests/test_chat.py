@@ -1,5 +1,6 @@
 """`llm chat`: prompt templates, a session's KV cache across turns (only new tokens prefilled),
-/reset, dropping the oldest turns past the context, and the reply `llm generate` would give."""
+/reset, dropping whole earliest turns past the context, the piped transcript, and the reply
+`llm generate` would give."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 from _hf_utils import CHAT_TEMPLATE, train_tokenizer
-from helpers import ALPHABET, TINY, run_cli
+from helpers import ALPHABET, TINY, char_checkpoint, run_cli
 
-from llm.chat import ChatSession
+from llm.chat import ChatSession, TurnRefused, fit_turns
 from llm.prompts import format_prompt, render
 from llm.tokenizers import CharTokenizer
 
@@ -111,34 +112,83 @@ def test_reset_forgets_the_conversation_and_restarts_the_seed(char_tokenizer: An
     assert session.prefilled[-1] == 5
 
 
-def test_oldest_turns_are_dropped_past_the_context_with_a_note(char_tokenizer: Any) -> None:
-    model = _model(char_tokenizer.vocab_size, block_size=48)
+def test_fit_turns_drops_whole_earliest_turns(char_tokenizer: CharTokenizer) -> None:
+    tok = char_tokenizer
+
+    def ids(text: str) -> list[int]:
+        return [tok.encode(c)[0] for c in text]
+
+    msgs = [
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "cd", "ended": True},
+        {"role": "user", "content": "ef"},
+        {"role": "assistant", "content": "gh"},
+        {"role": "user", "content": "ij"},
+    ]  # renders as ab cd<eot> ef gh ij: 11 tokens
+    whole = [*ids("abcd"), tok.eot_id, *ids("efghij")]
+    assert fit_turns(None, msgs, tok, 11) == (msgs, "abcd" + EOT + "efghij", whole)
+    # at 8, a cut at the token level would keep "d<eot>efghij": the whole exchange goes instead
+    for room in (10, 8, 6):
+        assert fit_turns(None, msgs, tok, room) == (msgs[2:], "efghij", ids("efghij"))
+    assert fit_turns(None, msgs, tok, 5) == (msgs[4:], "ij", ids("ij"))
+    with pytest.raises(TurnRefused, match="this turn is 2 tokens once rendered; the context "
+                       "has room for 1 beside what it keeps for the reply"):  # fmt: skip
+        fit_turns(None, msgs, tok, 1)
+    # a system message stays, whatever goes
+    tok.chat_template = "{% for m in messages %}{{ m.role[0] }}:{{ m.content }};{% endfor %}"
+    system = [{"role": "system", "content": "S"}]
+    kept, text, kept_ids = fit_turns("chat", system + msgs, tok, 12)
+    assert (kept, text, kept_ids) == (system + msgs[4:], "s:S;u:ij;", ids("s:S;u:ij;"))
+    assert fit_turns("chat", system + msgs, tok, 19)[1] == "s:S;u:ef;a:gh;u:ij;"
+
+
+def test_a_long_conversation_drops_whole_turns_with_one_note(char_tokenizer: Any) -> None:
+    """Over a 40-token context the prompt fed to the model is always whole turns (the first
+    dropped ones gone), and the note comes once, at the first drop."""
+    tok = char_tokenizer
+    model = _model(tok.vocab_size, block_size=40)
+    fed: list[list[int]] = []
+    hook = model.register_forward_pre_hook(lambda _, args: fed.append(args[0][0].tolist()))
     notes: list[str] = []
-    session = ChatSession(
-        model, char_tokenizer, max_new_tokens=8, temperature=0.0, notify=notes.append
-    )
-    turns = ["first turn text ", "second turn ", "third turn here ", "fourth turn "]
-    for text in turns:
+    session = ChatSession(model, tok, max_new_tokens=8, temperature=0.0, notify=notes.append)
+    turns = [f"turn {n} words " for n in range(8)]
+    drops = 0
+    try:
+        for n, text in enumerate(turns):
+            before, dropped = len(fed), session.dropped
+            reply = "".join(session.send(text))
+            assert len(session.ids) <= 40 and session.messages[-1]["content"] == reply
+            users = [m["content"] for m in session.messages if m["role"] == "user"]
+            assert users == turns[n - len(users) + 1 : n + 1]  # the latest turns, whole
+            if session.dropped > dropped:  # the kept turns are read again, from a turn's start
+                prompt = render(None, session.messages[:-1], tok)
+                assert prompt.startswith(users[0]) and fed[before] == tok.encode(prompt)
+                drops += 1
+    finally:
+        hook.remove()
+    assert drops >= 2 and users[0] != turns[0]
+    assert notes == [
+        "context full: dropped the earliest turns (the context holds 40 tokens, 8 of them kept "
+        "for the reply); later turns are dropped without a note"
+    ]
+    session.reset()  # a new conversation: its first drop is noted again
+    for text in turns[:4]:
         "".join(session.send(text))
-        assert len(session.ids) <= 48 and session.cache.length == len(session.ids) - 1
-        users = [m["content"] for m in session.messages if m["role"] == "user"]
-        assert users[-1] == text
-        if notes:
-            break
-    assert notes and "dropped the oldest 1 exchange(s)" in notes[0] and "48-token" in notes[0]
-    assert turns[0] not in users  # the oldest exchange went
-    # after a drop the whole remaining conversation is prefilled again
-    kept = render(None, session.messages[:-1], char_tokenizer)
-    assert session.prefilled[-1] == len(char_tokenizer.encode(kept))
+    assert len(notes) == 2
 
 
-def test_a_turn_longer_than_the_context_keeps_its_end(char_tokenizer: Any) -> None:
+def test_a_turn_longer_than_the_context_is_refused_whole(char_tokenizer: Any) -> None:
     model = _model(char_tokenizer.vocab_size, block_size=32)
     notes: list[str] = []
-    session = ChatSession(model, char_tokenizer, max_new_tokens=8, notify=notes.append)
-    reply = "".join(session.send("x" * 100))
-    assert notes and "kept its last 24" in notes[0]
-    assert session.prefilled == [24] and len(reply) <= 8
+    session = ChatSession(model, char_tokenizer, max_new_tokens=8, seed=0, notify=notes.append)
+    "".join(session.send("hi"))
+    before = (list(session.messages), list(session.ids))
+    with pytest.raises(TurnRefused, match="this turn is 100 tokens once rendered; the context "
+                       "has room for 24 beside"):  # fmt: skip
+        session.send("x" * 100)
+    assert (session.messages, session.ids) == before and notes == []  # as it was
+    "".join(session.send(" more"))
+    assert [m["content"] for m in session.messages[::2]] == ["hi", " more"]
 
 
 def test_an_interrupted_reply_is_kept_and_the_next_turn_reads_all_again(
@@ -219,7 +269,7 @@ def test_chat_reply_equals_llm_generate(
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("Say hi\n/quit\nnever read\n"))
     assert llm_main("chat", f"ckpt_path={ckpt}", *settings) == 0
-    reply = capsys.readouterr().out
+    transcript = capsys.readouterr().out
 
     rendered = format_prompt({"instruction": "Say hi"})
     (tmp_path / "prompt.txt").write_text(rendered, encoding="utf-8")
@@ -228,7 +278,7 @@ def test_chat_reply_equals_llm_generate(
     generated = capsys.readouterr().out
     assert generated.startswith(rendered)
     continuation = generated[len(rendered) :].removesuffix("\n").split(EOT)[0]
-    assert reply == continuation + "\n" and len(continuation) > 0
+    assert transcript == f"> Say hi\n{continuation}\n" and len(continuation) > 0
 
 
 def test_chat_commands_and_template_override(
@@ -242,13 +292,53 @@ def test_chat_commands_and_template_override(
     args = (f"ckpt_path={trained['ckpt']}", "max_new_tokens=12", "template=none")
     assert llm_main("chat", *args) == 0
     captured = capsys.readouterr()
-    half = len(captured.out) // 2
-    assert captured.out[:half] == captured.out[half:]  # /reset restarts the seed's stream
-    assert captured.out.endswith("\n") and half > 1
+    first, second = captured.out.split("\n\n> ")  # two turns, a blank line between
+    assert first + "\n" == "> " + second  # /reset restarts the seed's stream
+    assert first.startswith("> First\n") and len(first) > len("> First\n")
     assert "[new conversation]" in captured.err and "unknown command /help" in captured.err
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
     assert llm_main("chat", *args[:1], "template=chat") == 1
     assert "needs a tokenizer with a chat template" in capsys.readouterr().err
+
+
+def test_piped_chat_prints_a_transcript(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Piped, stdout is the conversation: each turn "> " and its line, then the reply, a blank
+    line between turns; a skipped line and the commands are not in it, and the note on dropped
+    turns comes once, on stderr."""
+    from llm.checkpoint import load_language_model
+
+    ckpt = char_checkpoint(tmp_path / "base.ckpt", block_size=32)
+    lines = ["Hello there", "how are you ☺", "fine words", "/reset", "again now", "more words",
+             "and then some", "last one"]  # fmt: skip
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    settings = {"max_new_tokens": 6, "temperature": 1.0, "top_k": None, "seed": 3}
+    args = [f"{k}={'null' if v is None else v}" for k, v in settings.items()]
+    assert llm_main("chat", f"ckpt_path={ckpt}", "template=none", *args) == 0
+    captured = capsys.readouterr()
+
+    lm = load_language_model(ckpt)
+    session = ChatSession(lm.model, lm.tokenizer, notify=lambda _: None, **settings)  # type: ignore[arg-type]
+    turns = []
+    for line in lines:
+        if line == "/reset":
+            session.reset()
+        elif "☺" not in line:  # the char vocabulary has no ☺: that line is skipped
+            turns.append(f"> {line}\n" + "".join(session.send(line)) + "\n")
+    assert captured.out == "\n".join(turns)
+    assert [x[2:] for x in captured.out.splitlines() if x.startswith("> ")] == [
+        x for x in lines if x != "/reset" and "☺" not in x
+    ]
+    notes = captured.err.splitlines()
+    assert notes[0].startswith("[line skipped: the tokenizer cannot read this line")
+    assert notes[1:] == [
+        "[context full: dropped the earliest turns (the context holds 32 tokens, 6 of them kept "
+        "for the reply); later turns are dropped without a note]",
+        "[new conversation]",
+        "[context full: dropped the earliest turns (the context holds 32 tokens, 6 of them kept "
+        "for the reply); later turns are dropped without a note]",
+    ]
 
 
 @pytest.mark.slow
@@ -256,7 +346,8 @@ def test_piped_chat_exits_0(trained: dict[str, Any]) -> None:
     proc = run_cli("chat", f"ckpt_path={trained['ckpt']}", "max_new_tokens=10",
                    stdin="Hello\n/quit\n")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() and proc.stdout.endswith("\n")
+    assert proc.stdout.startswith("> Hello\n") and proc.stdout.endswith("\n")
+    assert len(proc.stdout) > len("> Hello\n\n")
 
 
 def test_a_byte_that_is_not_utf8_does_not_end_the_session(

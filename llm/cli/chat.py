@@ -2,8 +2,10 @@
 
 Replies stream as they are sampled; ``/reset`` starts a new conversation, ``/quit`` (or end of
 input) ends the session, Ctrl-C stops a reply (and, at the prompt, the session). Piped input
-works: ``printf 'Hello\\n/quit\\n' | llm chat ckpt_path=...``. Notes (dropped turns) go to
-standard error, so standard output holds the replies only.
+or output (``printf 'Hello\\n/quit\\n' | llm chat ckpt_path=... > chat.txt``) gives a
+transcript: each turn as ``> `` and the line, then the reply, a blank line between turns. Notes
+(``[...]``: dropped turns, skipped lines, /reset) go to standard error, so standard output
+holds the conversation only.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def _read_line(interactive: bool) -> str | None:
         except EOFError:
             print(file=sys.stderr)
             return None
+    if sys.stdin.isatty():  # typed, the output redirected: the prompt shows, the file stays clean
+        print("> ", end="", file=sys.stderr, flush=True)
     line = sys.stdin.readline()
     return line.rstrip("\r\n") if line else None
 
@@ -68,8 +72,10 @@ def main(cfg: DictConfig) -> int:
         **settings,
     )
     _tolerate_bad_bytes()
-    interactive = sys.stdin.isatty()
-    if interactive:
+    # a terminal each side: a prompt, the typed line is on screen already. Else a transcript
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    turns = 0
+    if sys.stdin.isatty():
         _note(
             f"template: {template or 'none (the model continues your text)'}; context "
             f"{session.block_size} tokens; {COMMANDS}"
@@ -90,11 +96,16 @@ def main(cfg: DictConfig) -> int:
         if "\ufffd" in line:
             _note("bytes that are not UTF-8 were read as \ufffd")
         try:
-            for piece in session.send(line):
-                print(piece, end="", flush=True)
+            reply = session.send(line)
         except TurnRefused as e:  # nothing was sampled; the conversation is as it was
             _note(f"line skipped: {e}")
             continue
+        if not interactive:  # the transcript: a blank line between turns, the line, the reply
+            print(("\n" if turns else "") + f"> {line}", flush=True)
+            turns += 1
+        try:
+            for piece in reply:
+                print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(flush=True)
             _note("reply stopped")
