@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llm.finetuning.lora import apply_lora, lora_state_dict_merged
 from llm.io import atomic_open
 from llm.model import GPT, GPTConfig
+from llm.model.lora import apply_lora, lora_state_dict_merged
 from llm.tokenizers import Tokenizer, tokenizer_from_dict
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ from helpers import (
 
 from llm.checkpoint import export_merged, load_checkpoint
 from llm.cli.finetune import finetune, validate
-from llm.finetuning.init import load_init
 from llm.inference import generate_text
+from llm.initial_weights import load_init
 from llm.training.module import GPTLitModule
 
 CORPUS = "the quick brown fox jumps over the lazy dog. " * 200

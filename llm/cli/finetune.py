@@ -60,7 +60,7 @@ def validate(cfg: DictConfig) -> None:
 
 def lora_settings(cfg: DictConfig) -> dict[str, Any] | None:
     """The ``lora`` group as checked plain settings (None: full finetuning)."""
-    from llm.finetuning.lora import lora_config
+    from llm.model.lora import lora_config
 
     return lora_config(OmegaConf.to_container(cfg.lora) if cfg.get("lora") else None)
 
@@ -93,7 +93,7 @@ def build(cfg: DictConfig, init: Any, tokenizer: Any) -> tuple[Any, Any]:
     """The task's LightningModule (init weights loaded) and DataModule."""
     import hydra
 
-    from llm.finetuning.init import load_base_weights
+    from llm.initial_weights import load_base_weights
     from llm.training.module import GPTLitModule
 
     task = cfg.task.name
@@ -149,8 +149,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
 
     from llm.checkpoint import read_checkpoint
     from llm.cli.spawned import bring_back
-    from llm.finetuning.init import load_init
-    from llm.finetuning.lora import count_params
+    from llm.initial_weights import load_init
+    from llm.model.lora import count_params
 
     started = time.perf_counter()
     validate(cfg)

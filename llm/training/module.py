@@ -20,8 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from llm import faults
-from llm.finetuning.lora import apply_lora
 from llm.model import GPT, GPTConfig
+from llm.model.lora import apply_lora
 from llm.prompts import check_template
 from llm.training import board
 from llm.training.optim import build_optimizer, build_scheduler, schedule_of
@@ -77,7 +77,7 @@ class GPTLitModule(L.LightningModule):
             `decay_steps` None decays over `trainer.max_steps`.
         compile: wrap the model in `torch.compile` (the wrapper is not part of state_dict).
         sample: the sampling settings used during training, recorded for later generation.
-        lora: LoRA settings (`llm.finetuning.lora.lora_config`): adapters on the named Linear
+        lora: LoRA settings (`llm.model.lora.lora_config`): adapters on the named Linear
             layers, every other weight frozen; None trains every weight.
         template: how the model wants prompts rendered (`llm.prompts`): "alpaca" after
             instruction finetuning, "chat" for its tokenizer's chat template, None for a base
