@@ -9,7 +9,7 @@ import torch
 
 from llm.model import GPT, CausalSelfAttention, GPTConfig, MultiHeadAttention, SelfAttention
 from llm.model.embeddings import RotaryEmbedding
-from llm.model.generation import LayerKVCache
+from llm.model.kv_cache import LayerKVCache
 
 POS = ["learned", "sinusoidal", "rope"]
 

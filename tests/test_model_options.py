@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from llm.model import GPT, GPTConfig, KVCache, MultiHeadAttention
 from llm.model.embeddings import RotaryEmbedding, llama3_scaled
-from llm.model.generation import LayerKVCache
+from llm.model.kv_cache import LayerKVCache
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 V = 61

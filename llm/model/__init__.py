@@ -4,8 +4,9 @@ from llm.model.attention import CausalSelfAttention, MultiHeadAttention, SelfAtt
 from llm.model.block import MLP, Block
 from llm.model.config import ATTN_IMPLS, POS_ENCODINGS, GPTConfig
 from llm.model.embeddings import Embeddings, RotaryEmbedding, sinusoidal_table
-from llm.model.generation import KVCache, LayerKVCache, filter_logits, sample_next
+from llm.model.generation import filter_logits, sample_next
 from llm.model.gpt import GPT
+from llm.model.kv_cache import KVCache, LayerKVCache
 
 __all__ = [
     "ATTN_IMPLS",

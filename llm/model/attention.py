@@ -18,7 +18,7 @@ from llm.model.config import GPTConfig
 
 if TYPE_CHECKING:
     from llm.model.embeddings import RotaryEmbedding
-    from llm.model.generation import LayerKVCache
+    from llm.model.kv_cache import LayerKVCache
 
 
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:

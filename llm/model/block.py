@@ -13,7 +13,7 @@ from llm.model.config import GPTConfig
 
 if TYPE_CHECKING:
     from llm.model.embeddings import RotaryEmbedding
-    from llm.model.generation import LayerKVCache
+    from llm.model.kv_cache import LayerKVCache
 
 
 def make_norm(config: GPTConfig) -> nn.Module:

@@ -16,7 +16,8 @@ from llm.model import hf
 from llm.model.block import Block, make_norm
 from llm.model.config import GPTConfig
 from llm.model.embeddings import Embeddings, RotaryEmbedding
-from llm.model.generation import KVCache, generate
+from llm.model.generation import generate_stream
+from llm.model.kv_cache import KVCache
 
 
 class GPT(nn.Module):
@@ -156,8 +157,30 @@ class GPT(nn.Module):
         """Model FLOPs utilization: achieved training FLOP/s over the hardware peak."""
         return self.flops_per_token() * tokens_per_sec / peak_flops
 
-    # sampling lives in generation.py (KV cache, top-k/top-p); as a method: model.generate(idx, n)
-    generate = generate
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Sample up to max_new_tokens after idx (B, T); returns (B, T + new).
+
+        The stream of :func:`llm.model.generation.generate_stream` (KV cache, top-k, top-p),
+        collected; it stops early once every row has produced stop_token (finished rows are
+        padded with it).
+        """
+        stream = generate_stream(
+            self, idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache,
+            generator, seed,
+        )  # fmt: skip
+        return torch.cat([idx, *stream], dim=1)
 
     @classmethod
     def from_pretrained(
