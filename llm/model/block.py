@@ -70,6 +70,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: LayerKVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(
+        self, x: Tensor, cache: LayerKVCache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """``mask``: the attention mask every block of the forward shares (see
+        MultiHeadAttention.attend); None builds it where it is needed."""
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))

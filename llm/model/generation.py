@@ -111,17 +111,18 @@ def _stream(
     try:
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
+            # last_only: the logits of the last position are all a step samples from
             if not use_cache:
-                logits, _ = model(idx[:, -block_size:])
+                logits, _ = model(idx[:, -block_size:], last_only=True)
             elif cache is None or cache.length == 0 or idx.size(1) > block_size:
                 # (Re)prefill: learned positions cannot go past block_size, so past it we crop
                 # the context like nanoGPT does, which keeps cached == uncached exactly.
                 if cache is None:
-                    cache = KVCache(model.config.n_layer, model.config.sliding_window)
+                    cache = KVCache(model.config.n_layer, model.config.sliding_window, block_size)
                 cache.reset()
-                logits, _ = model(idx[:, -block_size:], cache=cache)
+                logits, _ = model(idx[:, -block_size:], cache=cache, last_only=True)
             else:
-                logits, _ = model(idx[:, cache.length :], cache=cache)
+                logits, _ = model(idx[:, cache.length :], cache=cache, last_only=True)
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             if stop_token is not None:
                 nxt = nxt.masked_fill(done.unsqueeze(1), stop_token)  # finished rows keep padding

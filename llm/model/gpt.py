@@ -71,18 +71,32 @@ class GPT(nn.Module):
         Token ids are not range-checked here (that would sync with the device every step): the
         tokenizer and the token cache that make them check them.
         """
+        T = idx.size(1)
         offset = cache.length if cache is not None else 0
-        self._check_length(idx.size(1), offset)
+        self._check_length(T, offset)
         x = self.embed(idx, offset)
+        # one mask for every layer (they attend alike), built only where the kernel needs one
+        mask = self.h[0].attn.mask_for(T, T + (cache.kept if cache is not None else 0), idx.device)
         for i, block in enumerate(self.h):
-            x = block(x, cache[i] if cache is not None else None)
+            x = block(x, cache[i] if cache is not None else None, mask)
         return self.ln_f(x)
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """idx, targets: (B, T) -> logits (B, T, vocab), mean cross-entropy ignoring -100."""
-        logits = self.lm_head(self.hidden_states(idx, cache))
+        """idx, targets: (B, T) -> logits (B, T, vocab), mean cross-entropy ignoring -100.
+
+        last_only: logits (B, 1, vocab) of the last position alone, all that sampling reads (a
+        prefill otherwise builds B x T x vocab of them, the largest tensor of the pass).
+        """
+        if last_only and targets is not None:
+            raise ValueError("last_only=True computes no loss: the targets need every position")
+        h = self.hidden_states(idx, cache)
+        logits = self.lm_head(h[:, -1:, :] if last_only else h)
         if self.config.logit_softcap is not None:  # Gemma 2: smoothly bounded to +-cap
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
