@@ -222,6 +222,16 @@ def save_checkpoint(module: GPTLitModule, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
+    """The GPTConfig fields with the derived sizes filled in, so a checkpoint written with
+    ``head_dim: null`` matches a run that reads 64 (GPTConfig sets them since); as stored
+    where they are no valid config."""
+    try:
+        return GPTConfig(**model).to_dict()
+    except (TypeError, ValueError):
+        return dict(model)
+
+
 def check_resumable(path: str | os.PathLike[str], module: GPTLitModule, max_steps: int) -> None:
     """Refuse, before Lightning's opaque size-mismatch traceback, to resume another model.
 
@@ -235,11 +245,11 @@ def check_resumable(path: str | os.PathLike[str], module: GPTLitModule, max_step
             f"trains a {describe(module.kind)} (resume it with the command that wrote it)"
         )
     hp = raw["hyper_parameters"]
-    ours = module.hparams["model"]
+    theirs, ours = _model_fields(hp["model"]), _model_fields(module.hparams["model"])
     diffs = [
-        f"model.{k}: checkpoint {hp['model'].get(k)!r}, this run {ours.get(k)!r}"
-        for k in sorted(set(ours) | set(hp["model"]))
-        if k not in _FREE_KEYS and hp["model"].get(k) != ours.get(k)
+        f"model.{k}: checkpoint {theirs.get(k)!r}, this run {ours.get(k)!r}"
+        for k in sorted(set(ours) | set(theirs))
+        if k not in _FREE_KEYS and theirs.get(k) != ours.get(k)
     ]
     if hp.get("tokenizer") != module.hparams["tokenizer"]:
         theirs, mine = hp.get("tokenizer") or {}, module.hparams["tokenizer"] or {}

@@ -7,15 +7,8 @@ import math
 import pytest
 import torch
 
-from llm.model import (
-    GPT,
-    CausalSelfAttention,
-    GPTConfig,
-    KVCache,
-    MultiHeadAttention,
-    SelfAttention,
-    attention,
-)
+from llm.model import GPT, GPTConfig, KVCache, MultiHeadAttention, attention
+from llm.model.attention import CausalSelfAttention, SelfAttention
 from llm.model.embeddings import RotaryEmbedding
 from llm.model.kv_cache import LayerKVCache
 

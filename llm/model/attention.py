@@ -89,10 +89,10 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
-        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
-        self.head_size = config.head_size
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.head_dim
         self.attn_impl, self.window = config.attn_impl, config.sliding_window
-        q_width, kv_width = self.n_head * self.head_size, self.n_kv_head * self.head_size
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.split = (q_width, kv_width, kv_width)
         self.c_attn = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
         self.c_proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
@@ -101,8 +101,8 @@ class MultiHeadAttention(nn.Module):
         self.q_norm: nn.Module | None = None
         self.k_norm: nn.Module | None = None
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rope = rope
@@ -112,8 +112,8 @@ class MultiHeadAttention(nn.Module):
         the cached tokens' to the T new ones."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         past = cache.length if cache is not None else 0

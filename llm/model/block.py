@@ -42,14 +42,14 @@ ACTIVATIONS = {"gelu": partial(nn.GELU, approximate="tanh"), "relu2": ReLU2, "sw
 
 
 class MLP(nn.Module):
-    """Position-wise expansion to `config.mlp_width` and back.
+    """Position-wise expansion to `config.mlp_hidden` and back.
 
     gelu is tanh-GELU because GPT-2 ("gelu_new") was trained with it.
     """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        width = config.mlp_width
+        width = config.mlp_hidden
         gated = config.mlp == "swiglu"
         self.c_fc = nn.Linear(config.n_embd, 2 * width if gated else width, bias=config.bias)
         self.act = ACTIVATIONS[config.mlp]()

@@ -32,7 +32,7 @@ class GPT(nn.Module):
         rope = None
         if config.pos_encoding == "rope":  # one table, shared by every block
             rope = RotaryEmbedding(
-                config.head_size, config.block_size, config.rope_theta, config.rope_scaling
+                config.head_dim, config.block_size, config.rope_theta, config.rope_scaling
             )
         self.h = nn.ModuleList(Block(config, rope) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
@@ -164,7 +164,7 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), the PaLM estimate nanoGPT uses."""
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (
-            c.head_size * c.block_size
+            c.head_dim * c.block_size
         )
 
     def estimate_mfu(self, tokens_per_sec: float, peak_flops: float) -> float:
