@@ -57,12 +57,12 @@ def test_capacity_bounds_the_buffer() -> None:
     assert k.untyped_storage().nbytes() == 10 * 2 * 4  # float32: no doubling past 10 tokens
 
 
-def test_reset_forgets_and_the_shape_is_checked() -> None:
+def test_reset_forgets_and_the_batch_size_is_checked() -> None:
     cache = KVCache(2, window=3)
     for layer in cache:
         layer.append(torch.randn(2, 1, 4, 2), torch.randn(2, 1, 4, 2))
     assert (cache.length, cache.kept) == (4, 2)
-    with pytest.raises(ValueError, match=r"keys of shape \(1, 1, 1, 2\) do not fit.*reset"):
+    with pytest.raises(ValueError, match=r"a batch of 1 do not fit a cache of a batch of 2.*reset"):
         cache[0].append(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2))
     cache.reset()
     assert (cache.length, cache.kept, cache[0].k) == (0, 0, None)
@@ -82,3 +82,16 @@ def test_gradients_flow_through_a_cache() -> None:
     assert torch.equal(a.grad, torch.full_like(a, 2.0)) and torch.equal(
         b.grad, torch.full((1, 1, 1, 2), 2.0)
     )
+
+
+def test_a_cache_filled_while_sampling_takes_plain_forwards_after() -> None:
+    """Sampling runs under inference mode, whose tensors cannot be written outside it: a
+    chat's cache, extended by generate_stream, still takes a plain forward afterwards."""
+    cache = LayerKVCache()
+    with torch.inference_mode():
+        cache.append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    before = cache.k.clone() if cache.k is not None else None
+    with torch.no_grad():
+        k, _ = cache.append(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+    assert before is not None and not k.is_inference()
+    assert torch.equal(k[..., :3, :], before) and torch.equal(k[..., 3:, :], torch.ones(1, 2, 1, 4))

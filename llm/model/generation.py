@@ -91,7 +91,7 @@ def generate_stream(
     )  # fmt: skip
 
 
-@torch.no_grad()
+@torch.inference_mode()  # not just no_grad: no view or version tracking per op (~6% a token)
 def _stream(
     model: GPT,
     idx: Tensor,

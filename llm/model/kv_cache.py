@@ -57,47 +57,57 @@ class LayerKVCache:
         """k, v: (B, n_kv_head, T_new, hs); returns the kept past + new, (B, n_kv_head, T_k, hs)."""
         T = k.size(-2)
         self.length += T
-        if k.requires_grad or v.requires_grad or (self._k is not None and self._k.requires_grad):
-            past_k, past_v = self.k, self.v
-            if past_k is not None and past_v is not None:
-                k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
-            self._k, self._v, self._start, self._end = k, v, 0, k.size(-2)
+        buf_k, buf_v, end = self._k, self._v, self._end + T
+        if buf_k is None or buf_v is None or k.requires_grad or buf_k.requires_grad:
+            self._concatenate(k, v)
         else:
-            self._reserve(k, v)
-            assert self._k is not None and self._v is not None
-            self._k[..., self._end : self._end + T, :] = k
-            self._v[..., self._end : self._end + T, :] = v
-            self._end += T
-        k_all = self._k[..., self._start : self._end, :]
-        v_all = self._v[..., self._start : self._end, :]
+            if k.size(0) != buf_k.size(0):  # writing into the buffer would broadcast a batch of 1
+                raise ValueError(
+                    f"keys for a batch of {k.size(0)} do not fit a cache of a batch of "
+                    f"{buf_k.size(0)}: reset it first"
+                )
+            # made under inference mode (sampling) and written to outside it: a normal buffer
+            stale = buf_k.is_inference() and not torch.is_inference_mode_enabled()
+            if end > buf_k.size(-2) or stale:
+                self._make_room(T, anew=stale)
+                end = self._end + T
+            self._k[..., self._end : end, :] = k  # type: ignore[index]
+            self._v[..., self._end : end, :] = v  # type: ignore[index]
+            self._end = end
+        k_all = self._k[..., self._start : self._end, :]  # type: ignore[index]
+        v_all = self._v[..., self._start : self._end, :]  # type: ignore[index]
         if self.window is not None:  # no later token sees further back than window - 1
             self._start = max(self._start, self._end - (self.window - 1))
         return k_all, v_all
 
-    def _reserve(self, k: Tensor, v: Tensor) -> None:
-        """Room after the kept tokens for k and v's: the kept ones move to the front of the
-        buffer, or of a new one where that would leave less than half of it free."""
-        T = k.size(-2)
-        if self._k is not None:
-            if k.shape[:-2] != self._k.shape[:-2] or k.size(-1) != self._k.size(-1):
-                raise ValueError(
-                    f"keys of shape {tuple(k.shape)} do not fit a cache of "
-                    f"{tuple(self._k.shape[:-2])} x tokens x {self._k.size(-1)}: reset it first"
-                )
-            if self._end + T <= self._k.size(-2):
-                return
+    def _concatenate(self, k: Tensor, v: Tensor) -> None:
+        """The first append (copied into a buffer with room), or any under autograd (kept as
+        concatenated tensors, which backward can go through)."""
+        past_k, past_v = self.k, self.v
+        if past_k is not None and past_v is not None:
+            k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        self._k, self._v, self._start, self._end = k, v, 0, k.size(-2)
+        if not (k.requires_grad or v.requires_grad):
+            self._make_room(0)
+
+    def _make_room(self, T: int, anew: bool = False) -> None:
+        """Room after the kept tokens for T more: the kept ones move to the front of the
+        buffer, or of a new one where that would leave less than half of it free (or where
+        ``anew``)."""
+        assert self._k is not None and self._v is not None
         past_k, past_v, kept = self.k, self.v, self.kept
-        if self._k is None or 2 * (kept + T) > self._k.size(-2):
+        assert past_k is not None and past_v is not None
+        room = self._k.size(-2)
+        if anew or 2 * (kept + T) > room or room == kept:
             room = max(2 * (kept + T), _MIN_CAPACITY)
             if self.capacity is not None:
                 room = max(min(room, self.capacity), kept + T)
-            self._k = k.new_empty((*k.shape[:-2], room, k.size(-1)))
-            self._v = v.new_empty((*v.shape[:-2], room, v.size(-1)))
-        elif past_k is not None and past_v is not None:  # within one buffer: ranges may overlap
+            self._k = past_k.new_empty((*past_k.shape[:-2], room, past_k.size(-1)))
+            self._v = past_v.new_empty((*past_v.shape[:-2], room, past_v.size(-1)))
+        else:  # moving within one buffer: the ranges may overlap
             past_k, past_v = past_k.clone(), past_v.clone()
-        if past_k is not None and past_v is not None:
-            self._k[..., :kept, :] = past_k
-            self._v[..., :kept, :] = past_v
+        self._k[..., :kept, :] = past_k
+        self._v[..., :kept, :] = past_v
         self._start, self._end = 0, kept
 
 
