@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from llm.inference import IncrementalDecoder
-from llm.model import GPT
-from llm.model.generation import KVCache, generate_stream
+from llm.model import GPT, KVCache
+from llm.model.generation import generate_stream
 from llm.prompts import Message, chat_template_source, check_template, render
 from llm.tokenizers import Tokenizer
 

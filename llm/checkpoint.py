@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llm.finetuning.lora import lora_state_dict_merged
 from llm.io import atomic_open
-from llm.model import GPT
+from llm.model import GPT, GPTConfig
 from llm.model.build import build_model
+from llm.model.lora import lora_state_dict_merged
 from llm.tokenizers import Tokenizer, tokenizer_from_dict
 
 if TYPE_CHECKING:
@@ -220,6 +220,16 @@ def save_checkpoint(module: TaskModule, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
+    """The GPTConfig fields with the derived sizes filled in, so a checkpoint written with
+    ``head_dim: null`` matches a run that reads 64 (GPTConfig sets them since); as stored
+    where they are no valid config."""
+    try:
+        return GPTConfig(**model).to_dict()
+    except (TypeError, ValueError):
+        return dict(model)
+
+
 def check_resumable(path: str | os.PathLike[str], module: TaskModule, max_steps: int) -> None:
     """Refuse, before Lightning's opaque size-mismatch traceback, to resume another model.
 
@@ -233,11 +243,11 @@ def check_resumable(path: str | os.PathLike[str], module: TaskModule, max_steps:
             f"trains a {describe(module.kind)} (resume it with the command that wrote it)"
         )
     hp = raw["hyper_parameters"]
-    ours = module.hparams["model"]
+    theirs, ours = _model_fields(hp["model"]), _model_fields(module.hparams["model"])
     diffs = [
-        f"model.{k}: checkpoint {hp['model'].get(k)!r}, this run {ours.get(k)!r}"
-        for k in sorted(set(ours) | set(hp["model"]))
-        if k not in _FREE_KEYS and hp["model"].get(k) != ours.get(k)
+        f"model.{k}: checkpoint {theirs.get(k)!r}, this run {ours.get(k)!r}"
+        for k in sorted(set(ours) | set(theirs))
+        if k not in _FREE_KEYS and theirs.get(k) != ours.get(k)
     ]
     if hp.get("tokenizer") != module.hparams["tokenizer"]:
         theirs, mine = hp.get("tokenizer") or {}, module.hparams["tokenizer"] or {}

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from llm.model import GPT, CausalSelfAttention, GPTConfig, MultiHeadAttention, SelfAttention
+from llm.model import GPT, GPTConfig, KVCache, MultiHeadAttention, attention
+from llm.model.attention import CausalSelfAttention, SelfAttention
 from llm.model.embeddings import RotaryEmbedding
-from llm.model.generation import LayerKVCache
+from llm.model.kv_cache import LayerKVCache
 
 POS = ["learned", "sinusoidal", "rope"]
 
@@ -175,3 +176,41 @@ def test_attention_maps_match_forward_of_first_layer() -> None:
     v = attn.c_attn(x).split(32, dim=2)[2].view(2, 8, 2, 16).transpose(1, 2)
     y = (w @ v).transpose(1, 2).reshape(2, 8, 32)
     torch.testing.assert_close(attn.c_proj(y), attn(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("impl", "window", "chunks", "built"),
+    [
+        ("sdpa", None, [8], 0),  # a causal prefix: the kernel masks by itself
+        ("sdpa", None, [5, 1, 1], 0),  # then single tokens, each seeing every key
+        ("sdpa", None, [5, 3], 1),  # a chunk after the cache: one mask for both layers
+        ("sdpa", 3, [8], 1),  # a window the kernel cannot take
+        ("sdpa", 3, [5, 1], 1),  # then one token: the kept window - 1 keys are all in sight
+        ("manual", None, [8], 1),  # the written-out softmax needs one, once
+    ],
+)
+def test_a_forward_builds_the_mask_once_and_only_where_needed(
+    monkeypatch: pytest.MonkeyPatch,
+    impl: str,
+    window: int | None,
+    chunks: list[int],
+    built: int,
+) -> None:
+    calls = []
+    real = attention.causal_mask
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "causal_mask", counted)
+    model = _tiny("rope", impl, sliding_window=window)
+    cache = KVCache(2, window)
+    idx = torch.randint(0, 50, (1, sum(chunks)))
+    parts, start = [], 0
+    with torch.no_grad():
+        for T in chunks:
+            parts.append(model(idx[:, start : start + T], cache=cache)[0])
+            start += T
+        assert len(calls) == built
+        torch.testing.assert_close(torch.cat(parts, dim=1), model(idx)[0], atol=1e-5, rtol=0)

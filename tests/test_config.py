@@ -148,15 +148,25 @@ def test_finetune_experiments_compose(name: str) -> None:
     assert cfg.optim.lr == cfg.optim.min_lr > 0 and cfg.trainer.max_steps > 0
 
 
-def test_hparams_search_options_compose() -> None:
-    if not (CONF / "hparams_search").is_dir():
-        pytest.skip("no conf/hparams_search")
-    for name in _options("hparams_search"):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = hydra_compose(
-                "train", overrides=[*BASE, f"hparams_search={name}"], return_hydra_config=True
-            )
-        assert cfg.hydra.sweeper, name
+@pytest.mark.parametrize("name", _options("hparams_search"))
+def test_hparams_search_options_compose(name: str) -> None:
+    """Each search composes onto our Optuna sweeper, and every key it searches is a key of the
+    train config (a misspelt one would add a key no code reads)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(
+            "train", overrides=[*BASE, f"hparams_search={name}"], return_hydra_config=True
+        )
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == (
+        "hydra_plugins.llm_optuna_sweeper.llm_optuna_sweeper.LLMOptunaSweeper"
+    )
+    assert sweeper.direction in ("minimize", "maximize") and sweeper.n_trials > 0
+    assert sweeper.storage.startswith("sqlite:///") and sweeper.storage.endswith("optuna.db")
+    assert len(sweeper.params) > 0
+    missing = [
+        k for k in sweeper.params if OmegaConf.select(cfg, k, default="<missing>") == "<missing>"
+    ]
+    assert missing == [], f"{name} searches keys the train config does not have"
 
 
 @pytest.mark.parametrize("group", GROUPS)

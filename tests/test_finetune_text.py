@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
-    ROOT,
     char_checkpoint,
     compose,
     fast_overrides,
@@ -19,8 +18,8 @@ from helpers import (
 
 from llm.checkpoint import export_merged, load_checkpoint
 from llm.cli.finetune import finetune
-from llm.finetuning.init import load_init
 from llm.inference import generate_text
+from llm.initial_weights import load_init
 from llm.training.module import GPTLitModule
 
 CORPUS = "the quick brown fox jumps over the lazy dog. " * 200
@@ -173,15 +172,3 @@ def test_bad_settings_fail_clearly(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"\['qkv'\] match no Linear layer; available: \["):
         finetune(cfg)
-
-
-@pytest.mark.parametrize(
-    "name", sorted(p.stem for p in (ROOT / "conf/experiment").glob("finetune*"))
-)
-def test_finetune_recipes_compose(name: str, tmp_path: Path) -> None:
-    from omegaconf import OmegaConf
-
-    cfg = compose("finetune", [f"experiment={name}", f"output_dir={tmp_path}", "data.path=x"])
-    OmegaConf.resolve(cfg)
-    assert cfg.init == "gpt2" and cfg.task.name in ("text", "classify")
-    assert cfg.optim.lr == cfg.optim.min_lr > 0 and cfg.trainer.max_steps > 0

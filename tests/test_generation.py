@@ -168,3 +168,31 @@ def test_stream_with_a_cache_prefills_only_what_the_cache_lacks() -> None:
     assert torch.equal(torch.cat([history, *cached], dim=1), fresh)
     with pytest.raises(ValueError, match="cache holds 12 tokens but idx only 7"):
         generate_stream(model, history, 1, cache=cache)
+
+
+def test_last_only_is_the_last_row_of_the_full_logits() -> None:
+    model = make().eval()
+    idx = torch.randint(0, V, (2, 9))
+    full, _ = model(idx)
+    last, loss = model(idx, last_only=True)
+    assert last.shape == (2, 1, V) and loss is None
+    torch.testing.assert_close(last, full[:, -1:])
+    with pytest.raises(ValueError, match="last_only=True computes no loss"):
+        model(idx, idx, last_only=True)
+
+
+def test_sampling_asks_the_model_for_the_last_position_only(monkeypatch) -> None:
+    """Prefill and decode steps, with and without the cache: logits are (B, 1, vocab)."""
+    model = make()
+    shapes = []
+    forward = GPT.forward
+
+    def spy(self: GPT, *args: object, **kwargs: object) -> object:
+        out = forward(self, *args, **kwargs)
+        shapes.append(tuple(out[0].shape))
+        return out
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    for use_cache in (True, False):
+        model.generate(torch.randint(0, V, (2, 6)), 3, seed=0, use_cache=use_cache)
+    assert shapes == [(2, 1, V)] * 6

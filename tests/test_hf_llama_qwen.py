@@ -76,11 +76,11 @@ def test_transformers_to_ours_and_back(case: str, tmp_path: Path) -> None:
     theirs.save_pretrained(tmp_path / "hf")
     ours = GPT.from_pretrained(tmp_path / "hf").eval()
     c = ours.config
-    assert (c.n_layer, c.n_head, c.kv_heads, c.n_embd, c.vocab_size) == (3, 6, 2, 48, V)
-    assert (c.norm, c.mlp, c.pos_encoding, c.mlp_width) == ("rmsnorm", "swiglu", "rope", 80)
-    assert c.qk_norm == case.startswith("qwen3") and c.head_size == (16 if c.qk_norm else 8)
+    assert (c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.vocab_size) == (3, 6, 2, 48, V)
+    assert (c.norm, c.mlp, c.pos_encoding, c.mlp_hidden) == ("rmsnorm", "swiglu", "rope", 80)
+    assert c.qk_norm == case.startswith("qwen3") and c.head_dim == (16 if c.qk_norm else 8)
     assert c.sliding_window == (5 if case == "qwen3_window" else None)
-    assert ours.h[0].attn.c_attn.weight.shape == ((6 + 2 * 2) * c.head_size, 48)  # fused qkv
+    assert ours.h[0].attn.c_attn.weight.shape == ((6 + 2 * 2) * c.head_dim, 48)  # fused qkv
     full, cached = logits_both_ways(ours, theirs)
     assert full < 1e-4 and cached < 1e-4
 
@@ -146,7 +146,7 @@ def test_save_refuses_what_no_architecture_expresses(tmp_path: Path) -> None:
             dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", sliding_window=4, bias=False),
             "model.sliding_window=4",
         ),
-        (dict(n_kv_head=1), "model.n_kv_head=1 (needs null)"),
+        (dict(n_kv_head=1), "model.n_kv_head=1 (needs null: n_head)"),
     ]:
         with pytest.raises(ValueError, match="GPT-2 shaped models") as e:
             GPT(GPTConfig(**base, **kw)).save_pretrained(tmp_path)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from _hf_utils import CHAT_TEMPLATE, SPECIALS, train_tokenizer
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from llm.finetuning.init import load_init
+from llm.initial_weights import load_init
 from llm.tokenizers import HFTokenizer, Tokenizer, tokenizer_from_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from llm.finetuning.lora import (
+from llm.model import GPT, GPTConfig
+from llm.model.lora import (
     LoRALinear,
     apply_lora,
     count_params,
@@ -14,7 +15,6 @@ from llm.finetuning.lora import (
     lora_state_dict_merged,
     merge_lora,
 )
-from llm.model import GPT, GPTConfig
 
 CFG = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 

@@ -58,6 +58,33 @@ def test_config_to_dict_is_plain() -> None:
     assert GPTConfig(**d) == tiny_config()
 
 
+def test_null_sizes_are_derived_once_into_the_fields() -> None:
+    """One name each: n_kv_head, head_dim and mlp_hidden hold the sizes the model uses."""
+    c = tiny_config(mlp="swiglu")
+    assert (c.n_kv_head, c.head_dim, c.mlp_hidden) == (2, 16, 96)  # 8/3 * 32 -> 96
+    assert c.to_dict()["head_dim"] == 16 and GPTConfig(**c.to_dict()) == c
+    d = tiny_config(n_kv_head=1, head_dim=8, mlp_hidden=40)
+    assert (d.n_kv_head, d.head_dim, d.mlp_hidden) == (1, 8, 40)
+
+
+def test_a_checkpoint_with_null_sizes_still_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before GPTConfig derived the sizes hold null for them: resuming one
+    with a run whose config reads the derived values is resuming the same model."""
+    from helpers import char_checkpoint
+
+    from llm.checkpoint import CheckpointError, check_resumable, load_checkpoint
+
+    old = char_checkpoint(tmp_path / "old.ckpt", n_kv_head=None, head_dim=None, mlp_hidden=None)
+    assert torch.load(old, weights_only=True)["hyper_parameters"]["model"]["head_dim"] is None
+    module = load_checkpoint(old)
+    module.hparams["model"] = module.config.to_dict()  # what llm train passes today
+    assert module.hparams["model"]["head_dim"] == 16
+    check_resumable(old, module, max_steps=5)
+    module.hparams["model"]["head_dim"] = 8
+    with pytest.raises(CheckpointError, match=r"model.head_dim: checkpoint 16, this run 8"):
+        check_resumable(old, module, max_steps=5)
+
+
 def test_lazy_exports() -> None:
     assert llm.GPT is GPT and llm.GPTConfig is GPTConfig
     with pytest.raises(AttributeError):
@@ -165,7 +192,7 @@ def test_flops_and_mfu() -> None:
     model = GPT(tiny_config())
     c = model.config
     n = model.num_params(non_embedding=True)
-    assert model.flops_per_token() == 6 * n + 12 * c.n_layer * c.n_head * c.head_size * 32
+    assert model.flops_per_token() == 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * 32
     assert model.estimate_mfu(1000.0, model.flops_per_token() * 2000.0) == pytest.approx(0.5)
 
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from llm.model import GPT, GPTConfig, KVCache, MultiHeadAttention
 from llm.model.embeddings import RotaryEmbedding, llama3_scaled
-from llm.model.generation import LayerKVCache
+from llm.model.kv_cache import LayerKVCache
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 V = 61
@@ -54,7 +54,7 @@ def model(**kw: object) -> GPT:
 
 def test_defaults_keep_gpt2_state_dict_keys() -> None:
     c = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8)
-    assert (c.norm, c.mlp, c.kv_heads, c.head_size, c.mlp_width) == ("layernorm", "gelu", 2, 4, 32)
+    assert (c.norm, c.mlp, c.n_kv_head, c.head_dim, c.mlp_hidden) == ("layernorm", "gelu", 2, 4, 32)
     block = [
         f"{m}.{p}"
         for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
@@ -174,8 +174,8 @@ def test_rmsnorm_is_torch_rmsnorm_without_bias() -> None:
 
 
 def test_mlp_widths_and_activations() -> None:
-    assert config(mlp="swiglu", n_embd=128).mlp_width == 352  # 8/3 * 128 = 341.3 -> 352
-    assert config(mlp="relu2").mlp_width == 128 and config(mlp_hidden=40).mlp_width == 40
+    assert config(mlp="swiglu", n_embd=128).mlp_hidden == 352  # 8/3 * 128 = 341.3 -> 352
+    assert config(mlp="relu2").mlp_hidden == 128 and config(mlp_hidden=40).mlp_hidden == 40
     swiglu = GPT(config(mlp="swiglu", mlp_hidden=24)).h[0].mlp
     assert swiglu.c_fc.out_features == 48 and swiglu.c_proj.in_features == 24
     x = torch.randn(2, 32)
@@ -256,7 +256,7 @@ def test_a_long_context_allocates_no_t_by_t_mask() -> None:
 def test_config_errors_name_the_key(kw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         config(**kw)
-    assert config(n_embd=30, n_head=4, head_dim=8).head_size == 8  # head_dim lifts the rule
+    assert config(n_embd=30, n_head=4, head_dim=8).head_dim == 8  # head_dim lifts the rule
 
 
 # --- presets ----------------------------------------------------------------------------------

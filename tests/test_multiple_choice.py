@@ -84,7 +84,7 @@ def test_the_callback_logs_next_to_val_loss_and_report_ranks_by_it(
     validation step of val/loss, the last value is the last checkpoint's score, and
     `llm report sort=val/mc_acc_norm` ranks by it."""
     from llm.checkpoint import load_language_model
-    from llm.sweeps.report import _scalars
+    from llm.sweeps.report import read_scalars
 
     corpus = write_corpus(tmp_path, repeats=3)
     with corpus.open("a", encoding="utf-8") as f:  # every character of ROWS has an id
@@ -106,7 +106,7 @@ def test_the_callback_logs_next_to_val_loss_and_report_ranks_by_it(
     runs = sorted(glob.glob(str(tmp_path / "logs" / "train" / "runs" / "*")))
     assert len(runs) == 2
     for run in map(Path, runs):
-        scalars = _scalars(run)
+        scalars = read_scalars(run)
         val_steps = [s for s, _ in scalars["val/loss"]]
         assert val_steps == [0, 2, 4]  # before training too; the benchmark from step 2 on
         for tag in ("val/mc_acc", "val/mc_acc_norm"):

@@ -4,6 +4,7 @@ Lightning, gradient clipping, LR schedulers and checkpoints take as any other.""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,7 @@ from llm.training.optim import (
     build_optimizer,
     build_scheduler,
     hidden_matrices,
+    muon_lr,
     newton_schulz,
 )
 
@@ -99,6 +101,32 @@ def test_task_heads_and_frozen_weights_stay_out_of_muon() -> None:
     assert len(hidden) == 4  # block 1's four matrices
     only_adamw = build_optimizer(nn.Linear(3, 3), muon_settings())  # nothing for Muon: plain AdamW
     assert isinstance(only_adamw, torch.optim.AdamW)
+
+
+def test_muon_lr_is_torchs_scaling_as_we_know_it() -> None:
+    """muon_lr wraps torch's private torch.optim._muon._adjust_lr; a torch that moved or
+    changed it fails here, by name, not as a slightly different training run."""
+    shapes = [torch.Size([96, 32]), torch.Size([32, 96]), torch.Size([64, 64])]
+    expected = {
+        (fn, tuple(s)): 0.02 * factor
+        for s in shapes
+        for fn, factor in [
+            ("original", math.sqrt(max(1, s[0] / s[1]))),
+            (None, math.sqrt(max(1, s[0] / s[1]))),  # None is "original"
+            ("match_rms_adamw", 0.2 * math.sqrt(max(s[0], s[1]))),
+        ]
+    }
+    try:
+        got = {(fn, shape): muon_lr(0.02, fn, torch.Size(shape)) for fn, shape in expected}
+    except Exception as e:  # moved, renamed, another signature
+        pytest.fail(
+            f"torch {torch.__version__} changed torch.optim._muon._adjust_lr, which "
+            f"llm.training.optim.muon_lr wraps ({type(e).__name__}: {e}): update muon_lr"
+        )
+    assert got == pytest.approx(expected, rel=1e-12), (
+        f"torch {torch.__version__}'s torch.optim._muon._adjust_lr scales the lr differently "
+        "now: update llm.training.optim.muon_lr (and this test's formulas) to match"
+    )
 
 
 def test_bfloat16_steps_are_torchs_muon_bit_for_bit() -> None:

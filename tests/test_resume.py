@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,12 @@ import torch
 from helpers import ENV, ROOT, compose, tiny_overrides, write_corpus
 from omegaconf import DictConfig
 
-from llm.data.datamodule import ResumableDistributedSampler, ResumableRandomSampler
+from llm.data.datamodule import (
+    ResumableDistributedSampler,
+    ResumableLoader,
+    ResumableOrder,
+    ResumableRandomSampler,
+)
 
 
 def test_resumable_sampler_is_seeded_per_epoch_and_skips() -> None:
@@ -23,6 +29,22 @@ def test_resumable_sampler_is_seeded_per_epoch_and_skips() -> None:
     resumed = ResumableRandomSampler(20, seed=3, skip=8)
     assert len(resumed) == 20 and list(resumed) == first[8:]
     assert list(resumed) == first  # the skip applies to the first iteration only
+
+
+def test_restoring_the_order_sets_no_warning_filter_and_the_loader_resumes() -> None:
+    """The loader continues where the checkpoint left off, and says so to Lightning with
+    state_dict / load_state_dict, so no process-wide filter hides Lightning's warning."""
+
+    class Order(ResumableOrder):
+        seed, batch_size = 3, 2
+
+    order, before = Order(), list(warnings.filters)
+    order.load_state_dict({"train_batches_consumed": 2, "train_samples_consumed": 4, "seed": 3})
+    assert warnings.filters == before
+    loader = ResumableLoader(list(range(10)), batch_size=2, sampler=order.train_sampler(10))
+    full = list(ResumableRandomSampler(10, seed=3))
+    assert [b.tolist() for b in loader] == [full[i : i + 2] for i in range(4, 10, 2)]
+    assert loader.state_dict() == {} and loader.load_state_dict({}) is None
 
 
 @pytest.mark.parametrize(("n", "world", "batch"), [(103, 2, 4), (100, 4, 3), (13, 2, 3), (9, 3, 5)])
@@ -102,7 +124,11 @@ def test_resume_matches_uninterrupted_run(
     first = train(_cfg(tmp_path, tmp_path / "first", 4, *opts))
     last = first["last_model_path"]
     assert last and Path(last).is_file()
-    resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, *opts, f"ckpt_path={last}"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, *opts, f"ckpt_path={last}"))
+    # Lightning's warning for a loader that cannot resume mid-epoch: ours can, and says so
+    assert [str(w.message) for w in caught if "not resumable" in str(w.message)] == []
 
     assert resumed["trainer"].global_step == straight["trainer"].global_step == 8
     a = float(straight["trainer"].callback_metrics["val/loss"])

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from llm.model import GPT
 from llm.training.callbacks import AttentionHeatmapCallback, SampleTextCallback
 from llm.training.module import GPTLitModule
 from llm.training.throughput import Throughput
@@ -157,7 +158,20 @@ def test_callbacks_log_text_and_attention(tmp_path: Path, char_tokenizer: Any) -
     assert body.strip().startswith("First")
 
 
-def test_callbacks_are_noops_without_tensorboard(tmp_path: Path, char_tokenizer: Any) -> None:
+def test_callbacks_are_noops_without_tensorboard(
+    tmp_path: Path, char_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nowhere to write, the callbacks neither sample nor draw attention (the work they
+    would throw away), and nothing lands in the run folder."""
+    calls: list[str] = []
+    for name in ("generate", "attention_maps"):
+        real = getattr(GPT, name)
+
+        def spy(self: GPT, *args: Any, _name: str = name, _real: Any = real, **kw: Any) -> Any:
+            calls.append(_name)
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(GPT, name, spy)
     tok = _fitted(char_tokenizer)
     module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
     module.tokenizer = tok
@@ -177,7 +191,11 @@ def test_callbacks_are_noops_without_tensorboard(tmp_path: Path, char_tokenizer:
     )
     dl = _loader(tok)
     trainer.fit(module, dl, dl)
-    assert trainer.global_step == 2
+    assert (
+        trainer.global_step == 2
+        and trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 1
+    )
+    assert calls == [] and list(tmp_path.iterdir()) == []
 
 
 # -- Hydra entry point ------------------------------------------------------------------------
@@ -369,7 +387,9 @@ def test_cli_subprocess_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
+def test_compile_trains_and_checkpoints_plain_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`compile=true`: the compiled model trains, and checkpoints hold the eager module's keys."""
     from llm.checkpoint import load_checkpoint
     from llm.cli.train import train
@@ -383,9 +403,17 @@ def test_compile_trains_and_checkpoints_plain_weights(tmp_path: Path) -> None:
         "callbacks.attention=null",
         f"output_dir={tmp_path / 'run'}",
     ]
+    compiled: list[torch.nn.Module] = []
+    real_compile = torch.compile
+
+    def spy(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        compiled.append(model)
+        return real_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
     result = train(compose("train", overrides))
     module = result["module"]
-    assert module._compiled is not None and result["trainer"].global_step == 3
+    assert compiled == [module.model] and result["trainer"].global_step == 3
     last = result["last_model_path"]
     keys = torch.load(last, map_location="cpu", weights_only=True)["state_dict"].keys()
     assert keys == module.state_dict().keys() and not any("_orig_mod" in k for k in keys)

@@ -74,7 +74,7 @@ def harness(cfg: DictConfig, key: str, value: str, tasks: list[str]) -> dict[str
 
         lm = load_language_model(value, device)
     else:
-        from llm.finetuning.init import init_language_model
+        from llm.initial_weights import init_language_model
 
         lm = init_language_model(value, device)
     model = HarnessLM(lm.model, lm.tokenizer, int(h.batch_size), int(h.max_gen_toks))
@@ -163,7 +163,7 @@ def _module(key: str, value: str, device: Any) -> Any:
         from llm.checkpoint import load_checkpoint
 
         return load_checkpoint(value, device, kind="lm")
-    from llm.finetuning.init import init_language_model
+    from llm.initial_weights import init_language_model
     from llm.training.module import GPTLitModule
 
     lm = init_language_model(value)

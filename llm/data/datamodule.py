@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +109,22 @@ class SpreadSampler(Sampler[int]):
         return iter(self.order)
 
 
+class ResumableLoader(DataLoader):
+    """The train loader of a ResumableOrder: its sampler skips what a checkpoint consumed, so it
+    resumes mid-epoch.
+
+    Lightning takes a loader with ``state_dict`` / ``load_state_dict`` for resumable (it warns
+    about any other that resumes mid-epoch); the position lives in the data module's state,
+    so the loader's own is empty.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: ResumableOrder.load_state_dict has set the sampler's skip."""
+
+
 class ResumableOrder:
     """A data module's train order that a checkpoint resumes exactly, mid-epoch included.
 
@@ -176,8 +191,6 @@ class ResumableOrder:
         if seed != self.seed:
             log.info("resuming the train order of data seed %d (this run: %d)", seed, self.seed)
             self.seed = seed
-        # the sampler resumes mid-epoch itself, so Lightning's generic warning does not apply
-        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 class TextDataModule(ResumableOrder, L.LightningDataModule):
@@ -294,7 +307,7 @@ class TextDataModule(ResumableOrder, L.LightningDataModule):
             raise RuntimeError("call prepare_data() and setup() before asking for a dataloader")
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         sampler = self.train_sampler(len(dataset)) if shuffle else SpreadSampler(len(dataset))
-        return DataLoader(
+        return (ResumableLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

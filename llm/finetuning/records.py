@@ -14,6 +14,7 @@ from typing import Any
 from torch.utils.data import DataLoader, Sampler
 
 from llm.data.corpus import read_utf8
+from llm.data.datamodule import ResumableLoader
 
 FORMATS = ("csv", "tsv", "jsonl", "json")
 SOURCE = "_source"  # each record's file and line (or index), for errors that name the row
@@ -141,8 +142,9 @@ def examples_loader(
     num_workers: int = 0,
 ) -> DataLoader:
     """A loader over in-memory examples, in ``sampler``'s order (train: the data module's
-    resumable seeded order, :class:`llm.data.datamodule.ResumableOrder`), else as listed."""
-    return DataLoader(
+    resumable seeded order, :class:`llm.data.datamodule.ResumableOrder`, in the loader that
+    says so to Lightning), else as listed."""
+    return (DataLoader if sampler is None else ResumableLoader)(
         examples,  # type: ignore[arg-type]
         batch_size=batch_size,
         sampler=sampler,

@@ -18,7 +18,7 @@ from llm.training.run import Built, Task, data_params
 
 def lora_settings(cfg: DictConfig) -> dict[str, Any] | None:
     """The ``lora`` group as checked plain settings (None: full finetuning)."""
-    from llm.finetuning.lora import lora_config
+    from llm.model.lora import lora_config
 
     return lora_config(OmegaConf.to_container(cfg.lora) if cfg.get("lora") else None)
 
@@ -76,8 +76,8 @@ class Finetune(Task):
     def build(self, cfg: DictConfig) -> Built:
         import hydra
 
-        from llm.finetuning.init import load_base_weights, load_init
-        from llm.finetuning.lora import count_params
+        from llm.initial_weights import load_base_weights, load_init
+        from llm.model.lora import count_params
 
         block_size = cfg.get("block_size")
         init = load_init(

@@ -18,7 +18,7 @@ from llm.model.config import GPTConfig
 
 if TYPE_CHECKING:
     from llm.model.embeddings import RotaryEmbedding
-    from llm.model.generation import LayerKVCache
+    from llm.model.kv_cache import LayerKVCache
 
 
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -89,18 +89,20 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
-        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
-        self.head_size = config.head_size
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.head_dim
         self.attn_impl, self.window = config.attn_impl, config.sliding_window
-        q_width, kv_width = self.n_head * self.head_size, self.n_kv_head * self.head_size
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.split = (q_width, kv_width, kv_width)
         self.c_attn = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
         self.c_proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
+        # None without qk_norm: GPT-2's state_dict keys stay as they were, and a decode step
+        # makes no call for nothing
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
-        else:  # no parameters, so GPT-2's state_dict keys stay as they were
-            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rope = rope
@@ -110,9 +112,10 @@ class MultiHeadAttention(nn.Module):
         the cached tokens' to the T new ones."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))
-        q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         past = cache.length if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, offset=past), self.rope(k, offset=past)
@@ -120,33 +123,48 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.append(k, v)
         return q, k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q: (B, n_head, T, hs), k/v: (B, n_kv_head, T_k, hs) whose last T positions are q's."""
-        T, T_k = q.size(-2), k.size(-2)
-        # a window that covers every key is no window: the kernel may then mask by itself
+    def mask_for(self, T: int, T_k: int, device: torch.device | None = None) -> Tensor | None:
+        """The (T, T_k) mask for T queries after T_k - T cached keys, or None where none is
+        needed: a plain causal prefix (sdpa's is_causal) or one query that sees every key.
+
+        Every layer of a GPT has the same, so GPT.hidden_states builds it once per forward.
+        """
+        # a window that covers every key is no window
         window = self.window if self.window is not None and self.window < T_k else None
+        if window is None and (T == 1 or (T_k == T and self.attn_impl == "sdpa")):
+            return None
+        return causal_mask(T, T_k, device, window)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """q: (B, n_head, T, hs), k/v: (B, n_kv_head, T_k, hs) whose last T positions are q's.
+
+        ``mask``: ``self.mask_for(T, T_k)``, passed in by a caller that shares it between layers;
+        None builds it here (what it is for a causal prefix or a single query: no mask).
+        """
+        T, T_k = q.size(-2), k.size(-2)
+        if mask is None:
+            mask = self.mask_for(T, T_k, q.device)
         if self.attn_impl == "manual":
             groups = self.n_head // self.n_kv_head  # query head h reads key/value head h // groups
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            mask = causal_mask(T, T_k, q.device, window)
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             return self.dropout(attention_weights(q, k, mask)) @ v
         p = self.dropout.p if self.training else 0.0
         gqa = self.n_kv_head != self.n_head
-        if window is None and T_k == T:  # a plain causal prefix: the kernel masks by itself
-            return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa
-            )
-        if window is None and T == 1:  # one new token sees the whole cache
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
-        # a window, or several new tokens after a cache (is_causal would align the mask to the
-        # wrong corner): an explicit mask
-        mask = causal_mask(T, T_k, q.device, window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+        # Without a mask: a causal prefix (the kernel masks by itself) or one query seeing all;
+        # with one: a window, or several new tokens after a cache (is_causal would align the
+        # mask to the wrong corner).
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None and T > 1, enable_gqa=gqa
+        )
 
-    def forward(self, x: Tensor, cache: LayerKVCache | None = None) -> Tensor:
-        """x: (B, T, C); with a cache, x holds only the new tokens and k/v are appended."""
+    def forward(
+        self, x: Tensor, cache: LayerKVCache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, T, C); with a cache, x holds only the new tokens and k/v are appended.
+        ``mask``: see ``attend``."""
         B, T, _ = x.shape
-        y = self.attend(*self.qkv(x, cache))
+        y = self.attend(*self.qkv(x, cache), mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

@@ -13,7 +13,7 @@ from llm.model.config import GPTConfig
 
 if TYPE_CHECKING:
     from llm.model.embeddings import RotaryEmbedding
-    from llm.model.generation import LayerKVCache
+    from llm.model.kv_cache import LayerKVCache
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -42,14 +42,14 @@ ACTIVATIONS = {"gelu": partial(nn.GELU, approximate="tanh"), "relu2": ReLU2, "sw
 
 
 class MLP(nn.Module):
-    """Position-wise expansion to `config.mlp_width` and back.
+    """Position-wise expansion to `config.mlp_hidden` and back.
 
     gelu is tanh-GELU because GPT-2 ("gelu_new") was trained with it.
     """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        width = config.mlp_width
+        width = config.mlp_hidden
         gated = config.mlp == "swiglu"
         self.c_fc = nn.Linear(config.n_embd, 2 * width if gated else width, bias=config.bias)
         self.act = ACTIVATIONS[config.mlp]()
@@ -70,6 +70,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: LayerKVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(
+        self, x: Tensor, cache: LayerKVCache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """``mask``: the attention mask every block of the forward shares (see
+        MultiHeadAttention.attend); None builds it where it is needed."""
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))

@@ -13,7 +13,7 @@ def build_model(model: dict[str, Any], lora: dict[str, Any] | None = None) -> GP
     """The GPT of ``model`` (`GPTConfig` fields), with LoRA adapters when ``lora`` is set."""
     gpt = GPT(GPTConfig(**model))
     if lora:
-        from llm.finetuning.lora import apply_lora
+        from llm.model.lora import apply_lora
 
         apply_lora(gpt, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
     return gpt

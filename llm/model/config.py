@@ -53,9 +53,11 @@ class GPTConfig:
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"
-    mlp_hidden: int | None = None  # None: 4 * n_embd; swiglu: 8/3 * n_embd (see mlp_width)
-    n_kv_head: int | None = None  # None: n_head (multi-head); 1: multi-query
-    head_dim: int | None = None  # None: n_embd // n_head
+    # null (None) in a config means "derived", and __post_init__ sets the value, so the code
+    # reads these three as ints (dataclasses.replace keeps them: derive them anew with None)
+    mlp_hidden: int | None = None  # MLP width; None: 4 * n_embd, swiglu 8/3 * n_embd (rounded)
+    n_kv_head: int | None = None  # key/value heads; None: n_head (multi-head); 1: multi-query
+    head_dim: int | None = None  # width of one head; None: n_embd // n_head
     qk_norm: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
@@ -90,16 +92,18 @@ class GPTConfig:
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise ValueError(f"model.{name} must be a positive int or null, got {value!r}")
-        if self.n_head % self.kv_heads != 0:
+        self._derive()
+        assert self.n_kv_head is not None and self.head_dim is not None
+        if self.n_head % self.n_kv_head != 0:
             raise ValueError(
                 f"model.n_head={self.n_head} is not a multiple of "
                 f"model.n_kv_head={self.n_kv_head}: each key/value head serves "
                 "n_head / n_kv_head query heads; choose n_kv_head in "
                 f"{[d for d in range(1, self.n_head + 1) if self.n_head % d == 0]}"
             )
-        if self.pos_encoding == "rope" and self.head_size % 2 != 0:
+        if self.pos_encoding == "rope" and self.head_dim % 2 != 0:
             raise ValueError(
-                f"rope needs an even head size, got {self.head_size} (n_embd/n_head or "
+                f"rope needs an even head size, got {self.head_dim} (n_embd/n_head or "
                 "model.head_dim); change model.n_head or model.head_dim"
             )
         for name in ("bias", "tie_weights", "qk_norm"):
@@ -112,6 +116,22 @@ class GPTConfig:
                 null = " or null" if name == "logit_softcap" else ""
                 raise ValueError(f"model.{name} must be a positive number{null}, got {value!r}")
         self._check_rope_scaling()
+
+    def _derive(self) -> None:
+        """Fill in the null sizes: n_kv_head = n_head, head_dim = n_embd // n_head, and the
+        MLP's width 4 * n_embd (GPT-2); for swiglu, whose gate makes it three matrices instead
+        of two, 2/3 of that (Llama's 8/3 * n_embd, the same parameter count), rounded up to a
+        multiple of SWIGLU_MULTIPLE."""
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.n_head
+        if self.mlp_hidden is None:
+            if self.mlp == "swiglu":
+                width = 8 * self.n_embd // 3
+                self.mlp_hidden = -(-width // SWIGLU_MULTIPLE) * SWIGLU_MULTIPLE
+            else:
+                self.mlp_hidden = 4 * self.n_embd
 
     def _check_rope_scaling(self) -> None:
         if self.rope_scaling is None:
@@ -126,28 +146,6 @@ class GPTConfig:
                 f"pos_encoding=rope and the keys rope_type: llama3, {', '.join(LLAMA3_SCALING)} "
                 "(as in a Llama 3 config.json); or null for plain RoPE"
             )
-
-    @property
-    def head_size(self) -> int:
-        """Width of one attention head."""
-        return self.head_dim or self.n_embd // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        """Key/value heads: n_head for multi-head attention, fewer for grouped-query attention."""
-        return self.n_kv_head or self.n_head
-
-    @property
-    def mlp_width(self) -> int:
-        """The MLP's hidden width: 4 * n_embd (GPT-2); for swiglu, whose gate makes it three
-        matrices instead of two, 2/3 of that (Llama's 8/3 * n_embd, same parameter count),
-        rounded up to a multiple of SWIGLU_MULTIPLE."""
-        if self.mlp_hidden is not None:
-            return self.mlp_hidden
-        if self.mlp != "swiglu":
-            return 4 * self.n_embd
-        width = 8 * self.n_embd // 3
-        return -(-width // SWIGLU_MULTIPLE) * SWIGLU_MULTIPLE
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so it can go into checkpoints, JSON and logger hparams."""

@@ -34,19 +34,19 @@ def llama3_scaled(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoFormer): rotates q and k so scores depend on offsets only.
 
-    Dims (2i, 2i + 1) rotate together by angle pos * theta^(-2i / head_size) (the interleaved
+    Dims (2i, 2i + 1) rotate together by angle pos * theta^(-2i / head_dim) (the interleaved
     layout of RoFormer and Meta's Llama code; llm.model.hf converts Hugging Face's "rotate half").
     """
 
     def __init__(
         self,
-        head_size: int,
+        head_dim: int,
         max_len: int,
         theta: float = 10000.0,
         scaling: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         if scaling is not None:
             inv_freq = llama3_scaled(inv_freq, scaling)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hs/2)

@@ -16,7 +16,8 @@ from llm.model import hf
 from llm.model.block import Block, make_norm
 from llm.model.config import GPTConfig
 from llm.model.embeddings import Embeddings, RotaryEmbedding
-from llm.model.generation import KVCache, generate
+from llm.model.generation import generate_stream
+from llm.model.kv_cache import KVCache
 
 
 class GPT(nn.Module):
@@ -31,7 +32,7 @@ class GPT(nn.Module):
         rope = None
         if config.pos_encoding == "rope":  # one table, shared by every block
             rope = RotaryEmbedding(
-                config.head_size, config.block_size, config.rope_theta, config.rope_scaling
+                config.head_dim, config.block_size, config.rope_theta, config.rope_scaling
             )
         self.h = nn.ModuleList(Block(config, rope) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
@@ -70,18 +71,32 @@ class GPT(nn.Module):
         Token ids are not range-checked here (that would sync with the device every step): the
         tokenizer and the token cache that make them check them.
         """
+        T = idx.size(1)
         offset = cache.length if cache is not None else 0
-        self._check_length(idx.size(1), offset)
+        self._check_length(T, offset)
         x = self.embed(idx, offset)
+        # one mask for every layer (they attend alike), built only where the kernel needs one
+        mask = self.h[0].attn.mask_for(T, T + (cache.kept if cache is not None else 0), idx.device)
         for i, block in enumerate(self.h):
-            x = block(x, cache[i] if cache is not None else None)
+            x = block(x, cache[i] if cache is not None else None, mask)
         return self.ln_f(x)
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """idx, targets: (B, T) -> logits (B, T, vocab), mean cross-entropy ignoring -100."""
-        logits = self.lm_head(self.hidden_states(idx, cache))
+        """idx, targets: (B, T) -> logits (B, T, vocab), mean cross-entropy ignoring -100.
+
+        last_only: logits (B, 1, vocab) of the last position alone, all that sampling reads (a
+        prefill otherwise builds B x T x vocab of them, the largest tensor of the pass).
+        """
+        if last_only and targets is not None:
+            raise ValueError("last_only=True computes no loss: the targets need every position")
+        h = self.hidden_states(idx, cache)
+        logits = self.lm_head(h[:, -1:, :] if last_only else h)
         if self.config.logit_softcap is not None:  # Gemma 2: smoothly bounded to +-cap
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
@@ -149,15 +164,37 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), the PaLM estimate nanoGPT uses."""
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (
-            c.head_size * c.block_size
+            c.head_dim * c.block_size
         )
 
     def estimate_mfu(self, tokens_per_sec: float, peak_flops: float) -> float:
         """Model FLOPs utilization: achieved training FLOP/s over the hardware peak."""
         return self.flops_per_token() * tokens_per_sec / peak_flops
 
-    # sampling lives in generation.py (KV cache, top-k/top-p); as a method: model.generate(idx, n)
-    generate = generate
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Sample up to max_new_tokens after idx (B, T); returns (B, T + new).
+
+        The stream of :func:`llm.model.generation.generate_stream` (KV cache, top-k, top-p),
+        collected; it stops early once every row has produced stop_token (finished rows are
+        padded with it).
+        """
+        stream = generate_stream(
+            self, idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache,
+            generator, seed,
+        )  # fmt: skip
+        return torch.cat([idx, *stream], dim=1)
 
     @classmethod
     def from_pretrained(

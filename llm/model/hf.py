@@ -217,12 +217,12 @@ def architecture(config: GPTConfig) -> str:
         ]
         if config.n_embd % config.n_head:  # transformers' configs require it
             miss.append(f"model.n_embd={config.n_embd} (needs a multiple of n_head)")
-        if kind == "gpt2" and config.kv_heads != config.n_head:
-            miss.append(f"model.n_kv_head={config.n_kv_head} (needs null)")
-        if kind == "gpt2" and config.head_size * config.n_head != config.n_embd:
-            miss.append(f"model.head_dim={config.head_dim} (needs null)")
-        if kind == "gpt2" and config.mlp_width != 4 * config.n_embd:
-            miss.append(f"model.mlp_hidden={config.mlp_hidden} (needs null)")
+        if kind == "gpt2" and config.n_kv_head != config.n_head:
+            miss.append(f"model.n_kv_head={config.n_kv_head} (needs null: n_head)")
+        if kind == "gpt2" and config.head_dim * config.n_head != config.n_embd:
+            miss.append(f"model.head_dim={config.head_dim} (needs null: n_embd / n_head)")
+        if kind == "gpt2" and config.mlp_hidden != 4 * config.n_embd:
+            miss.append(f"model.mlp_hidden={config.mlp_hidden} (needs null: 4 * n_embd)")
         if not miss:
             return kind
         misses[kind] = miss
@@ -321,8 +321,6 @@ def _llama_config(hf: dict[str, Any]) -> GPTConfig:
     if rope_type == "llama3":
         scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_SCALING}}
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    kv_heads = hf.get("num_key_value_heads") or heads
-    head_dim = hf.get("head_dim") or hidden // heads
     return GPTConfig(
         vocab_size=hf["vocab_size"],
         block_size=hf["max_position_embeddings"],
@@ -334,8 +332,8 @@ def _llama_config(hf: dict[str, Any]) -> GPTConfig:
         tie_weights=bool(hf.get("tie_word_embeddings", False)),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         mlp_hidden=hf["intermediate_size"],
-        n_kv_head=None if kv_heads == heads else kv_heads,
-        head_dim=None if head_dim * heads == hidden else head_dim,
+        n_kv_head=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hidden // heads,
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_scaling=scaling,
         sliding_window=_qwen3_window(hf) if kind == "qwen3" else None,
@@ -362,10 +360,10 @@ def _llama_to_hf_config(c: GPTConfig, kind: str) -> dict[str, Any]:
         "max_position_embeddings": c.block_size,
         "num_hidden_layers": c.n_layer,
         "num_attention_heads": c.n_head,
-        "num_key_value_heads": c.kv_heads,
-        "head_dim": c.head_size,
+        "num_key_value_heads": c.n_kv_head,
+        "head_dim": c.head_dim,
         "hidden_size": c.n_embd,
-        "intermediate_size": c.mlp_width,
+        "intermediate_size": c.mlp_hidden,
         "hidden_act": "silu",
         "rms_norm_eps": c.norm_eps,
         "tie_word_embeddings": c.tie_weights,
@@ -387,7 +385,7 @@ def _llama_to_hf_config(c: GPTConfig, kind: str) -> dict[str, Any]:
     return hf
 
 
-def _rope_rows(w: Tensor, head_size: int, to_hf: bool) -> Tensor:
+def _rope_rows(w: Tensor, head_dim: int, to_hf: bool) -> Tensor:
     """Reorder the query/key rows of each head between the two RoPE layouts.
 
     Hugging Face's Llama and Qwen3 rotate dims (i, i + hs/2) together ("rotate half"); our
@@ -395,15 +393,15 @@ def _rope_rows(w: Tensor, head_size: int, to_hf: bool) -> Tensor:
     Permuting the projection rows (and q/k norm gains) converts one into the other, which leaves
     our RoPE, and every checkpoint trained with it, unchanged.
     """
-    half = head_size // 2
-    order = torch.arange(head_size).view(*((half, 2) if to_hf else (2, half))).t().flatten()
-    return w.reshape(-1, head_size, *w.shape[1:])[:, order].reshape(w.shape)
+    half = head_dim // 2
+    order = torch.arange(head_dim).view(*((half, 2) if to_hf else (2, half))).t().flatten()
+    return w.reshape(-1, head_dim, *w.shape[1:])[:, order].reshape(w.shape)
 
 
 def _llama_pairs(c: GPTConfig) -> list[tuple[str, list[tuple[str, int, bool]]]]:
     """(our name, its Hugging Face parts: (name, rows, rope-layout rows)), in order: a fused
     tensor of ours is its parts concatenated on dim 0 (c_attn = q|k|v, c_fc = gate|up)."""
-    hs, q, kv, width = c.head_size, c.n_head * c.head_size, c.kv_heads * c.head_size, c.mlp_width
+    hs, q, kv, width = c.head_dim, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.mlp_hidden
     pairs = [
         ("embed.wte.weight", [("model.embed_tokens.weight", c.vocab_size, False)]),
         ("ln_f.weight", [("model.norm.weight", c.n_embd, False)]),
@@ -455,7 +453,7 @@ def _llama_from_hf(tensors: dict[str, Tensor], c: GPTConfig, path: Path) -> dict
         used.update(p for p, _, _ in parts)
         ours[name] = torch.cat(
             [
-                _rope_rows(tensors[p], c.head_size, False) if rope else tensors[p]
+                _rope_rows(tensors[p], c.head_dim, False) if rope else tensors[p]
                 for p, _, rope in parts
             ]
         )
@@ -473,5 +471,5 @@ def _llama_to_hf(state_dict: dict[str, Tensor], c: GPTConfig) -> dict[str, Tenso
     for name, parts in _llama_pairs(c):
         pieces = state_dict[name].split([rows for _, rows, _ in parts])
         for (p, _, rope), t in zip(parts, pieces, strict=True):
-            out[p] = _rope_rows(t, c.head_size, True) if rope else t
+            out[p] = _rope_rows(t, c.head_dim, True) if rope else t
     return out

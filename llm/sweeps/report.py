@@ -88,7 +88,7 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(runs)
 
 
-def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """All scalar series in a TensorBoard folder (every events file in it, in order)."""
     if not tb_dir.is_dir():
         return {}
@@ -179,7 +179,7 @@ def load_run(run_dir: Path, root: Path) -> Run:
     """Read one run folder's overrides, scalars and (pre-Optuna) status."""
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
     run = Run(path=run_dir, name=name, overrides=_overrides(run_dir))
-    scalars = _scalars(run_dir)  # the TensorBoard events live in the run folder itself
+    scalars = read_scalars(run_dir)  # the TensorBoard events live in the run folder itself
     run.val_curve = sorted(scalars.get("val/loss", []))
     steps = [s for tag, ser in scalars.items() if not tag.startswith(END_PREFIXES) for s, _ in ser]
     run.last_step = max(steps, default=None)

@@ -7,6 +7,7 @@ as one optimizer. `optim.schedule`: nanoGPT's warmup + cosine, wsd, linear or co
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -143,6 +144,30 @@ def newton_schulz(
     return x.T if grad.size(0) > grad.size(1) else x
 
 
+def muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's shape-dependent learning rate for a weight of ``shape``: torch's own scaling
+    (``adjust_lr_fn``: "original", sqrt(max(1, rows / cols)), or "match_rms_adamw",
+    0.2 * sqrt(max(rows, cols))), so the step stays torch's.
+
+    torch keeps it private (``torch.optim._muon._adjust_lr``): this is the one place that
+    reaches for it, and tests/test_muon.py fails with a message naming it when torch changes it.
+    """
+    return _torch_adjust_lr()(lr, adjust_lr_fn, shape)
+
+
+@functools.cache
+def _torch_adjust_lr() -> Callable[[float, str | None, torch.Size], float]:
+    try:
+        from torch.optim._muon import _adjust_lr
+    except ImportError as e:
+        raise RuntimeError(
+            f"torch {torch.__version__} has no torch.optim._muon._adjust_lr, the lr scaling "
+            "optim=muon reuses: use a torch that has it, or write its formula into "
+            "llm.training.optim.muon_lr"
+        ) from e
+    return _adjust_lr
+
+
 class Muon(torch.optim.Muon):
     """torch.optim.Muon with the Newton-Schulz dtype chosen: `ns_dtype` None picks float32 on
     CPU and bfloat16 (torch's choice) elsewhere.
@@ -159,8 +184,6 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        from torch.optim._muon import _adjust_lr  # torch's own shape-dependent lr scaling
-
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -181,7 +204,7 @@ class Muon(torch.optim.Muon):
                     update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype
                 )
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+                p.add_(update, alpha=-muon_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
 
 

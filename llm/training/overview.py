@@ -22,7 +22,7 @@ def overview(pl_module: L.LightningModule) -> str:
     model, c = pl_module.model, pl_module.model.config
     total = sum(p.numel() for p in pl_module.parameters())
     trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-    kv = f" ({c.kv_heads} kv)" if c.kv_heads != c.n_head else ""
+    kv = f" ({c.n_kv_head} kv)" if c.n_kv_head != c.n_head else ""
     return (
         f"model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable, "
         f"{model.num_params(non_embedding=True) / 1e6:.2f}M without embeddings); "

@@ -59,7 +59,7 @@ class TaskModule(L.LightningModule):
         optim: the settings of `conf/optim/` (their one home); needed to train, not to infer.
             `decay_steps` None decays over `trainer.max_steps`.
         compile: wrap the model in `torch.compile` (the wrapper is not part of state_dict).
-        lora: LoRA settings (`llm.finetuning.lora.lora_config`): adapters on the named Linear
+        lora: LoRA settings (`llm.model.lora.lora_config`): adapters on the named Linear
             layers, every other weight frozen; None trains every weight.
         **task: the subclass's own hyperparameters (plain values), saved with the others.
     """

@@ -1,5 +1,5 @@
-"""Starting weights for finetuning: a llm checkpoint or Hugging Face weights (GPT-2,
-Llama, Qwen3).
+"""The weights a run starts from (``init=``): a llm checkpoint or Hugging Face weights (GPT-2,
+Llama, Qwen3), for finetuning, evaluating and sampling.
 
 Both paths end as (GPTConfig fields, GPT state dict, tokenizer dict or None), so the task
 modules are built from plain config and the weights are copied in afterwards.
