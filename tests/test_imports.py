@@ -113,7 +113,8 @@ def test_no_import_cycles_in_llm() -> None:
     graph = _graph()
     # the graph holds edges that are there: a package's own import, a lazy one, a from-import
     assert len(graph) > 30 and "llm.model.gpt" in graph["llm.model"]
-    assert {"llm.model", "llm.model.lora", "llm.training.optim"} <= graph["llm.training.module"]
+    assert {"llm.model.build", "llm.training.optim"} <= graph["llm.training.task"]
+    assert "llm.model.lora" in graph["llm.model.build"]  # inside build_model
     assert "llm.model" in graph["llm.memory"]  # inside parameter_count
     assert _cycles(graph) == []
 
@@ -130,6 +131,8 @@ LAYERS = [
     # loading what the stages wrote: checkpoints of any kind (it knows the Lightning modules),
     # the weights init= starts from (read through it), chat
     ("llm.checkpoint", "llm.initial_weights", "llm.chat"),
+    # the one fit and its tasks: they resume from checkpoints and start from init= weights
+    ("llm.training.run", "llm.training.trainer", "llm.training.pretrain", "llm.finetuning.tasks"),
     ("llm.cli", "llm.__main__", "llm"),  # the commands, and the package's lazy facade
 ]
 # Imports known to run upward, each with the issue that will remove it: none today.
@@ -137,13 +140,16 @@ KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _layer(module: str) -> int | None:
-    """The index of the LAYERS entry naming `module` or a package above it (``llm`` itself
-    names only the package's __init__, so a new top-level module has no layer until placed)."""
+    """The index of the LAYERS entry naming `module` or the package nearest above it (``llm``
+    itself names only the package's __init__, so a new top-level module has no layer until
+    placed)."""
+    best: tuple[int, int] | None = None  # (length of the name matched, layer)
     for i, names in enumerate(LAYERS):
         for name in names:
-            if module == name or (name != "llm" and module.startswith(name + ".")):
-                return i
-    return None
+            inside = module == name or (name != "llm" and module.startswith(name + "."))
+            if inside and (best is None or len(name) > best[0]):
+                best = (len(name), i)
+    return None if best is None else best[1]
 
 
 def _upward(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
@@ -159,7 +165,10 @@ def _upward(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
 def test_the_layer_checker_finds_an_upward_import() -> None:
     graph = {"llm.model.gpt": {"llm.training.module", "llm.checks"}, "llm.cli.train": {"llm"}}
     assert _upward(graph) == {("llm.model.gpt", "llm.training.module")}
-    assert _layer("llm") == 6 and _layer("llm.io") == 0 and _layer("llm.model.lora") == 2
+    assert (
+        _layer("llm") == len(LAYERS) - 1 and _layer("llm.io") == 0 and _layer("llm.model.lora") == 2
+    )
+    assert _layer("llm.training.run") == 6 and _layer("llm.training.task") == 4  # nearest name
     assert _layer("llm.something_new") is None
 
 
