@@ -11,10 +11,18 @@ shared 2-core machine drifts by 10% from one minute to the next.
 Tokens/s = steps * batch_size * block_size / time, counted after the first `--warmup` steps.
 
 By default validation, checkpoints, loggers, sampling and the progress bar are off (pure
-training). `--full` trains 2,000 steps of the recipe as is, evaluation included (both paths
-validate every `trainer.val_check_interval` steps on `trainer.limit_val_batches` batches; the
-Lightning path also keeps its checkpoint, sampling, attention and tensorboard callbacks), and
-prints the final val loss (nanoGPT: 1.886 at step 2,000 on this machine).
+training). `--full` trains 2,000 steps of the recipe as is, evaluation included, and prints the
+final val loss (nanoGPT: 1.886 at step 2,000 on this machine). The Lightning path is then a
+default `llm train`: every callback of conf/callbacks/default.yaml that is on by default
+(checkpoints, text samples, attention heat maps, step lines, ...) and TensorBoard; the plain
+loop only computes the val loss. Both validate at the same steps on `trainer.limit_val_batches`
+batches: at step 0 (Lightning's sanity check), every `trainer.val_check_interval` steps and at
+the last step. The validations inside the timed steps (250..1750 of 2,000) are counted in
+its time, with whatever their callbacks cost, then and later (work left to a background
+thread slows the steps that follow); those at step 0 and at the last step are not, but are in
+the fit's wall time. The table shows the validations of each path and their time in the timed
+steps (Lightning: from a validation's start to the next training batch, checkpoints and the
+callbacks' work on the training thread included).
 
 Hydra overrides after the options change the recipe, e.g. the GPU run (Lightning path only: the
 plain loop is the CPU reference), which also reports MFU where the GPU's peak FLOPs are known:
@@ -70,8 +78,8 @@ def compose_cfg(args: argparse.Namespace) -> Any:
     ]
     if not args.full:
         overrides += QUIET
-    else:  # the recipe as is (tensorboard into the temporary output_dir), minus the bar
-        overrides += ["trainer.enable_progress_bar=false"]
+    # else the recipe as is: tensorboard into the temporary output_dir, every default callback
+    # (no terminal in the child: the progress bar writes a line every 50 steps)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -81,9 +89,18 @@ def peak_rss_mb() -> float:
 
 
 def summary(
-    steps: int, warmup: int, tokens_per_step: int, t_warm: float, t_end: float, t_fit: float
+    steps: int,
+    warmup: int,
+    tokens_per_step: int,
+    t_warm: float,
+    t_end: float,
+    t_fit: float,
+    validations: list[tuple[int, float]],
 ) -> dict[str, Any]:
+    """``validations``: (step, seconds) of each, seconds NaN where it ran outside the timed
+    steps (the one at step 0, the one at the last step)."""
     timed = steps - warmup
+    inside = [sec for _, sec in validations if not math.isnan(sec)]
     return {
         "steps": steps,
         "timed_steps": timed,
@@ -91,6 +108,9 @@ def summary(
         "tokens_per_s": timed * tokens_per_step / (t_end - t_warm),
         "fit_wall_s": t_fit,
         "peak_rss_mb": peak_rss_mb(),
+        "validation_steps": [step for step, _ in validations],
+        "timed_validations": len(inside),
+        "timed_validation_s": sum(inside),
     }
 
 
@@ -109,8 +129,19 @@ def run_lightning(args: argparse.Namespace) -> dict[str, Any]:
     trainer = out["trainer"]
     timer = next(c for c in trainer.callbacks if type(c).__name__ == "StepTimer")
     tokens = int(cfg.data.batch_size) * int(cfg.model.block_size)
-    res = summary(trainer.global_step, args.warmup, tokens, timer.t_warm, timer.t_end, t_fit)
+    res = summary(
+        trainer.global_step,
+        args.warmup,
+        tokens,
+        timer.t_warm,
+        timer.t_end,
+        t_fit,
+        timer.validations,
+    )
     res["last_train_loss"] = timer.last_loss
+    res["callbacks"] = sorted(
+        {type(c).__name__ for c in trainer.callbacks if not isinstance(c, StepTimer)}
+    )
     val = trainer.callback_metrics.get("val/loss")
     res["final_val_loss"] = float(val) if val is not None else None
     res["mfu"] = mfu(out["module"], trainer, res["tokens_per_s"])
@@ -124,7 +155,7 @@ def device_name(device: torch.device) -> str:
 
 def mfu(module: Any, trainer: Any, tokens_per_s: float) -> float | None:
     """Model FLOPs utilization per device, where Lightning knows the device's peak FLOP/s."""
-    from llm.training.module import peak_flops
+    from llm.training.throughput import peak_flops
 
     peak = peak_flops(module.device, trainer.precision)
     if not peak:
@@ -133,13 +164,28 @@ def mfu(module: Any, trainer: Any, tokens_per_s: float) -> float | None:
 
 
 class StepTimer(Callback):
-    """Wall clock after optimizer step `warmup` and after the last step, plus the last loss."""
+    """Wall clock after optimizer step `warmup` and after the last step, the last loss, and
+    each validation's step and time: from its start to the next training batch (NaN where none
+    follows, or before the timed steps)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = int(warmup)
         self.t_warm = math.nan
         self.t_end = math.nan
         self.last_loss = math.nan
+        self.validations: list[tuple[int, float]] = []
+        self._val_start: float | None = None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.validations.append((trainer.global_step, math.nan))
+        if not trainer.sanity_checking and trainer.global_step >= self.warmup:
+            self._val_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._val_start is not None:
+            step, _ = self.validations[-1]
+            self.validations[-1] = (step, time.perf_counter() - self._val_start)
+            self._val_start = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.device.type == "cuda":
@@ -207,6 +253,10 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     t_warm = t_end = math.nan
     loss = torch.tensor(math.nan)
     val_loss = None
+    validations: list[tuple[int, float]] = []  # (step, seconds in the timed steps or NaN)
+    if val_loader is not None:  # step 0, as Lightning's sanity check (and nanoGPT) does
+        val_loss = evaluate(model, val_loader, val_batches)
+        validations.append((0, math.nan))
     while step < args.steps:
         loader.sampler.set_epoch(epoch)
         for x, y in loader:
@@ -222,14 +272,16 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
             if step == args.warmup:
                 t_warm = now
             t_end = now
-            if val_loader is not None and step % val_every == 0:
+            if val_loader is not None and (step % val_every == 0 or step >= args.steps):
                 val_loss = evaluate(model, val_loader, val_batches)
+                timed = args.warmup <= step < args.steps
+                validations.append((step, time.perf_counter() - now if timed else math.nan))
             if step >= args.steps:
                 break
         epoch += 1
     t_fit = time.perf_counter() - t0
     tokens = int(cfg.data.batch_size) * int(cfg.model.block_size)
-    res = summary(step, args.warmup, tokens, t_warm, t_end, t_fit)
+    res = summary(step, args.warmup, tokens, t_warm, t_end, t_fit, validations)
     res["last_train_loss"] = float(loss)
     res["final_val_loss"] = val_loss
     return res
@@ -326,6 +378,15 @@ def main() -> None:
             f"{name:<10} {r['tokens_per_s']:>10,.0f} {r['timed_s']:>9.2f} {r['fit_wall_s']:>11.2f} "
             f"{r['peak_rss_mb']:>12.0f} {r['last_train_loss']:>11.4f} {val_s:>9}"
         )
+    for name, r in results.items():
+        steps = r["validation_steps"]
+        if steps:
+            print(
+                f"{name} validations at steps {', '.join(map(str, steps))}; "
+                f"{r['timed_validations']} in the timed steps, {r['timed_validation_s']:.2f} s"
+            )
+    if "callbacks" in results.get("lightning", {}):
+        print(f"Lightning callbacks: {', '.join(results['lightning']['callbacks'])}")
     if "lightning" in results:
         lt = results["lightning"]
         shown = "- (peak FLOP/s unknown)"

@@ -203,6 +203,67 @@ def test_attention_figure_is_readable() -> None:
     assert width >= 9 and height >= 3  # three heads of at least 3 inches each
 
 
+def test_heatmap_canvas_draws_what_a_new_figure_draws() -> None:
+    """The reused figure (its image, title and layer drawn over the saved rest) gives the
+    image a new figure would, head after head."""
+    import numpy as np
+
+    from llm.training.callbacks import HeatmapCanvas, heatmap_figure
+
+    torch.manual_seed(0)
+    labels = [" To", " be", ",", "\n", "or", " not"]
+    maps = torch.softmax(torch.randn(3, 6, 6) * 3, dim=-1).numpy()
+    canvas = HeatmapCanvas(6, labels)
+
+    def fresh(head: int) -> np.ndarray:
+        fig = heatmap_figure(maps[head : head + 1], labels, "layer 2", head)
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3]
+
+    def differ(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.any(a != b, axis=-1).mean())
+
+    drawn = [canvas.render(maps[h], 2, h) for h in range(3)]
+    for head, image in enumerate(drawn):
+        expected = fresh(head)
+        assert image.shape == expected.shape and image.dtype == np.uint8
+        assert differ(image, expected) < 0.01  # antialiased edges of the text at most
+    assert differ(drawn[0], drawn[1]) > 0.05  # the heads' weights do show
+    assert differ(canvas.render(maps[0], 2, 0), drawn[0]) == 0.0  # nothing left of the last
+
+
+def test_background_work_is_waited_for_and_its_error_raised() -> None:
+    """A job runs on the worker thread; the next hand-off and close() wait for it, and a
+    failed job's error comes out on the thread that waits."""
+    import threading
+
+    from llm.training.callbacks import Background
+
+    release, done = threading.Event(), []
+    work = Background()
+
+    def job(n: int) -> None:
+        release.wait(timeout=30)
+        done.append((n, threading.current_thread().name))
+
+    work.submit(job, 1)
+    assert done == []  # still waiting for release: the caller went on
+    release.set()
+    work.submit(job, 2)  # waits for job 1 first
+    assert [n for n, _ in done] == [1]
+    work.close()
+    assert [n for n, _ in done] == [1, 2]
+    assert all(name.startswith("llm-board") for _, name in done)
+
+    def fails() -> None:
+        raise ValueError("no figure")
+
+    work.submit(fails)
+    with pytest.raises(ValueError, match="no figure"):
+        work.close()
+    work.close()  # nothing left to wait for
+
+
 @pytest.mark.slow
 def test_step_lines_go_on_when_the_progress_bar_is_off(
     tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture

@@ -158,6 +158,65 @@ def test_callbacks_log_text_and_attention(tmp_path: Path, char_tokenizer: Any) -
     assert body.strip().startswith("First")
 
 
+class _Weights(L.Callback):
+    """The model's weights at each validation, for the samples drawn off the training thread."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.at[trainer.global_step] = {
+            k: v.detach().clone() for k, v in pl_module.model.state_dict().items()
+        }
+
+
+@pytest.mark.slow
+def test_callbacks_work_off_the_training_thread(tmp_path: Path, char_tokenizer: Any) -> None:
+    """Heat maps and samples are drawn on background threads while training goes on: each
+    validation's images and sample are there at the end, the sample of the weights at its
+    step (a copy: the optimizer goes on changing the model's own)."""
+    import threading
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tok = _fitted(char_tokenizer)
+    module = GPTLitModule(model={**TINY, "vocab_size": tok.vocab_size}, optim=OPTIM)
+    module.tokenizer = tok
+    sample, attention, weights = (
+        SampleTextCallback(max_new_tokens=12),
+        AttentionHeatmapCallback(),
+        _Weights(),
+    )
+    threads: set[str] = set()
+    for callback, name in ((sample, "sample"), (attention, "draw")):
+        work = getattr(callback, name)
+
+        def traced(*args: Any, work: Any = work) -> None:
+            threads.add(threading.current_thread().name)
+            work(*args)
+
+        setattr(callback, name, traced)
+    trainer = _trainer(tmp_path, 6, [sample, attention, weights], val_check_interval=2)
+    dl = _loader(tok)
+    trainer.fit(module, dl, dl)
+
+    assert threads and threading.main_thread().name not in threads
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0, "images": 0})
+    events.Reload()
+    for head in (0, 1):
+        assert [e.step for e in events.Images(f"attention/layer0/head{head}")] == [2, 4, 6]
+    samples = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("sample")}
+    assert sorted(samples) == sorted(weights.at) == [2, 4, 6]
+    for step, state in weights.at.items():
+        module.model.load_state_dict(state)
+        ids = tok.encode(sample.prompt)
+        out = module.model.generate(
+            torch.tensor([ids]), 12, temperature=0.8, top_k=200, seed=sample.seed
+        )
+        assert samples[step] == sample.markdown(tok, ids, out[0].tolist())
+    assert weights.at[2]["lm_head.weight"].ne(weights.at[6]["lm_head.weight"]).any()
+
+
 def test_callbacks_are_noops_without_tensorboard(
     tmp_path: Path, char_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

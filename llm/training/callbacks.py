@@ -6,15 +6,21 @@ validation loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import copy
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from llm.training.board import write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _tensorboard(trainer: L.Trainer) -> Any | None:
@@ -50,7 +56,59 @@ def _encode(pl_module: L.LightningModule, text: str) -> list[int] | None:
     return ids
 
 
-class SampleTextCallback(L.Callback):
+class Background:
+    """One background thread for a callback's TensorBoard work (drawing heat maps, sampling
+    text, encoding images), so the training thread only hands over data it copied and trains on.
+
+    One job at a time: the next hand-off waits for the one before, and so do the end of fitting
+    and a failed run, so nothing is lost and a run's end waits for its last images; a job's
+    error is raised on the training thread at that wait."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: Future[None] | None = None
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-board")
+        self._job = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Until the job handed over last is done (its error raised here)."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+
+class _OffThread(L.Callback):
+    """A callback whose work runs on its :class:`Background` thread, waited for at teardown
+    (the Trainer's loggers close after it) and when the run fails."""
+
+    def __init__(self) -> None:
+        self.background = Background()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.background.close()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        try:
+            self.background.close()
+        except Exception as err:  # the run's own error is the one to report
+            rank_zero_warn(f"{type(self).__name__}: {type(err).__name__}: {err}")
+
+
+class SampleTextCallback(_OffThread):
     """After each validation, sample from a fixed prompt and log it as TensorBoard text, headed
     by the prompt and the sampling settings (so samples of different runs compare)."""
 
@@ -67,6 +125,7 @@ class SampleTextCallback(L.Callback):
         self.temperature = temperature
         self.top_k = top_k
         self.seed = seed
+        super().__init__()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer = _tensorboard(trainer)
@@ -77,7 +136,20 @@ class SampleTextCallback(L.Callback):
             return
         model = pl_module.model
         ids = ids[-model.config.block_size :]
-        idx = torch.tensor([ids], device=pl_module.device)
+        step = trainer.global_step
+        if pl_module.device.type != "cpu":  # a copy would take accelerator memory: sample here
+            self.sample(writer, model, pl_module.tokenizer, ids, step)
+            return
+        # a copy of this step's weights (parameters copy without their gradients), which the
+        # optimizer's next steps leave alone while the background thread samples from it
+        self.background.submit(
+            self.sample, writer, copy.deepcopy(model), pl_module.tokenizer, ids, step
+        )
+
+    def sample(self, writer: Any, model: Any, tokenizer: Any, ids: list[int], step: int) -> None:
+        """Sample after ``ids`` and write it at ``step`` (its own generator: the global RNG,
+        which dropout draws from, is left alone)."""
+        idx = torch.tensor([ids], device=next(model.parameters()).device)
         with torch.no_grad():
             out = model.generate(
                 idx,
@@ -86,8 +158,7 @@ class SampleTextCallback(L.Callback):
                 top_k=self.top_k,
                 seed=self.seed,
             )
-        sample = self.markdown(pl_module.tokenizer, ids, out[0].tolist())
-        write_text(writer, "sample", sample, trainer.global_step)
+        write_text(writer, "sample", self.markdown(tokenizer, ids, out[0].tolist()), step)
 
     def markdown(self, tokenizer: Any, prompt: list[int], ids: list[int]) -> str:
         """The settings, then prompt and continuation as a code block (spacing survives)."""
@@ -99,7 +170,7 @@ class SampleTextCallback(L.Callback):
         return settings + "\n\n" + "    " + text.replace("\n", "\n    ")
 
 
-class AttentionHeatmapCallback(L.Callback):
+class AttentionHeatmapCallback(_OffThread):
     """At each validation, the one before the first step included (step 0: the untrained
     model), log attention on a fixed input: one figure per head (``attention/layer0/head1``),
     its token labels readable with IMAGES' "Show actual image size" (a card scales it to
@@ -120,6 +191,8 @@ class AttentionHeatmapCallback(L.Callback):
         self.layers = layers
         self.text = text
         self.max_tokens = max_tokens
+        self._canvas: HeatmapCanvas | None = None  # the background thread's own
+        super().__init__()
 
     def layer_indices(self, n_layer: int) -> list[int]:
         if self.layers == "all":
@@ -155,12 +228,23 @@ class AttentionHeatmapCallback(L.Callback):
         tok = pl_module.tokenizer
         pieces = getattr(tok, "pieces", None)  # per-token strings, when the tokenizer has them
         labels = list(pieces(ids)) if pieces else [tok.decode([i]) for i in ids]
-        for layer in self.layer_indices(model.config.n_layer):
-            maps = model.attention_maps(idx, layer)[0].float().cpu()  # (H, T, T)
-            for head in range(maps.shape[0]):
-                figure = heatmap_figure(maps[head : head + 1], labels, f"layer {layer}", head)
+        maps = {  # (H, T, T) per layer, in host memory: drawn and written off this thread
+            layer: model.attention_maps(idx, layer)[0].float().cpu().numpy()
+            for layer in self.layer_indices(model.config.n_layer)
+        }
+        self.background.submit(self.draw, writer, maps, labels, trainer.global_step)
+
+    def draw(self, writer: Any, maps: dict[int, np.ndarray], labels: list[str], step: int) -> None:
+        """One image per head (``attention/layer<L>/head<H>``) at ``step``, all drawn on one
+        figure kept from the first validation (the labels stay the same)."""
+        t = len(labels)
+        if self._canvas is None or (self._canvas.t, self._canvas.labels) != (t, labels):
+            self._canvas = HeatmapCanvas(t, labels)
+        for layer, heads in maps.items():
+            for head, weights in enumerate(heads):
+                image = self._canvas.render(weights, layer, head)
                 tag = f"attention/layer{layer}/head{head}"
-                writer.add_figure(tag, figure, trainer.global_step)
+                writer.add_image(tag, image, step, dataformats="HWC")
 
 
 class MultipleChoiceCallback(L.Callback):
@@ -232,28 +316,33 @@ def visible(piece: str) -> str:
 
 
 def heatmap_figure(
-    maps: torch.Tensor, labels: list[str] | None = None, title: str = "", first_head: int = 0
-) -> Any:
+    maps: torch.Tensor | np.ndarray,
+    labels: list[str] | None = None,
+    title: str = "",
+    first_head: int = 0,
+) -> Figure:
     """A grid of (T, T) heat maps, one per head: query rows, key columns, one shared colour
-    bar; token labels on the axes (whitespace visible) while they stay legible."""
-    import matplotlib
+    bar; token labels on the axes (whitespace visible) while they stay legible.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A bare Agg figure (no pyplot): nothing global holds it, so it needs no closing and may be
+    drawn on any one thread."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    maps = maps.numpy() if isinstance(maps, torch.Tensor) else maps
     n_head, t = maps.shape[0], maps.shape[-1]
     cols = min(n_head, 4)
     rows = (n_head + cols - 1) // cols
     cell = max(3.0, 0.16 * t)  # inches per head: ~0.16 per token keeps 32 labels readable
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(cell * cols + 1.2, cell * rows + 0.6), squeeze=False
-    )
+    fig = Figure(figsize=(cell * cols + 1.2, cell * rows + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     image = None
     for h, ax in enumerate(axes.flat):
         if h >= n_head:
             ax.axis("off")
             continue
-        image = ax.imshow(maps[h].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        image = ax.imshow(maps[h], cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"head {first_head + h}", fontsize=9)
         ax.set_xlabel("key (attended to)", fontsize=8)
         ax.set_ylabel("query (attending)", fontsize=8)
@@ -270,3 +359,37 @@ def heatmap_figure(
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
     return fig
+
+
+class HeatmapCanvas:
+    """One head's heat map figure, drawn in full once (axes, token labels, colour bar) and then
+    reused: each head's image, title and layer are drawn over the saved background, a few ms
+    rather than the ~0.5 s of laying out and drawing a new figure (64 tick labels) per head.
+
+    Not thread-safe: one thread renders with it (the callback's background thread)."""
+
+    def __init__(self, t: int, labels: list[str] | None) -> None:
+        self.t, self.labels = t, labels
+        # placeholders while the layout is computed, so it leaves room for both titles
+        self.figure = heatmap_figure(np.zeros((1, t, t)), labels, "layer 0")
+        self.axes = self.figure.axes[0]
+        self.image = self.axes.images[0]
+        self.title = self.axes.title
+        self.suptitle = self.figure.suptitle("layer 0")
+        self.title.set_text("")
+        self.suptitle.set_text("")
+        canvas = self.figure.canvas
+        canvas.draw()
+        self.frame = canvas.copy_from_bbox(self.figure.bbox)  # all but what changes
+
+    def render(self, weights: np.ndarray, layer: int, head: int) -> np.ndarray:
+        """The figure of one head's (T, T) weights as an (H, W, 3) uint8 image."""
+        canvas = self.figure.canvas
+        self.image.set_data(weights)
+        self.title.set_text(f"head {head}")
+        self.suptitle.set_text(f"layer {layer}")
+        canvas.restore_region(self.frame)
+        for artist in (self.image, *self.axes.spines.values(), self.title):
+            self.axes.draw_artist(artist)
+        self.figure.draw_artist(self.suptitle)
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
