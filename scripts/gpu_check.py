@@ -118,7 +118,7 @@ def classify(ckpt: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         "task=classify",
         f"init={ckpt}",
         f"data.path={data}",
-        "trainer=gpu",
+        f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.max_steps={min(args.steps, 60)}",
         "trainer.val_check_interval=30",
         "trainer.log_every_n_steps=10",

@@ -40,7 +40,7 @@ def corpus(tmp_path: Path) -> list[str]:
         ("data.batch_size=[1,2]", "data.batch_size=[1, 2]: must be an integer >= 1"),
         ("seed=abc", "seed='abc': must be an integer, e.g. seed=1337"),
         ("optim.warmup_steps=-10", "optim.warmup_steps=-10: must be an integer >= 0"),
-        ("optim.min_lr=0.01", "optim.min_lr=0.01 is above optim.lr=0.001"),
+        ("optim.min_lr=0.01", "optim.min_lr=0.01 is above optim.lr=0.0006"),
         ("optim.betas=[0.9]", "optim.betas=[0.9]: must be two numbers"),
         ("model.n_layer=abc", "model.n_layer='abc': must be an integer >= 1"),
         ("model.n_head=3", "model.n_embd=64 is not divisible by model.n_head=3"),

@@ -39,11 +39,13 @@ SKIPPED_PROGRAMS = {
     "pip install": "installs from the package index",
     "python -m pytest": "the test suite itself",
     "tensorboard": "a server that runs until stopped",
+    "python scripts/screenshots.py": "trains a run and a sweep and drives a browser for minutes: "
+    "tests/test_screenshots.py shoots a tiny run with it where Playwright and Chromium are",
 }
 # a command, exactly as the README shows it -> why the test does not run it
 SKIPPED_COMMANDS = {
-    "llm train trainer=ddp_cpu": "its ranks are two more interpreters, a third of this test's "
-    "time: tests/test_ddp_cpu.py runs this command",
+    "llm train experiment=shakespeare_char_cpu trainer=ddp_cpu": "its ranks are two more "
+    "interpreters, a third of this test's time: tests/test_ddp_cpu.py runs this command",
 }
 GPU = "trains on a GPU (the tests run on the CPU)"
 HUB_DATA = "streams its corpus from the Hugging Face Hub"
@@ -192,7 +194,7 @@ def skip_reason(command: Command) -> str | None:
     """Why the test does not run ``command`` (None: it runs); an error for a command it does
     not know how to run."""
     for program, reason in SKIPPED_PROGRAMS.items():
-        if command.text.startswith(program + " "):
+        if command.text == program or command.text.startswith(program + " "):
             return reason
     if command.text in SKIPPED_COMMANDS:
         return SKIPPED_COMMANDS[command.text]

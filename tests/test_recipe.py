@@ -38,15 +38,22 @@ def test_a_users_groups_compose_on_clean_defaults(args: list[str]) -> None:
     assert list(cfg.optim.betas) != list(RECIPE.optim.betas)
 
 
-@pytest.mark.parametrize("args", [[], ["optim.lr=2e-3"], ["-m", "optim.lr=1e-3,2e-3"]])
+@pytest.mark.parametrize(
+    "args", [[], ["optim.lr=2e-3"], ["-m", "optim.lr=1e-3,2e-3"], ["-m", "-c", "job", "seed=2"]]
+)
 def test_train_alone_or_with_keys_only_runs_the_recipe(args: list[str]) -> None:
+    from hydra._internal.utils import get_args_parser
+
     composed = with_recipe(TRAIN, args)
-    assert composed == ["experiment=shakespeare_char_cpu", *args]
-    cfg = compose("train", [a.split(",")[0] for a in composed if not a.startswith("-")])
+    flags = [a for a in args if "=" not in a]
+    assert composed == [*flags, "experiment=shakespeare_char_cpu", *args[len(flags) :]]
+    parsed = get_args_parser().parse_args(composed)  # Hydra's parser takes it as written
+    assert parsed.overrides == composed[len(flags) :]
+    cfg = compose("train", [a.split(",")[0] for a in composed if "=" in a])
     assert cfg.data.stride == RECIPE.data.stride == 1
     assert cfg.optim.min_lr == RECIPE.optim.min_lr
     assert list(cfg.optim.betas) == list(RECIPE.optim.betas)
-    assert cfg.optim.lr == (2e-3 if args == ["optim.lr=2e-3"] else RECIPE.optim.lr)
+    assert cfg.optim.lr == (2e-3 if "optim.lr=2e-3" in args else RECIPE.optim.lr)
 
 
 def test_the_optuna_search_runs_around_the_recipe_unless_told_otherwise() -> None:

@@ -61,16 +61,16 @@ RECIPE_GROUPS = ("experiment", "hparams_search", "model", "tokenizer", "data", "
 
 
 def with_recipe(recipe: str | None, args: Sequence[str]) -> list[str]:
-    """``args`` with a verb's recipe (``experiment=<recipe>``) first, unless they choose a
-    group of RECIPE_GROUPS themselves; flags (``-m``) and ``key.sub=value`` keys do not."""
-    chosen = {
-        a.split("=", 1)[0].lstrip("+~")
-        for a in args
-        if not a.startswith("-") and ("=" in a or a.startswith("~"))
-    }
+    """``args`` with a verb's recipe (``experiment=<recipe>``) as the first override, unless
+    they choose a group of RECIPE_GROUPS themselves; flags (``-m``) and ``key.sub=value`` keys
+    do not. Flags and their values stay in front: Hydra's parser takes the overrides as one
+    run of positional arguments, so ``experiment=x -m a=1`` would be refused."""
+    overrides = [not a.startswith("-") and ("=" in a or a.startswith("~")) for a in args]
+    chosen = {a.split("=", 1)[0].lstrip("+~") for a, o in zip(args, overrides, strict=True) if o}
     if recipe is None or chosen & set(RECIPE_GROUPS):
         return list(args)
-    return [f"experiment={recipe}", *args]
+    at = overrides.index(True) if True in overrides else len(args)
+    return [*args[:at], f"experiment={recipe}", *args[at:]]
 
 
 def job_name(num: int, overrides: Sequence[str], limit: int = 64) -> str:

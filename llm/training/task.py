@@ -181,13 +181,13 @@ class TaskModule(L.LightningModule):
         logging_step = self.logging_step() and bool(self.loggers)
         if not gradient_clip_val and not logging_step:
             return
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-        grads = [g for g in grads if g is not None]
-        if not grads:
+        # the module's parameter order, as clip_grad_norm_(model.parameters()) sums them
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
             return
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if gradient_clip_val:
-            torch.nn.utils.clip_grads_with_norm_(grads, gradient_clip_val, norm, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if gradient_clip_val:  # takes the parameters (it scales each one's .grad)
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
         if logging_step and self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics({"train/grad_norm": float(norm)}, step=self.global_step)
