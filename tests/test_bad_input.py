@@ -463,9 +463,9 @@ def test_only_the_launching_process_locks_and_the_lock_ends_with_the_run(
     from filelock import FileLock, Timeout
     from omegaconf import OmegaConf
 
-    from llm.training.trainer import _RANK_VARIABLES, RunFolderBusy, run_folder_lock
+    from llm.training.trainer import RANK_VARIABLES, RunFolderBusy, run_folder_lock
 
-    for name in _RANK_VARIABLES:
+    for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     cfg = OmegaConf.create({"output_dir": str(tmp_path / "run")})
     with run_folder_lock(cfg):

@@ -72,8 +72,8 @@ def check_val_interval(value: Any) -> None:
 
 # Set to a rank's number in every process but the one the user started: Lightning's ddp
 # re-runs the command per local rank (LOCAL_RANK); torchrun, SLURM and other launchers.
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID",
-                   "JSM_NAMESPACE_RANK")  # fmt: skip
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID",
+                  "JSM_NAMESPACE_RANK")  # fmt: skip
 
 
 LOCK_NAME = "run.lock"
@@ -81,7 +81,7 @@ LOCK_NAME = "run.lock"
 
 def is_launching_process() -> bool:
     """Whether this is global rank 0 before any Trainer exists (its rank variables, if any, 0)."""
-    return all(os.environ.get(name, "0") == "0" for name in _RANK_VARIABLES)
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
 
 
 @contextmanager
