@@ -186,21 +186,28 @@ class _SigtermAt(L.Callback):
 
 
 @pytest.mark.slow
-def test_resume_from_interrupted_checkpoint_matches(tmp_path: Path) -> None:
-    """SIGTERM mid-epoch, between validations: last.ckpt is the stopped state, resuming is exact."""
+@pytest.mark.parametrize("at", [5, 3])
+def test_resume_from_interrupted_checkpoint_matches(tmp_path: Path, at: int) -> None:
+    """SIGTERM mid-epoch, seen at the end of the next step: between validations (6), or on a
+    step the schedule validates at (4: that validation still runs and is in last.ckpt, as a
+    resumed run never makes it up). last.ckpt is the stopped state, resuming is exact."""
     from llm.cli.train import train
 
     drop = "model.dropout=0.2"
     straight = train(_cfg(tmp_path, tmp_path / "straight", 8, drop))
-    kill = [f"+callbacks.zz_kill._target_={__name__}._SigtermAt", "+callbacks.zz_kill.step=5"]
+    kill = [f"+callbacks.zz_kill._target_={__name__}._SigtermAt", f"+callbacks.zz_kill.step={at}"]
     stopped = train(_cfg(tmp_path, tmp_path / "stopped", 8, drop, *kill))
     ckpt = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     assert stopped["last_model_path"] == str(ckpt)
     step = stopped["trainer"].global_step
-    assert torch.load(ckpt, weights_only=True)["global_step"] == step
-    assert 5 <= step < 8
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == step
+    assert step == at + 1
+    assert [s for s, _ in saved["val_history"]] == [0, 4]  # with the validation at step 4
     resumed = train(_cfg(tmp_path, tmp_path / "resumed", 8, drop, f"ckpt_path={ckpt}"))
     assert resumed["trainer"].global_step == 8
+    steps = [s for s, _ in resumed["module"].val_history]
+    assert steps == [s for s, _ in straight["module"].val_history] == [0, 4, 8]
     sa, sb = straight["module"].state_dict(), resumed["module"].state_dict()
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0)

@@ -90,7 +90,11 @@ class GracefulShutdown(L.Callback):
                 self.signum = signal.SIGTERM
         if not stop:
             return
-        path = self._save(trainer)
+        # a validation the schedule runs after this batch writes last.ckpt with its results
+        # (a resumed run starts after it and would never make it up); otherwise save now
+        validates = validates_after_this_batch(trainer)
+        path = self._checkpoint_after_validation(trainer) if validates else None
+        path = path or self._save(trainer)
         if trainer.is_global_zero:
             self.ckpt_path = str(path)
             self.message = resume_message(path, command=self.command)
@@ -103,8 +107,16 @@ class GracefulShutdown(L.Callback):
         trainer.strategy.barrier("graceful_shutdown")
         trainer.should_stop = True
         # should_stop alone also validates once more (the module's end-of-run validation);
-        # a stop on a signal must be quick, so skip it
-        trainer.fit_loop.epoch_loop._skip_next_val = True
+        # a stop on a signal must be quick, so skip it unless the schedule validates here anyway
+        trainer.fit_loop.epoch_loop._skip_next_val = not validates
+
+    @staticmethod
+    def _checkpoint_after_validation(trainer: L.Trainer) -> Path | None:
+        """The last.ckpt the run's RunCheckpoint writes at the end of the coming validation."""
+        from llm.training.checkpointing import RunCheckpoint
+
+        ckpt = trainer.checkpoint_callback
+        return ckpt.last_path if isinstance(ckpt, RunCheckpoint) and ckpt.save_last else None
 
     def _save(self, trainer: L.Trainer) -> Path:
         """The run's last.ckpt, through its RunCheckpoint where it has one (every rank calls)."""
@@ -160,3 +172,15 @@ def _job_overrides() -> list[str]:
     hydra_cfg = HydraConfig.get()
     pinned = [o for o in hydra_cfg.overrides.task if not str(o).startswith("hydra.run.dir=")]
     return [*map(str, pinned), f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]
+
+
+def validates_after_this_batch(trainer: L.Trainer) -> bool:
+    """Whether ``val_check_interval`` schedules a validation after the batch that just ended
+    (Lightning's batch-based rule: every ``val_check_batch`` batches of the run, or of the epoch
+    when ``check_val_every_n_epoch`` is set)."""
+    every = trainer.val_check_batch
+    if not every or every == float("inf"):
+        return False
+    loop = trainer.fit_loop.epoch_loop
+    done = loop.total_batch_idx if trainer.check_val_every_n_epoch is None else loop.batch_idx
+    return (done + 1) % int(every) == 0
