@@ -33,6 +33,7 @@ class InitWeights:
     state_dict: dict[str, Tensor]
     tokenizer: dict[str, Any] | None
     source: str
+    template: str | None = None  # how the weights want prompts rendered (llm.prompts)
 
 
 def _looks_like_path(init: str) -> bool:
@@ -69,7 +70,7 @@ def _from_checkpoint(path: Path) -> InitWeights:
     sd = {
         k.removeprefix("model."): v for k, v in raw["state_dict"].items() if k.startswith("model.")
     }
-    return InitWeights(dict(hp["model"]), sd, hp.get("tokenizer"), str(path))
+    return InitWeights(dict(hp["model"]), sd, hp.get("tokenizer"), str(path), hp.get("template"))
 
 
 def _from_hf(name_or_dir: str) -> InitWeights:
@@ -80,10 +81,13 @@ def _from_hf(name_or_dir: str) -> InitWeights:
 
     model = GPT.from_pretrained(name_or_dir, check=memory.check_pretrained_fits)
     folder = hf.resolve(name_or_dir)
-    tokenizer = None
+    tokenizer, template = None, None
     if hf.architecture(model.config) != "gpt2" and (folder / "tokenizer.json").is_file():
-        tokenizer = HFTokenizer(folder).to_dict()
-    return InitWeights(model.config.to_dict(), model.state_dict(), tokenizer, str(name_or_dir))
+        hf_tokenizer = HFTokenizer(folder)
+        tokenizer = hf_tokenizer.to_dict()
+        template = "chat" if getattr(hf_tokenizer, "chat_template", None) else None
+    config = model.config.to_dict()
+    return InitWeights(config, model.state_dict(), tokenizer, str(name_or_dir), template)
 
 
 def crop_state_dict(weights: InitWeights, block_size: int) -> None:

@@ -26,6 +26,7 @@ def test_usage_lists_every_verb_on_one_line(capsys: pytest.CaptureFixture) -> No
         == [
             "train",
             "finetune",
+            "rl",
             "evaluate",
             "generate",
             "chat",

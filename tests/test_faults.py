@@ -4,6 +4,7 @@ random moments instead."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 from pathlib import Path
@@ -259,16 +260,34 @@ def _finetune_args(tmp_path: Path, run: Path, task: str) -> list[str]:
     if task == "instruct":
         rows = [{"instruction": f"Repeat {w}", "input": "", "output": f"{w} {w}"} for w in _WORDS]
         data = [f"data.path={write_jsonl(tmp_path / 'rows.jsonl', rows * 4)}", "data.batch_size=4"]
+    elif task == "dpo":  # the reference is rebuilt from init= on resume: the same numbers
+        rows = [
+            {"prompt": f"say {w}:", "chosen": f" {w}", "rejected": f" {v}"}
+            for w, v in itertools.pairwise(_WORDS)
+        ]
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", rows * 3)
+        data = [f"data.path={pairs}", "data.batch_size=4"]
+    elif task == "grpo":  # sampling draws from the global RNG, which the checkpoint keeps
+        rows = [{"prompt": f"say {w}:", "answer": w} for w in _WORDS]
+        data = [
+            f"data.path={write_jsonl(tmp_path / 'prompts.jsonl', rows * 2)}",
+            "data.batch_size=2",
+            "reward=format",
+            "reward.pattern=.*a.*",  # some random completions have an a: groups that differ
+            "task.group_size=4",
+            "task.max_new_tokens=6",
+            "task.kl_coef=0.1",
+        ]
     else:
         corpus = write_corpus(tmp_path)  # in the init checkpoint's char vocabulary
         data = [f"data.path={corpus}", "data.batch_size=4", "data.stride=16"]
     lora = ["lora=default"] if task == "lora" else []
     return [
-        f"task={'instruct' if task == 'instruct' else 'text'}",
+        f"task={task if task in ('instruct', 'dpo', 'grpo') else 'text'}",
         f"init={init}",
         *data,
         *lora,
-        f"block_size={192 if task == 'instruct' else 32}",
+        f"block_size={32 if task in ('text', 'lora', 'grpo') else 192}",
         "dropout=0.1",  # masks from the global RNG
         "optim.lr=3e-3",
         "optim.min_lr=3e-3",
@@ -290,6 +309,8 @@ def _finetune_args(tmp_path: Path, run: Path, task: str) -> list[str]:
         ("text", "fit.step@5"),  # back to step 3's last.ckpt
         ("instruct", "checkpoint.write@3"),  # inside a save after step 6's validation
         ("lora", "fit.step@4:SIGTERM"),  # a clean stop; last.ckpt holds the adapters
+        ("dpo", "fit.step@5"),
+        ("grpo", "fit.step@5:SIGTERM"),
     ],
 )
 def test_killed_finetune_resumed_from_last_ckpt_equals_an_uninterrupted_run(

@@ -48,15 +48,30 @@ VERBS: dict[str, Verb] = {
     "finetune": Verb(
         "llm.cli.finetune",
         "finetune",
-        "finetune a checkpoint or Hugging Face weights: text, classify or instruct",
+        "finetune a checkpoint or Hugging Face weights: text, classify, instruct, dpo, grpo",
         "Finetune from a llm checkpoint or a Hugging Face folder (init=...): continue\n"
-        "pretraining on text, train a classifier, or follow instructions; lora=default\n"
-        "trains LoRA adapters only. Runs land in logs/finetune/runs/.",
+        "pretraining on text, train a classifier, follow instructions, prefer chosen over\n"
+        "rejected responses (dpo) or learn from a reward (grpo); lora=default trains LoRA\n"
+        "adapters only. Runs land in logs/finetune/runs/.",
         (
             "llm finetune task=text init=logs/train/runs/<date>/checkpoints/last.ckpt "
             "data.path=corpus.txt",
             "llm finetune task=classify init=gpt2 data.path=sms.tsv task.trainable_layers=1",
             "llm finetune task=instruct init=gpt2 data.path=alpaca.json lora=default",
+            "llm finetune task=dpo init=last.ckpt data.path=pairs.jsonl task.beta=0.1",
+        ),
+    ),
+    "rl": Verb(
+        "llm.cli.rl",
+        "rl",
+        "reinforcement learning with a verifiable reward (GRPO) from a checkpoint",
+        "Sample groups of completions per prompt, score them with a reward function\n"
+        "(reward=exact_match, arithmetic, format or your own), and step the policy toward\n"
+        "the better ones of each group (GRPO); the same as llm finetune task=grpo. Runs\n"
+        "land in logs/rl/runs/.",
+        (
+            "llm rl init=logs/finetune/runs/<date>/checkpoints/last.ckpt reward=arithmetic",
+            "llm rl init=last.ckpt data.path=prompts.jsonl task.group_size=16 task.kl_coef=0.04",
         ),
     ),
     "evaluate": Verb(

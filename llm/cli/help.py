@@ -34,7 +34,7 @@ def group_options(group: str, verb: str) -> list[str]:
         if not p.name.startswith("_")
     )
     if group == "experiment":
-        finetune = verb == "finetune"
+        finetune = verb in ("finetune", "rl")
         options = [o for o in options if o.startswith(_FINETUNE_PREFIX) == finetune]
     return options
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from llm.data.corpus import read_utf8
 from llm.data.datamodule import ResumableLoader
 
-FORMATS = ("csv", "tsv", "jsonl", "json")
+FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 SOURCE = "_source"  # each record's file and line (or index), for errors that name the row
 
 
@@ -26,7 +26,7 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
             raise ValueError(f"unknown data format {fmt!r}; expected auto or one of {FORMATS}")
         return fmt
     ext = path.suffix.lower().lstrip(".")
-    if ext in ("csv", "tsv", "jsonl", "json"):
+    if ext in FORMATS:
         return ext
     if ext == "txt":
         return "tsv"
@@ -34,7 +34,7 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
 
 
 def read_records(path: str | os.PathLike[str], fmt: str = "auto") -> list[dict[str, Any]]:
-    """All rows of `path` as dicts (CSV/TSV header = keys; JSON: a list of objects).
+    """All rows of `path` as dicts (CSV/TSV header = keys; JSON: a list of objects; parquet).
 
     UTF-8 with or without a byte-order mark; a bad byte, a malformed line or a CSV/TSV row
     with a missing or extra field is refused with its byte offset or line number.
@@ -43,10 +43,19 @@ def read_records(path: str | os.PathLike[str], fmt: str = "auto") -> list[dict[s
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     fmt = detect_format(path, fmt)
-    text = read_utf8(path).removeprefix("\ufeff")  # Excel and Notepad write a BOM
     sources: list[str] = []
+    if fmt == "parquet":  # a Hugging Face dataset's files (its nested lists and dicts kept)
+        import pyarrow.parquet as pq
+
+        try:
+            rows: Any = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's errors have no common base
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+        sources = [f"{path} row {i}" for i in range(len(rows))]
+        return _with_sources(rows, sources, path)
+    text = read_utf8(path).removeprefix("\ufeff")  # Excel and Notepad write a BOM
     if fmt in ("csv", "tsv"):
-        rows: Any = _table(io.StringIO(text, newline=""), "," if fmt == "csv" else "\t", path)
+        rows = _table(io.StringIO(text, newline=""), "," if fmt == "csv" else "\t", path)
         sources = [f"{path}:{row.pop(SOURCE)}" for row in rows]
     elif fmt == "jsonl":
         rows = []
@@ -65,6 +74,11 @@ def read_records(path: str | os.PathLike[str], fmt: str = "auto") -> list[dict[s
         if isinstance(rows, dict) and isinstance(rows.get("data"), list):
             rows = rows["data"]
         sources = [f"{path} record {i}" for i in range(len(rows) if isinstance(rows, list) else 0)]
+    return _with_sources(rows, sources, path)
+
+
+def _with_sources(rows: Any, sources: list[str], path: Path) -> list[dict[str, Any]]:
+    """``rows``, checked to be records, each with its file and line (or index)."""
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path}: expected a list of objects (one record per row)")
     if not rows:

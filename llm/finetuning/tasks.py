@@ -90,6 +90,8 @@ class Finetune(Task):
         data = cfg.data.copy()
         with open_dict(data):
             data.block_size = int(init.model["block_size"])
+            if "template" in data:
+                data.template = self.template_of(init)
         dm = hydra.utils.instantiate(data, tokenizer=tokenizer)
         dm.prepare_data()
         self.check_memory(cfg, init.model, dm, *self.memory_shape(init.model, lora, dm))
@@ -102,6 +104,7 @@ class Finetune(Task):
         }
         module = self.build_module(cfg, common, dm)
         load_base_weights(module.model, init.state_dict)
+        self.loaded(module)
         self.counts = {
             "params/trainable": count_params(module, trainable=True),
             "params/total": count_params(module),
@@ -117,6 +120,13 @@ class Finetune(Task):
     def build_module(self, cfg: DictConfig, common: dict[str, Any], dm: Any) -> Any:
         """The task's LightningModule on the init's model (``common``: its `TaskModule` args)."""
         raise NotImplementedError
+
+    def template_of(self, init: Any) -> str | None:
+        """The prompt template a data module with a ``template`` key renders with."""
+        return init.template
+
+    def loaded(self, module: Any) -> None:
+        """After the init weights are in the module (before any checkpoint is resumed)."""
 
     def memory_shape(
         self, model: dict[str, Any], lora: dict[str, Any] | None, dm: Any
@@ -185,6 +195,102 @@ class InstructFinetune(Finetune):
         if result.get("responses_path"):
             lines.append(f"Responses:       {result['responses_path']}")
         return lines
+
+
+class PolicyFinetune(Finetune):
+    """A post-training task: a language model tuned against its frozen initial self, prompts
+    rendered with the init's template (``task.template=auto``) or the one named."""
+
+    metric = "val/loss"  # the val metric the summary shows before and after
+
+    def __init__(self, name: str, template: str | None = "auto") -> None:
+        super().__init__(name)
+        self.template = template
+
+    def template_of(self, init: Any) -> str | None:
+        from llm.prompts import check_template
+
+        if self.template == "auto":
+            return init.template
+        return check_template(self.template, "task.template")
+
+    def loaded(self, module: Any) -> None:
+        module.freeze_reference()
+
+    def outcome_lines(self, result: dict[str, Any]) -> list[str]:
+        lines = super().outcome_lines(result)
+        history = result["module"].val_history
+        seen = [(s, m[self.metric]) for s, m in history if self.metric in m]
+        if seen:
+            (s0, a0), (s1, a1) = seen[0], seen[-1]
+            name = f"{self.metric}:"
+            lines.append(f"{name:<16} {a0:.4f} at step {s0} -> {a1:.4f} at step {s1}")
+        return lines
+
+
+class PreferenceFinetune(PolicyFinetune):
+    """DPO (``task.loss=sigmoid``) or IPO on preference pairs; the summary reports the val
+    reward accuracy before and after."""
+
+    metric = "val/reward_acc"
+
+    def __init__(
+        self,
+        name: str,
+        beta: float = 0.1,
+        loss: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        precompute_ref: bool = False,
+        template: str | None = "auto",
+    ) -> None:
+        from llm.finetuning.preference import check_preference
+
+        super().__init__(name, template)
+        self.settings = check_preference(
+            {
+                "beta": beta,
+                "loss": loss,
+                "label_smoothing": label_smoothing,
+                "precompute_ref": precompute_ref,
+            }
+        )
+
+    def build_module(self, cfg: DictConfig, common: dict[str, Any], dm: Any) -> Any:
+        from llm.finetuning.preference import PreferenceModule
+
+        return PreferenceModule(**common, template=dm.template, preference=self.settings)
+
+
+class RLFinetune(PolicyFinetune):
+    """GRPO with the reward function of ``reward=``; the summary reports the held-out
+    accuracy (greedy) before and after."""
+
+    metric = "val/accuracy"
+
+    def __init__(self, name: str, template: str | None = "auto", **settings: Any) -> None:
+        super().__init__(name, template)
+        self.settings = settings
+
+    def rl_settings(self, cfg: DictConfig) -> dict[str, Any]:
+        from llm.finetuning.grpo import build_reward, check_rl
+
+        reward = OmegaConf.to_container(cfg.reward, resolve=True) if cfg.get("reward") else None
+        settings = check_rl({**self.settings, "reward": reward})
+        build_reward(settings["reward"])  # a reward that names no function fails now
+        return settings
+
+    def validate(self, cfg: DictConfig) -> None:
+        super().validate(cfg)
+        self.rl_settings(cfg)
+
+    def build_module(self, cfg: DictConfig, common: dict[str, Any], dm: Any) -> Any:
+        from llm.finetuning.grpo import GRPOModule
+
+        return GRPOModule(**common, template=dm.template, rl=self.rl_settings(cfg))
+
+    def loaded(self, module: Any) -> None:
+        if module.rl["kl_coef"] > 0:  # no reference kept when nothing reads it
+            module.freeze_reference()
 
 
 class ClassifyFinetune(Finetune):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(out_features, self.r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear / litgpt / peft
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_on = True  # off: the base layer alone (a preference task's reference)
 
     @classmethod
     def from_linear(cls, base: nn.Linear, r: int, alpha: float, dropout: float) -> LoRALinear:
@@ -65,6 +67,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if not self.adapter_on:
+            return out
         lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return out + lora * self.scaling
 
@@ -73,6 +77,24 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as its frozen base weights compute, adapters skipped: the reference model of
+    DPO/GRPO under LoRA without a second copy of the weights in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.adapter_on = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.adapter_on = True
 
 
 def linear_names(model: nn.Module) -> list[str]:

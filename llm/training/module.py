@@ -23,6 +23,8 @@ class GPTLitModule(TaskModule):
         template: how the model wants prompts rendered (`llm.prompts`): "alpaca" after
             instruction finetuning, "chat" for its tokenizer's chat template, None for a base
             model; `llm chat` reads it from the checkpoint.
+        **task: a post-training task's own settings (DPO's, GRPO's), kept in the checkpoint;
+            the weights stay a language model's, which every loader reads as one.
     """
 
     kind = "lm"
@@ -36,9 +38,17 @@ class GPTLitModule(TaskModule):
         sample: dict[str, Any] | None = None,
         lora: dict[str, Any] | None = None,
         template: str | None = None,
+        **task: Any,
     ) -> None:
         super().__init__(
-            model, tokenizer, optim, compile, lora, sample=sample, template=check_template(template)
+            model,
+            tokenizer,
+            optim,
+            compile,
+            lora,
+            sample=sample,
+            template=check_template(template),
+            **task,
         )
         self._val_losses: list[Tensor] = []
 
