@@ -110,3 +110,38 @@ def test_instruct_finetune_from_qwen3_folder_closes_examples_with_im_end(
     assert ids[-1] == 2 and module.tokenizer.decode(ids[n_prompt:-1]) == "the fox the fox"
     responses = json.loads((tmp_path / "run" / "checkpoints" / "responses.json").read_text())
     assert len(responses) >= 1 and all("response" in r for r in responses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["dpo", "grpo"])
+def test_post_training_from_a_qwen3_folder_renders_its_chat_template(
+    tmp_path: Path, llm_main: Any, task: str
+) -> None:
+    """The ladder's upper rungs run unchanged from Hugging Face weights: prompts rendered with
+    the folder's chat template (task.template=auto), responses closed by its <|im_end|>."""
+    from llm.finetuning.preference import encode_pair
+    from llm.prompts import render
+
+    init = qwen3_folder(tmp_path / "hf")
+    if task == "dpo":
+        rows = [{"prompt": f"Say {w}", "chosen": f"the {w}", "rejected": "no"} for w in WORDS]
+        extra = ["task.beta=0.5"]
+    else:
+        rows = [{"prompt": f"Say {w}", "answer": f"the {w}"} for w in WORDS]
+        extra = ["reward=format", "reward.pattern=.*the.*", "task.group_size=4",
+                 "task.max_new_tokens=6"]  # fmt: skip
+    data = write_jsonl(tmp_path / "records.jsonl", rows * 3)
+    args = [f"init={init}", f"task={task}", f"data.path={data}", "data.batch_size=2",
+            "optim.lr=1e-3", "optim.min_lr=1e-3", *extra, *fast_overrides(tmp_path, 4)]  # fmt: skip
+    assert llm_main("finetune", *args) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    module = _checked_tokenizer(ckpt)
+    assert module.hparams["template"] == "chat"  # llm chat renders as the run trained
+    tok = module.tokenizer
+    prompt = render("chat", [{"role": "user", "content": "Say fox"}], tok)
+    assert prompt.startswith("<|im_start|>user\nSay fox<|im_end|>")
+    if task == "dpo":
+        pair = encode_pair(tok, rows[0], "chat", 256)
+        assert pair.chosen[: pair.n_prompt] == tok.encode(prompt)
+        assert pair.chosen[-1] == 2 and tok.decode(pair.chosen[pair.n_prompt : -1]) == "the fox"
+    assert len(_losses(tmp_path / "run")) == 4
