@@ -39,6 +39,8 @@ SKIPPED_PROGRAMS = {
     "pip install": "installs from the package index",
     "python -m pytest": "the test suite itself",
     "tensorboard": "a server that runs until stopped",
+    "python scripts/ladder.py": "twelve llm runs, minutes each: its rungs' commands are tested "
+    "in tests/test_dpo.py and tests/test_grpo.py, its table measured in docs/post_training.md",
     "python scripts/screenshots.py": "trains a run and a sweep and drives a browser for minutes: "
     "tests/test_screenshots.py shoots a tiny run with it where Playwright and Chromium are",
 }
@@ -57,6 +59,7 @@ FIT = ("trainer.limit_val_batches=1", "callbacks.sample_text=null", "callbacks.a
 SHORT: dict[str, tuple[str, ...]] = {
     "train": FIT,
     "finetune": FIT,
+    "rl": (*FIT, "task.group_size=2", "task.max_new_tokens=4", "data.val_limit=2"),
     "generate": ("max_new_tokens=24",),
     "chat": ("max_new_tokens=24",),
     "evaluate": ("limit_batches=2",),
@@ -72,6 +75,7 @@ STDIN = {"chat": "Hello\n/quit\n"}
 PRINTS = {
     "train": "Best val/loss:",
     "finetune": "Best val/loss:",
+    "rl": "val/accuracy:",
     "generate": "tokens/s",
     "chat": "",  # its standard output holds the reply only (checked below)
     "evaluate": "val_loss:",
@@ -323,7 +327,7 @@ class ReadmeRunner:
     def shortened(self, argv: list[str], steps: int) -> list[str]:
         """``argv`` with SHORT's overrides (replacing its own value of a key) and OFFLINE's."""
         short = list(SHORT.get(argv[1], ()))
-        if argv[1] in ("train", "finetune"):
+        if argv[1] in ("train", "finetune", "rl"):
             short += [f"{key}={steps}" for key in STEPS]
         for setting, extra in SHORT_WHEN.items():
             if any(a.startswith(setting) for a in argv):
@@ -405,7 +409,7 @@ class ReadmeRunner:
             return f"{PRINTS[verb]!r} is not in what it printed"
         if verb in ("train", "finetune") and "-m" in argv:
             return self._check_sweep(argv, before)
-        if verb in ("train", "finetune"):
+        if verb in ("train", "finetune", "rl"):
             run = self._run_folder(proc)
             if not (run / "checkpoints" / "last.ckpt").is_file():
                 return f"no last.ckpt in {run}"
@@ -469,6 +473,11 @@ def _inputs(work: Path) -> dict[str, Path]:
     alpaca = [{"instruction": f"Name a {w}.", "input": "", "output": f"A {w}."}
               for w in ("colour", "fruit", "planet", "river", "tree", "metal")]  # fmt: skip
     (work / "alpaca.json").write_text(json.dumps(alpaca * 3), encoding="utf-8")
+    pairs = [{"prompt": f"Name a {w}.", "chosen": f"A {w}.", "rejected": "No."}
+             for w in ("colour", "fruit", "planet", "river", "tree", "metal")]  # fmt: skip
+    write_jsonl(work / "pairs.jsonl", pairs * 3)
+    write_jsonl(work / "prompts.jsonl", [{"prompt": f"Name a {w}.", "answer": w}
+                                         for w in ("colour", "fruit", "planet")] * 4)  # fmt: skip
     endings = ["[step] Mix 2 cups of flour.", "It rains.", "He sings (badly).", "Done!"]
     rows_mc = [{"ctx": f"[header] How to bake bread {i}. [title] Preheat the oven to 200°C.",
                 "endings": endings, "label": i % 4} for i in range(4)]  # fmt: skip

@@ -174,3 +174,18 @@ def test_benchmark_columns_and_sorting_by_one(tmp_path: Path) -> None:
     assert "highest val/mc_acc_norm first" in md and "| 0.7500 |" in md
     with pytest.raises(report.ReportError, match="sort=loss: these runs can be sorted by"):
         report.report(tmp_path, sort="loss")
+
+
+def test_post_training_figures_get_their_columns(tmp_path: Path) -> None:
+    """DPO's reward accuracy and GRPO's held-out accuracy, best value, highest first."""
+    _make_run(tmp_path, "dpo", ["task=dpo"], [(4, 0.5)], finished=True,
+              scalars={"val/reward_acc": [(0, 0.5), (4, 0.9)]})  # fmt: skip
+    _make_run(tmp_path, "grpo", ["task=grpo"], [(4, -0.4)], finished=True,
+              scalars={"val/accuracy": [(0, 0.1), (4, 0.4)], "val/reward": [(4, 0.4)]})  # fmt: skip
+    table = report.report(tmp_path)["rows"]
+    assert list(table[0])[5:8] == ["val/reward_acc", "val/accuracy", "val/reward"]
+    by_run = {r["run"]: r for r in table}
+    assert by_run["dpo"]["val/reward_acc"] == pytest.approx(0.9)
+    assert by_run["grpo"]["val/accuracy"] == pytest.approx(0.4)
+    ranked = report.report(tmp_path, sort="val/accuracy")["rows"]
+    assert [r["run"] for r in ranked] == ["grpo", "dpo"]

@@ -4,8 +4,10 @@ Finds every Hydra run folder (one with ``.hydra/config.yaml``) under the given f
 TensorBoard scalars and Hydra overrides, and writes ``report.md``, ``report.csv`` and PNG plots
 (val-loss curves; per Optuna study, the objective per trial and the parameter importances).
 Works on a sweep folder, a whole ``logs/`` tree or a single run. Benchmarks logged during
-training (``val/mc_acc``, ``val/mc_acc_norm``) get a column of their best value when any run
-has them, and the table can be sorted by one (``sort=val/mc_acc_norm``, highest first).
+training (``val/mc_acc``, ``val/mc_acc_norm``) and the post-training figures (DPO's
+``val/reward_acc``, GRPO's ``val/accuracy`` and ``val/reward``) get a column of their best value
+when any run has them, and the table can be sorted by one (``sort=val/mc_acc_norm``, highest
+first).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ COLUMNS = [
     "trial",
     "overrides",
 ]
-# benchmark scalars shown (best value over the run) when logged; all are higher-is-better
-BENCHMARKS = ("val/mc_acc", "val/mc_acc_norm")
+# scalars shown (best value over the run) when logged; all are higher-is-better: benchmarks, DPO's
+# reward accuracy, GRPO's held-out accuracy and reward
+BENCHMARKS = ("val/mc_acc", "val/mc_acc_norm", "val/reward_acc", "val/accuracy", "val/reward")
 DEFAULT_SORT = "best_val_loss"
 # the run's end figures (llm.training.board.END): written once training ends; "hp/": before
 END_PREFIXES = ("whole_run/", "hp/")

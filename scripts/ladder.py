@@ -1,0 +1,196 @@
+"""The post-training ladder on a CPU: pretrain -> instruct -> prefer (DPO) -> reinforce (GRPO).
+
+A tiny char model learns arithmetic (``a+b=``, ``a*b=``) in four rungs, each an ``llm`` command
+run as a user would run it, and each scored on the same held-out problems (never in any rung's
+data) by greedy exact match:
+
+1. pretrain: ``llm train`` on lines ``a+b=c`` of the training problems;
+2. instruct: ``llm finetune task=instruct`` on Alpaca records ``{instruction: "a+b=", output}``;
+3. prefer: ``llm finetune task=dpo`` from 2, on pairs (the right answer chosen, a near miss
+   rejected);
+4. reinforce: ``llm rl reward=arithmetic`` from 2, on the generated problems' training share.
+
+    python scripts/ladder.py                    # 3 seeds, docs/post_training.md's table
+    python scripts/ladder.py --seeds 0 --out /tmp/ladder
+
+Prints a table (accuracy per rung and seed, wall time per rung) and writes it with a plot to
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm.finetuning.arithmetic import Problem, problems  # noqa: E402
+from llm.prompts import format_prompt  # noqa: E402
+
+MAX_OPERAND = 20
+OPS = "+*"
+RUNGS = ("pretrain", "instruct", "dpo", "grpo")
+MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=128", "model.block_size=160"]
+
+
+def write_data(folder: Path, train: list[Problem], seed: int) -> dict[str, Path]:
+    """Every rung's data from the training problems only."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for _ in range(20):  # 20 shuffled passes over the problems
+        rng.shuffle(train)
+        lines += [f"{p.prompt}{p.answer}" for p in train]
+    # the template's characters once, so the char vocabulary can encode the instruct rung
+    text = format_prompt({"instruction": "", "input": ""}) + "\n" + "\n".join(lines) + "\n"
+    (folder / "pretrain.txt").write_text(text, encoding="utf-8")
+    instruct = [{"instruction": p.prompt, "input": "", "output": str(p.answer)} for p in train]
+    pairs = []
+    for p in train:
+        delta = rng.choice([-10, -2, -1, 1, 2, 10])
+        wrong = p.answer + (delta if p.answer + delta >= 0 else -delta)  # digits only
+        pairs.append({"prompt": p.prompt, "chosen": str(p.answer), "rejected": str(wrong)})
+    paths = {"pretrain": folder / "pretrain.txt"}
+    for name, rows in (("instruct", instruct), ("dpo", pairs)):
+        paths[name] = folder / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return paths
+
+
+def llm(run: Path, verb: str, *args: str) -> float:
+    """Run one ``llm`` command into ``run``; its wall time in seconds (an error stops the
+    ladder). A rung that finished before (its ``seconds.json``) is not run again."""
+    done_file = run / "seconds.json"
+    if done_file.is_file() and (run / "checkpoints" / "last.ckpt").is_file():
+        return float(json.loads(done_file.read_text())["seconds"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    argv = [sys.executable, "-m", "llm", verb, *args, f"hydra.run.dir={run}"]
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"llm {verb} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    seconds = time.perf_counter() - start
+    done_file.write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
+    """Greedy exact match on the held-out problems, each prompt rendered with the
+    checkpoint's template (the plain text ``a+b=`` for the pretrained model)."""
+    import torch
+
+    from llm.checkpoint import load_language_model
+    from llm.finetuning.rewards import arithmetic
+    from llm.prompts import render
+
+    lm = load_language_model(ckpt)
+    tok, solved = lm.tokenizer, 0
+    for p in held_out:
+        text = render(lm.template, [{"role": "user", "content": p.prompt}], tok)
+        idx = torch.tensor([tok.encode(text)])
+        out = lm.model.generate(idx, 6, temperature=0.0, stop_token=tok.eot_id)
+        new = out[0, idx.size(1) :].tolist()
+        new = new[: new.index(tok.eot_id)] if tok.eot_id in new else new
+        completion = tok.decode(new)
+        solved += arithmetic(p.prompt, completion.split("\n")[0], p.record())
+    return solved / len(held_out)
+
+
+def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
+    """One seed's four rungs: {rung: {accuracy, seconds}}."""
+    train, held_out = problems(MAX_OPERAND, OPS, held_out=0.1, seed=0)
+    data = write_data(out / "data", list(train), seed)
+    runs = {r: out / r for r in RUNGS}
+    ckpt = {r: runs[r] / "checkpoints" / "last.ckpt" for r in RUNGS}
+    common = [f"seed={seed}", "trainer.enable_progress_bar=false", "callbacks.sample_text=null",
+              "callbacks.attention=null", "optim.warmup_steps=0"]  # fmt: skip
+    seconds = {
+        "pretrain": llm(runs["pretrain"], "train", "data=text_files", f"data.path={data['pretrain']}",
+                        "tokenizer=char", *MODEL, "data.block_size=64", "data.batch_size=32",
+                        "optim.lr=3e-3", "optim.min_lr=3e-4", "trainer.max_steps=1500",
+                        "trainer.val_check_interval=500", f"paths.data_dir={out / 'cache'}",
+                        *common),
+        "instruct": llm(runs["instruct"], "finetune", "task=instruct", f"init={ckpt['pretrain']}",
+                        f"data.path={data['instruct']}", "data.batch_size=16",
+                        "optim.lr=1e-3", "optim.min_lr=1e-4", "trainer.max_steps=600",
+                        "trainer.val_check_interval=300", "task.max_new_tokens=8",
+                        *common),
+        "dpo": llm(runs["dpo"], "finetune", "task=dpo", f"init={ckpt['instruct']}",
+                   f"data.path={data['dpo']}", "data.batch_size=16", "task.beta=0.1",
+                   "optim.lr=1e-4", "optim.min_lr=1e-4", "trainer.max_steps=150",
+                   "trainer.val_check_interval=75", *common),
+        "grpo": llm(runs["grpo"], "rl", f"init={ckpt['instruct']}", "reward=arithmetic",
+                    f"data.max_operand={MAX_OPERAND}", f"data.ops={OPS}", "data.val_limit=64",
+                    "task.group_size=8", "task.max_new_tokens=4", "data.batch_size=8",
+                    "optim.lr=1e-4", "optim.min_lr=1e-4", "trainer.max_steps=150",
+                    "trainer.val_check_interval=75", *common),
+    }  # fmt: skip
+    results = {r: {"accuracy": accuracy(ckpt[r], held_out), "seconds": seconds[r]} for r in RUNGS}
+    import torch
+
+    history = torch.load(ckpt["dpo"], map_location="cpu", weights_only=True)["val_history"]
+    accs = [m["val/reward_acc"] for _, m in history]
+    results["dpo"]["reward_acc_start"], results["dpo"]["reward_acc_end"] = accs[0], accs[-1]
+    return results
+
+
+def table(per_seed: dict[int, dict[str, dict[str, float]]]) -> str:
+    seeds = sorted(per_seed)
+    head = "| rung | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | wall time (mean) |"
+    rows = [head, "|" + "---|" * (len(seeds) + 3)]
+    for r in RUNGS:
+        accs = [per_seed[s][r]["accuracy"] for s in seeds]
+        secs = [per_seed[s][r]["seconds"] for s in seeds]
+        cells = " | ".join(f"{a:.1%}" for a in accs)
+        rows.append(f"| {r} | {cells} | {sum(accs) / len(accs):.1%} | "
+                    f"{sum(secs) / len(secs):.0f} s |")  # fmt: skip
+    dpo = [per_seed[s]["dpo"] for s in seeds]
+    rows.append("")
+    rows.append("DPO val reward accuracy, step 0 -> end: " + ", ".join(
+        f"seed {s}: {d['reward_acc_start']:.2f} -> {d['reward_acc_end']:.2f}"
+        for s, d in zip(seeds, dpo, strict=True)))  # fmt: skip
+    return "\n".join(rows)
+
+
+def plot(per_seed: dict[int, dict[str, dict[str, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for seed, results in sorted(per_seed.items()):
+        ax.plot(RUNGS, [100 * results[r]["accuracy"] for r in RUNGS], marker="o",
+                label=f"seed {seed}")  # fmt: skip
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title("the post-training ladder, tiny char model, CPU")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "logs" / "ladder")
+    args = parser.parse_args(argv)
+    per_seed = {s: climb(s, args.out / f"seed{s}") for s in args.seeds}
+    text = table(per_seed)
+    print(text)
+    (args.out / "ladder.md").write_text(text + "\n", encoding="utf-8")
+    (args.out / "ladder.json").write_text(json.dumps(per_seed, indent=1), encoding="utf-8")
+    plot(per_seed, args.out / "ladder.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
