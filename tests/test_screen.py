@@ -111,6 +111,7 @@ def test_tensorboard_serves_the_layout_and_the_end_figures_in_hparams_only(
     }  # fmt: skip
     loss = layout["category"][0]["chart"][0]["multiline"]["tag"]
     assert loss == ["train/loss", "val/loss"]
+    assert layout["category"][1]["chart"][0]["multiline"]["tag"] == ["train/lr/.*"]
 
     # HPARAMS: the command line's keys first (TensorBoard sorts those by name), no "None"
     infos = experiment["hparamInfos"]
@@ -144,7 +145,22 @@ def test_tensorboard_serves_the_layout_and_the_end_figures_in_hparams_only(
     assert all([step for step, _ in s] == [STEPS] for s in ends.values())
     assert sorted({t.split("/")[0] for t in scalars})[-1] == "whole_run"
     # one learning-rate curve per optimizer (AdamW's groups share one schedule)
-    assert [t for t in scalars if t.startswith("lr/")] == ["lr/adamw"]
+    assert [t for t in scalars if "lr/" in t] == ["train/lr/adamw"]
+
+
+@pytest.mark.slow
+def test_time_series_opens_on_the_train_group(cli_run: dict[str, Any]) -> None:
+    """TIME SERIES orders its groups (a tag's part before the first '/') by name, for scalars
+    and images alike: the learning rates and the heat maps sit in the train and val groups,
+    so the loss is the first group it shows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(cli_run["run"]), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "val/attention/layer0/head0" in tags["images"]
+    groups = sorted({t.split("/")[0] for t in [*tags["scalars"], *tags["images"]]})
+    assert groups == ["train", "val", "whole_run"]
 
 
 @pytest.mark.slow
@@ -187,7 +203,7 @@ def test_one_learning_rate_curve_per_optimizer_under_muon(tmp_path: Path) -> Non
     cfg = compose("train", args)
     train(cfg)
     scalars = _scalars(tmp_path / "run")
-    lr = {t: s for t, s in scalars.items() if t.startswith("lr/")}
-    assert sorted(lr) == ["lr/adamw", "lr/muon"]
-    assert lr["lr/adamw"][0] == (0, pytest.approx(cfg.optim.lr))
-    assert lr["lr/muon"][0] == (0, pytest.approx(cfg.optim.muon.lr))
+    lr = {t: s for t, s in scalars.items() if "lr/" in t}
+    assert sorted(lr) == ["train/lr/adamw", "train/lr/muon"]
+    assert lr["train/lr/adamw"][0] == (0, pytest.approx(cfg.optim.lr))
+    assert lr["train/lr/muon"][0] == (0, pytest.approx(cfg.optim.muon.lr))

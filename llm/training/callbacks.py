@@ -172,7 +172,7 @@ class SampleTextCallback(_OffThread):
 
 class AttentionHeatmapCallback(_OffThread):
     """At each validation, the one before the first step included (step 0: the untrained
-    model), log attention on a fixed input: one figure per head (``attention/layer0/head1``),
+    model), log attention on a fixed input: one figure per head (``val/attention/layer0/head1``),
     its token labels readable with IMAGES' "Show actual image size" (a card scales it to
     about 330 px wide, too small for 32 labels).
 
@@ -235,7 +235,7 @@ class AttentionHeatmapCallback(_OffThread):
         self.background.submit(self.draw, writer, maps, labels, trainer.global_step)
 
     def draw(self, writer: Any, maps: dict[int, np.ndarray], labels: list[str], step: int) -> None:
-        """One image per head (``attention/layer<L>/head<H>``) at ``step``, all drawn on one
+        """One image per head (``val/attention/layer<L>/head<H>``) at ``step``, all drawn on one
         figure kept from the first validation (the labels stay the same)."""
         t = len(labels)
         if self._canvas is None or (self._canvas.t, self._canvas.labels) != (t, labels):
@@ -243,7 +243,7 @@ class AttentionHeatmapCallback(_OffThread):
         for layer, heads in maps.items():
             for head, weights in enumerate(heads):
                 image = self._canvas.render(weights, layer, head)
-                tag = f"attention/layer{layer}/head{head}"
+                tag = f"val/attention/layer{layer}/head{head}"
                 writer.add_image(tag, image, step, dataformats="HWC")
 
 
