@@ -389,7 +389,8 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
     best = min(e.value for e in events.Scalars("val/loss")[1:])  # of the trained model
     assert events.Scalars("whole_run/best_val_loss")[0].value == pytest.approx(best, abs=1e-6)
     assert result["best_val_loss"] == pytest.approx(best, abs=1e-6)
-    assert [e.step for e in events.Tensors("sample")] == [3, 6]  # a sample of each validation
+    # a sample of each validation, the untrained model's (step 0) included
+    assert [e.step for e in events.Tensors("sample")] == [0, 3, 6]
     # the heat maps of each validation, the untrained model's (step 0) included, of the
     # default 20 tokens: as wide as an IMAGES card at most (its labels at full size)
     images = events.Images("val/attention/layer0/head0")

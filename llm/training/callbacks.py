@@ -32,12 +32,13 @@ def _tensorboard(trainer: L.Trainer) -> Any | None:
     return None
 
 
-def _should_run(trainer: L.Trainer, at_start: bool = False) -> bool:
-    """Rank zero only, not under FSDP (sharded weights), and not during the sanity check unless
-    ``at_start``: the check of a fresh run is its step 0 (`GPTLitModule.log_initial_validation`)."""
+def _should_run(trainer: L.Trainer) -> bool:
+    """Rank zero only, not under FSDP (sharded weights), and during a sanity check only a fresh
+    run's: that check is its step 0 (`GPTLitModule.log_initial_validation`), a resumed run's
+    repeats a validation already logged."""
     if not trainer.is_global_zero:
         return False
-    if trainer.sanity_checking and not (at_start and trainer.global_step == 0):
+    if trainer.sanity_checking and trainer.global_step != 0:
         return False
     return "FSDP" not in type(trainer.strategy).__name__
 
@@ -110,8 +111,10 @@ class _OffThread(L.Callback):
 
 
 class SampleTextCallback(_OffThread):
-    """After each validation, sample from a fixed prompt and log it as TensorBoard text, headed
-    by the prompt and the sampling settings (so samples of different runs compare)."""
+    """After each validation, the one before the first step included (step 0: the untrained
+    model's gibberish, the start the heat maps and the val loss have too), sample from a fixed
+    prompt and log it as TensorBoard text, headed by the prompt and the sampling settings (so
+    samples of different runs compare)."""
 
     def __init__(
         self,
@@ -219,7 +222,7 @@ class AttentionHeatmapCallback(_OffThread):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer = _tensorboard(trainer)
-        if writer is None or not _should_run(trainer, at_start=True):
+        if writer is None or not _should_run(trainer):
             return
         ids = self._ids(trainer, pl_module)
         if not ids:
