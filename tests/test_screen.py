@@ -1,14 +1,17 @@
-"""What a researcher sees of a run: TensorBoard's layout and HPARAMS as a TensorBoard server
-serves them, one learning-rate curve per optimizer, and one tokens/s number everywhere."""
+"""What a researcher sees of a run and of a sweep: TensorBoard's layout, HPARAMS, images and text
+as a TensorBoard server serves them, one learning-rate curve per optimizer, and one tokens/s
+number everywhere."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +31,7 @@ MC = [  # in the corpus' characters (a char tokenizer fitted on it)
 @contextmanager
 def tensorboard(logdir: Path) -> Iterator[Any]:
     """A TensorBoard server on ``logdir`` (a free port); yields ``ask(path, body=None)``,
-    which GETs, or POSTs ``body`` as JSON, and returns the decoded answer."""
+    which GETs, or POSTs ``body`` as JSON, and returns the decoded answer (an image's bytes)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -44,6 +47,8 @@ def tensorboard(logdir: Path) -> Iterator[Any]:
         headers = {"Content-Type": "application/json"}
         request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data, headers)
         with urllib.request.urlopen(request, timeout=30) as answer:
+            if answer.headers.get_content_type() != "application/json":
+                return answer.read()
             return json.load(answer)
 
     try:
@@ -208,3 +213,61 @@ def test_one_learning_rate_curve_per_optimizer_under_muon(tmp_path: Path) -> Non
     assert sorted(lr) == ["train/lr/adamw", "train/lr/muon"]
     assert lr["train/lr/adamw"][0] == (0, pytest.approx(cfg.optim.lr))
     assert lr["train/lr/muon"][0] == (0, pytest.approx(cfg.optim.muon.lr))
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_a_sweep_by_its_swept_key(tmp_path: Path) -> None:
+    """A 2-job `-m` sweep as TensorBoard serves it: HPARAMS lists the swept key first and marks
+    only it as differing (the keys every job shares are not), each job has one learning-rate
+    curve (AdamW's), and heat maps and text samples from step 0 on."""
+    from PIL import Image
+
+    sweep = tmp_path / "sweep"
+    args = [
+        *tiny_overrides(tmp_path, write_corpus(tmp_path)),
+        "optim.lr=1e-3,2e-3",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "callbacks.sample_text.max_new_tokens=4",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = run_cli("train", "-m", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = ["0_lr=0.001", "1_lr=0.002"]
+    heads = ["val/attention/layer0/head0", "val/attention/layer0/head1"]
+    q = urllib.parse.quote
+    with tensorboard(sweep) as ask:
+        assert sorted(ask("/data/runs")) == runs
+        experiment = ask("/data/plugin/hparams/experiment", {"experimentName": ""})
+        groups = ask(
+            "/data/plugin/hparams/session_groups",
+            {"experimentName": "", "allowedStatuses": ["STATUS_SUCCESS"], "sliceSize": 10},
+        )
+        scalars, images, texts = (
+            ask(f"/data/plugin/{plugin}/tags") for plugin in ("scalars", "images", "text")
+        )
+        steps, widths, samples = {}, [], {}
+        for run in runs:
+            for tag in heads:
+                entries = ask(f"/data/plugin/images/images?run={q(run)}&tag={q(tag)}&sample=0")
+                steps[run, tag] = [e["step"] for e in entries]
+                png = ask(f"/data/plugin/images/individualImage?{entries[0]['query']}")
+                widths.append(Image.open(io.BytesIO(png)).width)
+            entries = ask(f"/data/plugin/text/text?run={q(run)}&tag=sample")
+            samples[run] = [(e["step"], e["text"]) for e in entries]
+
+    infos = experiment["hparamInfos"]
+    assert infos[0]["name"] == "optim.lr"  # the swept key first
+    assert [i["name"] for i in infos if i["differs"]] == ["optim.lr"]  # the shared ones not
+    assert len(infos) > 20  # the others are all there, after it
+    lrs = {g["name"]: g["hparams"]["optim.lr"] for g in groups["sessionGroups"]}
+    assert lrs == {"0_lr=0.001": 0.001, "1_lr=0.002": 0.002}
+    for run in runs:
+        assert [t for t in scalars[run] if "lr/" in t] == ["train/lr/adamw"]  # one curve
+        assert sorted(images[run]) == heads
+        assert all(steps[run, tag] == [0, 2, 4] for tag in heads)  # step 0: the untrained model
+        assert texts[run] == ["sample"]
+        assert [step for step, _ in samples[run]] == [0, 2, 4]
+        assert all("max_new_tokens 4" in text for _, text in samples[run])
+    assert all(width <= 330 for width in widths)  # IMAGES' card shows them at full size
