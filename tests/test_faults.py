@@ -192,7 +192,7 @@ def test_killed_train_resumed_from_last_ckpt_equals_an_uninterrupted_run(
 
     want, got = _curves(straight), _curves(run)
     assert set(got) == set(want)
-    for tag in ("val/loss", "train/loss", "lr/adamw"):
+    for tag in ("val/loss", "train/loss", "train/lr/adamw"):
         steps = [s for s, _ in got[tag]]
         assert steps == sorted(set(steps)) == [s for s, _ in want[tag]], tag  # none repeated
         for (_, x), (_, y) in zip(want[tag], got[tag], strict=True):

@@ -1,14 +1,17 @@
-"""What a researcher sees of a run: TensorBoard's layout and HPARAMS as a TensorBoard server
-serves them, one learning-rate curve per optimizer, and one tokens/s number everywhere."""
+"""What a researcher sees of a run and of a sweep: TensorBoard's layout, HPARAMS, images and text
+as a TensorBoard server serves them, one learning-rate curve per optimizer, and one tokens/s
+number everywhere."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +31,7 @@ MC = [  # in the corpus' characters (a char tokenizer fitted on it)
 @contextmanager
 def tensorboard(logdir: Path) -> Iterator[Any]:
     """A TensorBoard server on ``logdir`` (a free port); yields ``ask(path, body=None)``,
-    which GETs, or POSTs ``body`` as JSON, and returns the decoded answer."""
+    which GETs, or POSTs ``body`` as JSON, and returns the decoded answer (an image's bytes)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -44,6 +47,8 @@ def tensorboard(logdir: Path) -> Iterator[Any]:
         headers = {"Content-Type": "application/json"}
         request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data, headers)
         with urllib.request.urlopen(request, timeout=30) as answer:
+            if answer.headers.get_content_type() != "application/json":
+                return answer.read()
             return json.load(answer)
 
     try:
@@ -111,6 +116,7 @@ def test_tensorboard_serves_the_layout_and_the_end_figures_in_hparams_only(
     }  # fmt: skip
     loss = layout["category"][0]["chart"][0]["multiline"]["tag"]
     assert loss == ["train/loss", "val/loss"]
+    assert layout["category"][1]["chart"][0]["multiline"]["tag"] == ["train/lr/.*"]
 
     # HPARAMS: the command line's keys first (TensorBoard sorts those by name), no "None"
     infos = experiment["hparamInfos"]
@@ -144,7 +150,23 @@ def test_tensorboard_serves_the_layout_and_the_end_figures_in_hparams_only(
     assert all([step for step, _ in s] == [STEPS] for s in ends.values())
     assert sorted({t.split("/")[0] for t in scalars})[-1] == "whole_run"
     # one learning-rate curve per optimizer (AdamW's groups share one schedule)
-    assert [t for t in scalars if t.startswith("lr/")] == ["lr/adamw"]
+    assert [t for t in scalars if "lr/" in t] == ["train/lr/adamw"]
+
+
+@pytest.mark.slow
+def test_time_series_opens_on_the_train_group(cli_run: dict[str, Any]) -> None:
+    """TIME SERIES orders its groups (a tag's part before the first '/') by name, for scalars
+    and images alike: the learning rates and the heat maps sit in the train and val groups,
+    so the loss is the first group it shows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(cli_run["run"]), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    (image, *_) = events.Images("val/attention/layer0/head0")
+    assert image.width <= 330  # IMAGES' card shows it at full size: its labels read
+    groups = sorted({t.split("/")[0] for t in [*tags["scalars"], *tags["images"]]})
+    assert groups == ["train", "val", "whole_run"]
 
 
 @pytest.mark.slow
@@ -187,7 +209,65 @@ def test_one_learning_rate_curve_per_optimizer_under_muon(tmp_path: Path) -> Non
     cfg = compose("train", args)
     train(cfg)
     scalars = _scalars(tmp_path / "run")
-    lr = {t: s for t, s in scalars.items() if t.startswith("lr/")}
-    assert sorted(lr) == ["lr/adamw", "lr/muon"]
-    assert lr["lr/adamw"][0] == (0, pytest.approx(cfg.optim.lr))
-    assert lr["lr/muon"][0] == (0, pytest.approx(cfg.optim.muon.lr))
+    lr = {t: s for t, s in scalars.items() if "lr/" in t}
+    assert sorted(lr) == ["train/lr/adamw", "train/lr/muon"]
+    assert lr["train/lr/adamw"][0] == (0, pytest.approx(cfg.optim.lr))
+    assert lr["train/lr/muon"][0] == (0, pytest.approx(cfg.optim.muon.lr))
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_a_sweep_by_its_swept_key(tmp_path: Path) -> None:
+    """A 2-job `-m` sweep as TensorBoard serves it: HPARAMS lists the swept key first and marks
+    only it as differing (the keys every job shares are not), each job has one learning-rate
+    curve (AdamW's), and heat maps and text samples from step 0 on."""
+    from PIL import Image
+
+    sweep = tmp_path / "sweep"
+    args = [
+        *tiny_overrides(tmp_path, write_corpus(tmp_path)),
+        "optim.lr=1e-3,2e-3",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "callbacks.sample_text.max_new_tokens=4",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = run_cli("train", "-m", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = ["0_lr=0.001", "1_lr=0.002"]
+    heads = ["val/attention/layer0/head0", "val/attention/layer0/head1"]
+    q = urllib.parse.quote
+    with tensorboard(sweep) as ask:
+        assert sorted(ask("/data/runs")) == runs
+        experiment = ask("/data/plugin/hparams/experiment", {"experimentName": ""})
+        groups = ask(
+            "/data/plugin/hparams/session_groups",
+            {"experimentName": "", "allowedStatuses": ["STATUS_SUCCESS"], "sliceSize": 10},
+        )
+        scalars, images, texts = (
+            ask(f"/data/plugin/{plugin}/tags") for plugin in ("scalars", "images", "text")
+        )
+        steps, widths, samples = {}, [], {}
+        for run in runs:
+            for tag in heads:
+                entries = ask(f"/data/plugin/images/images?run={q(run)}&tag={q(tag)}&sample=0")
+                steps[run, tag] = [e["step"] for e in entries]
+                png = ask(f"/data/plugin/images/individualImage?{entries[0]['query']}")
+                widths.append(Image.open(io.BytesIO(png)).width)
+            entries = ask(f"/data/plugin/text/text?run={q(run)}&tag=sample")
+            samples[run] = [(e["step"], e["text"]) for e in entries]
+
+    infos = experiment["hparamInfos"]
+    assert infos[0]["name"] == "optim.lr"  # the swept key first
+    assert [i["name"] for i in infos if i["differs"]] == ["optim.lr"]  # the shared ones not
+    assert len(infos) > 20  # the others are all there, after it
+    lrs = {g["name"]: g["hparams"]["optim.lr"] for g in groups["sessionGroups"]}
+    assert lrs == {"0_lr=0.001": 0.001, "1_lr=0.002": 0.002}
+    for run in runs:
+        assert [t for t in scalars[run] if "lr/" in t] == ["train/lr/adamw"]  # one curve
+        assert sorted(images[run]) == heads
+        assert all(steps[run, tag] == [0, 2, 4] for tag in heads)  # step 0: the untrained model
+        assert texts[run] == ["sample"]
+        assert [step for step, _ in samples[run]] == [0, 2, 4]
+        assert all("max_new_tokens 4" in text for _, text in samples[run])
+    assert all(width <= 330 for width in widths)  # IMAGES' card shows them at full size

@@ -144,10 +144,10 @@ def test_callbacks_log_text_and_attention(tmp_path: Path, char_tokenizer: Any) -
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
-    heads = {f"attention/layer{i}/head{h}" for i in (0, 1) for h in (0, 1)}  # layers=all
+    heads = {f"val/attention/layer{i}/head{h}" for i in (0, 1) for h in (0, 1)}  # layers=all
     assert set(tags["images"]) == heads  # one image per head: readable in the IMAGES card
-    image = events.Images("attention/layer1/head1")[0]
-    assert 300 <= image.width <= 800 and 300 <= image.height <= 800
+    image = events.Images("val/attention/layer1/head1")[0]
+    assert 180 <= image.width <= 330 and 180 <= image.height <= 360  # 13 tokens: 180 px maps
     assert "sample" in tags["tensors"]  # the text sample, named as what it is
     assert not [t for t in tags["tensors"] if t.endswith("text_summary")]
     sample = events.Tensors("sample")[0].tensor_proto.string_val[0].decode()
@@ -204,7 +204,7 @@ def test_callbacks_work_off_the_training_thread(tmp_path: Path, char_tokenizer: 
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0, "images": 0})
     events.Reload()
     for head in (0, 1):
-        assert [e.step for e in events.Images(f"attention/layer0/head{head}")] == [2, 4, 6]
+        assert [e.step for e in events.Images(f"val/attention/layer0/head{head}")] == [2, 4, 6]
     samples = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("sample")}
     assert sorted(samples) == sorted(weights.at) == [2, 4, 6]
     for step, state in weights.at.items():
@@ -381,16 +381,21 @@ def test_train_function_runs_and_checkpoint_rebuilds(tmp_path: Path) -> None:
     events = EventAccumulator(str(out))  # the events live in the run folder itself
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "lr/adamw", "train/grad_norm", "val/loss"):
+    for tag in ("train/loss", "train/lr/adamw", "train/grad_norm", "val/loss"):
         assert tag in tags["scalars"], tag
-    assert not {"epoch", "train/lr", "lr/decay"} & set(tags["scalars"])  # one lr curve, no epoch
+    # one lr curve per optimizer, in the train group; no epoch
+    assert not {"epoch", "train/lr", "train/lr/decay", "lr/adamw"} & set(tags["scalars"])
     assert [e.step for e in events.Scalars("val/loss")] == [0, 3, 6]  # before, after 3 and 6
     best = min(e.value for e in events.Scalars("val/loss")[1:])  # of the trained model
     assert events.Scalars("whole_run/best_val_loss")[0].value == pytest.approx(best, abs=1e-6)
     assert result["best_val_loss"] == pytest.approx(best, abs=1e-6)
-    assert [e.step for e in events.Tensors("sample")] == [3, 6]  # a sample of each validation
-    # the heat maps of each validation, the untrained model's (step 0) included
-    assert [e.step for e in events.Images("attention/layer0/head0")] == [0, 3, 6]
+    # a sample of each validation, the untrained model's (step 0) included
+    assert [e.step for e in events.Tensors("sample")] == [0, 3, 6]
+    # the heat maps of each validation, the untrained model's (step 0) included, of the
+    # default 20 tokens: as wide as an IMAGES card at most (its labels at full size)
+    images = events.Images("val/attention/layer0/head0")
+    assert [e.step for e in images] == [0, 3, 6]
+    assert cfg.callbacks.attention.max_tokens == 20 and 240 < images[0].width <= 330
     # the HPARAMS tab: the overridden keys first, never paths or Hydra's keys, four metrics
     from tensorboard.plugins.hparams import plugin_data_pb2
 

@@ -32,7 +32,7 @@ def layout(mfu: bool) -> dict[str, dict[str, list[Any]]]:
     return {
         "loss": {"train and val loss": ["Multiline", ["train/loss", "val/loss"]]},
         "optimization": {
-            "learning rate": ["Multiline", [r"lr/.*"]],
+            "learning rate": ["Multiline", [r"train/lr/.*"]],
             "gradient norm (before clipping)": ["Multiline", ["train/grad_norm"]],
         },
         "speed": speed,

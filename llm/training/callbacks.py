@@ -7,6 +7,7 @@ validation loss.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -31,12 +32,13 @@ def _tensorboard(trainer: L.Trainer) -> Any | None:
     return None
 
 
-def _should_run(trainer: L.Trainer, at_start: bool = False) -> bool:
-    """Rank zero only, not under FSDP (sharded weights), and not during the sanity check unless
-    ``at_start``: the check of a fresh run is its step 0 (`GPTLitModule.log_initial_validation`)."""
+def _should_run(trainer: L.Trainer) -> bool:
+    """Rank zero only, not under FSDP (sharded weights), and during a sanity check only a fresh
+    run's: that check is its step 0 (`GPTLitModule.log_initial_validation`), a resumed run's
+    repeats a validation already logged."""
     if not trainer.is_global_zero:
         return False
-    if trainer.sanity_checking and not (at_start and trainer.global_step == 0):
+    if trainer.sanity_checking and trainer.global_step != 0:
         return False
     return "FSDP" not in type(trainer.strategy).__name__
 
@@ -109,8 +111,10 @@ class _OffThread(L.Callback):
 
 
 class SampleTextCallback(_OffThread):
-    """After each validation, sample from a fixed prompt and log it as TensorBoard text, headed
-    by the prompt and the sampling settings (so samples of different runs compare)."""
+    """After each validation, the one before the first step included (step 0: the untrained
+    model's gibberish, the start the heat maps and the val loss have too), sample from a fixed
+    prompt and log it as TensorBoard text, headed by the prompt and the sampling settings (so
+    samples of different runs compare)."""
 
     def __init__(
         self,
@@ -172,9 +176,10 @@ class SampleTextCallback(_OffThread):
 
 class AttentionHeatmapCallback(_OffThread):
     """At each validation, the one before the first step included (step 0: the untrained
-    model), log attention on a fixed input: one figure per head (``attention/layer0/head1``),
-    its token labels readable with IMAGES' "Show actual image size" (a card scales it to
-    about 330 px wide, too small for 32 labels).
+    model), log attention on a fixed input: one figure per head (``val/attention/layer0/head1``),
+    at most 330 px wide for the default 20 tokens, so IMAGES' card (350 px wide, the figure
+    fitted to it) shows its token labels at full size; each token more adds 12 px, and from
+    about 24 the card shrinks the figure unless "Show actual image size" is ticked.
 
     ``layers``: a layer index, a list of them, or ``"all"``. ``text`` null reads the first
     ``max_tokens`` tokens of the validation data, which every tokenizer can encode.
@@ -184,7 +189,7 @@ class AttentionHeatmapCallback(_OffThread):
         self,
         layers: int | Sequence[int] | str = 0,
         text: str | None = None,
-        max_tokens: int = 32,
+        max_tokens: int = 20,
     ) -> None:
         if isinstance(layers, str) and layers != "all":
             raise ValueError(f"callbacks.attention.layers={layers!r}: an index, a list or 'all'")
@@ -217,7 +222,7 @@ class AttentionHeatmapCallback(_OffThread):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer = _tensorboard(trainer)
-        if writer is None or not _should_run(trainer, at_start=True):
+        if writer is None or not _should_run(trainer):
             return
         ids = self._ids(trainer, pl_module)
         if not ids:
@@ -235,7 +240,7 @@ class AttentionHeatmapCallback(_OffThread):
         self.background.submit(self.draw, writer, maps, labels, trainer.global_step)
 
     def draw(self, writer: Any, maps: dict[int, np.ndarray], labels: list[str], step: int) -> None:
-        """One image per head (``attention/layer<L>/head<H>``) at ``step``, all drawn on one
+        """One image per head (``val/attention/layer<L>/head<H>``) at ``step``, all drawn on one
         figure kept from the first validation (the labels stay the same)."""
         t = len(labels)
         if self._canvas is None or (self._canvas.t, self._canvas.labels) != (t, labels):
@@ -243,7 +248,7 @@ class AttentionHeatmapCallback(_OffThread):
         for layer, heads in maps.items():
             for head, weights in enumerate(heads):
                 image = self._canvas.render(weights, layer, head)
-                tag = f"attention/layer{layer}/head{head}"
+                tag = f"val/attention/layer{layer}/head{head}"
                 writer.add_image(tag, image, step, dataformats="HWC")
 
 
@@ -315,17 +320,38 @@ def visible(piece: str) -> str:
     return out or "∅"
 
 
+# a heat map's geometry: a token's row and column are CELL pixels at DPI, so the default
+# max_tokens (20) fits in 330 px, narrower than an IMAGES card (350 px): labels at full size
+CELL, DPI, MIN_SIDE, LABEL_CHARS = 12, 100, 180, 6
+# the colour scale, always 0..1 (softmax weights): said in the heading, no colour bar
+SCALE = "weight 0 (dark) to 1 (yellow)"
+
+
+def heading(title: str) -> str:
+    """A heat map figure's heading: ``title`` (its layer) and the colour scale."""
+    return f"{title} · {SCALE}" if title else SCALE
+
+
+def _label(piece: str) -> str:
+    """A token's axis label: whitespace drawn, cut to LABEL_CHARS so the margins stay small."""
+    shown = visible(piece)
+    return shown if len(shown) <= LABEL_CHARS else shown[: LABEL_CHARS - 1] + "…"
+
+
 def heatmap_figure(
     maps: torch.Tensor | np.ndarray,
     labels: list[str] | None = None,
     title: str = "",
     first_head: int = 0,
 ) -> Figure:
-    """A grid of (T, T) heat maps, one per head: query rows, key columns, one shared colour
-    bar; token labels on the axes (whitespace visible) while they stay legible.
+    """A grid of (T, T) heat maps, one per head: query rows, key columns, a token's row and
+    column CELL px wide (the default 20 tokens: at most 330 px, readable in IMAGES' 350 px card
+    without "Show actual image size"); token labels on the axes (whitespace visible) while they
+    stay legible (T <= 48). The scale is 0..1 (the heading says so), so no colour bar.
 
-    A bare Agg figure (no pyplot): nothing global holds it, so it needs no closing and may be
-    drawn on any one thread."""
+    The margins are measured from the drawn labels rather than guessed (tight_layout left the
+    square heat maps floating in slack it could not use). A bare Agg figure (no pyplot):
+    nothing global holds it, so it needs no closing and may be drawn on any one thread."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -333,38 +359,52 @@ def heatmap_figure(
     n_head, t = maps.shape[0], maps.shape[-1]
     cols = min(n_head, 4)
     rows = (n_head + cols - 1) // cols
-    cell = max(3.0, 0.16 * t)  # inches per head: ~0.16 per token keeps 32 labels readable
-    fig = Figure(figsize=(cell * cols + 1.2, cell * rows + 0.6))
+    side = max(CELL * t, MIN_SIDE)  # px
+    room = side + 200  # a first canvas, with room around a head to measure its labels in
+    fig = Figure(figsize=(room / DPI, room / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    image = None
-    for h, ax in enumerate(axes.flat):
-        if h >= n_head:
-            ax.axis("off")
-            continue
-        image = ax.imshow(maps[h], cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_title(f"head {first_head + h}", fontsize=9)
-        ax.set_xlabel("key (attended to)", fontsize=8)
-        ax.set_ylabel("query (attending)", fontsize=8)
+    axes = [fig.add_axes((0.0, 0.0, 1.0, 1.0)) for _ in range(n_head)]
+    for h, ax in enumerate(axes):
+        ax.imshow(maps[h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"head {first_head + h}", fontsize=8, pad=3)
+        ax.set_xlabel("key (attended to)", fontsize=7, labelpad=2)
+        ax.set_ylabel("query (attending)", fontsize=7, labelpad=2)
+        ax.tick_params(length=2, pad=1)
         if labels is not None and t <= 48:
-            shown = [visible(s) for s in labels]
+            shown = [_label(s) for s in labels]
             ax.set_xticks(range(t), shown, rotation=90, fontsize=7)
             ax.set_yticks(range(t), shown, fontsize=7)
         else:
             ax.set_xticks([])
             ax.set_yticks([])
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
+    top = fig.suptitle(heading(title), fontsize=8, va="top")
+    # one head's labels around its square, measured where there is room for them
+    pad = 4
+    axes[0].set_position((100 / room, 100 / room, side / room, side / room))
+    renderer = fig.canvas.get_renderer()
+    inner, outer = axes[0].get_window_extent(renderer), axes[0].get_tightbbox(renderer)
+    # whole pixels, so that the frame a reused figure draws again falls where it was
+    left, right = math.ceil(inner.x0 - outer.x0) + pad, math.ceil(outer.x1 - inner.x1) + pad
+    below, above = math.ceil(inner.y0 - outer.y0) + pad, math.ceil(outer.y1 - inner.y1)
+    head_w, head_h = side + left + right, side + below + above
+    heading_box = top.get_window_extent(renderer)
+    width = max(cols * head_w, math.ceil(heading_box.width) + 2 * pad)
+    height = rows * head_h + math.ceil(heading_box.height) + 2 * pad
+    fig.set_size_inches(width / DPI, height / DPI)
+    x_shift = (width - cols * head_w) // 2
+    for h, ax in enumerate(axes):
+        row, col = divmod(h, cols)
+        x0 = x_shift + col * head_w + left
+        y0 = (rows - 1 - row) * head_h + below
+        ax.set_position((x0 / width, y0 / height, side / width, side / height))
+    top.set_y(1.0 - pad / height)
     return fig
 
 
 class HeatmapCanvas:
-    """One head's heat map figure, drawn in full once (axes, token labels, colour bar) and then
-    reused: each head's image, title and layer are drawn over the saved background, a few ms
-    rather than the ~0.5 s of laying out and drawing a new figure (64 tick labels) per head.
+    """One head's heat map figure, drawn in full once (axes, token labels) and then reused:
+    each head's image, title and heading (its layer) are drawn over the saved background, a
+    few ms rather than the ~0.5 s of laying out and drawing a new figure per head.
 
     Not thread-safe: one thread renders with it (the callback's background thread)."""
 
@@ -375,21 +415,28 @@ class HeatmapCanvas:
         self.axes = self.figure.axes[0]
         self.image = self.axes.images[0]
         self.title = self.axes.title
-        self.suptitle = self.figure.suptitle("layer 0")
+        self.suptitle = self.figure._suptitle  # heatmap_figure's (fig.suptitle() would reset it)
+        assert self.suptitle is not None
         self.title.set_text("")
         self.suptitle.set_text("")
+        # the frame is drawn with each image, once: drawn twice its antialiased edge darkens
+        self.spines = list(self.axes.spines.values())
+        for spine in self.spines:
+            spine.set_visible(False)
         canvas = self.figure.canvas
         canvas.draw()
         self.frame = canvas.copy_from_bbox(self.figure.bbox)  # all but what changes
+        for spine in self.spines:
+            spine.set_visible(True)
 
     def render(self, weights: np.ndarray, layer: int, head: int) -> np.ndarray:
         """The figure of one head's (T, T) weights as an (H, W, 3) uint8 image."""
         canvas = self.figure.canvas
         self.image.set_data(weights)
         self.title.set_text(f"head {head}")
-        self.suptitle.set_text(f"layer {layer}")
+        self.suptitle.set_text(heading(f"layer {layer}"))
         canvas.restore_region(self.frame)
-        for artist in (self.image, *self.axes.spines.values(), self.title):
+        for artist in (self.image, *self.spines, self.title):
             self.axes.draw_artist(artist)
         self.figure.draw_artist(self.suptitle)
         return np.asarray(canvas.buffer_rgba())[..., :3].copy()

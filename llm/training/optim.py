@@ -85,7 +85,8 @@ def schedule_of(group: Mapping[str, Any]) -> str:
     """The learning-rate curve a parameter group follows, by its optimizer: "adamw" or "muon".
 
     All of one optimizer's groups share one peak lr and one schedule, so one curve each
-    (``lr/adamw``, ``lr/muon``) shows them all; one per group drew the same curve twice.
+    (``train/lr/adamw``, ``train/lr/muon``) shows them all; one per group drew the same curve
+    twice.
     """
     return "muon" if group.get("name") == "muon" else "adamw"
 

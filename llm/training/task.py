@@ -144,9 +144,10 @@ class TaskModule(L.LightningModule):
         values = {k: float(v.detach()) for k, v in metrics.items()}
         if "train/loss" in metrics:
             check_finite(metrics["train/loss"], self.global_step)
-        for opt in self.trainer.optimizers:  # one curve per optimizer (lr/adamw, lr/muon)
+        # one curve per optimizer (train/lr/adamw, train/lr/muon): TIME SERIES' train group
+        for opt in self.trainer.optimizers:
             for group in opt.param_groups:
-                values.setdefault(f"lr/{schedule_of(group)}", float(group["lr"]))
+                values.setdefault(f"train/lr/{schedule_of(group)}", float(group["lr"]))
         for key, value in metrics.items():
             self.log(key, value, prog_bar=key == "train/loss", logger=False, on_step=True)
         if self.trainer.is_global_zero:
