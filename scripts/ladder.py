@@ -109,29 +109,76 @@ def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
     data = write_data(out / "data", list(train), seed)
     runs = {r: out / r for r in RUNGS}
     ckpt = {r: runs[r] / "checkpoints" / "last.ckpt" for r in RUNGS}
-    common = [f"seed={seed}", "trainer.enable_progress_bar=false", "callbacks.sample_text=null",
-              "callbacks.attention=null", "optim.warmup_steps=0"]  # fmt: skip
+    common = [
+        f"seed={seed}",
+        "trainer.enable_progress_bar=false",
+        "callbacks.sample_text=null",
+        "callbacks.attention=null",
+        "optim.warmup_steps=0",
+    ]
     seconds = {
-        "pretrain": llm(runs["pretrain"], "train", "data=text_files", f"data.path={data['pretrain']}",
-                        "tokenizer=char", *MODEL, "data.block_size=64", "data.batch_size=32",
-                        "optim.lr=3e-3", "optim.min_lr=3e-4", "trainer.max_steps=1500",
-                        "trainer.val_check_interval=500", f"paths.data_dir={out / 'cache'}",
-                        *common),
-        "instruct": llm(runs["instruct"], "finetune", "task=instruct", f"init={ckpt['pretrain']}",
-                        f"data.path={data['instruct']}", "data.batch_size=16",
-                        "optim.lr=1e-3", "optim.min_lr=1e-4", "trainer.max_steps=600",
-                        "trainer.val_check_interval=300", "task.max_new_tokens=8",
-                        *common),
-        "dpo": llm(runs["dpo"], "finetune", "task=dpo", f"init={ckpt['instruct']}",
-                   f"data.path={data['dpo']}", "data.batch_size=16", "task.beta=0.1",
-                   "optim.lr=1e-4", "optim.min_lr=1e-4", "trainer.max_steps=150",
-                   "trainer.val_check_interval=75", *common),
-        "grpo": llm(runs["grpo"], "rl", f"init={ckpt['instruct']}", "reward=arithmetic",
-                    f"data.max_operand={MAX_OPERAND}", f"data.ops={OPS}", "data.val_limit=64",
-                    "task.group_size=8", "task.max_new_tokens=4", "data.batch_size=8",
-                    "optim.lr=1e-4", "optim.min_lr=1e-4", "trainer.max_steps=150",
-                    "trainer.val_check_interval=75", *common),
-    }  # fmt: skip
+        "pretrain": llm(
+            runs["pretrain"],
+            "train",
+            "data=text_files",
+            f"data.path={data['pretrain']}",
+            "tokenizer=char",
+            *MODEL,
+            "data.block_size=64",
+            "data.batch_size=32",
+            "optim.lr=3e-3",
+            "optim.min_lr=3e-4",
+            "trainer.max_steps=1500",
+            "trainer.val_check_interval=500",
+            f"paths.data_dir={out / 'cache'}",
+            *common,
+        ),
+        "instruct": llm(
+            runs["instruct"],
+            "finetune",
+            "task=instruct",
+            f"init={ckpt['pretrain']}",
+            f"data.path={data['instruct']}",
+            "data.batch_size=32",
+            "optim.lr=2e-3",
+            "optim.min_lr=2e-4",
+            "trainer.max_steps=1200",
+            "trainer.val_check_interval=400",
+            "task.max_new_tokens=4",
+            *common,
+        ),
+        "dpo": llm(
+            runs["dpo"],
+            "finetune",
+            "task=dpo",
+            f"init={ckpt['instruct']}",
+            f"data.path={data['dpo']}",
+            "data.batch_size=16",
+            "task.beta=0.1",
+            "optim.lr=1e-4",
+            "optim.min_lr=1e-4",
+            "trainer.max_steps=300",
+            "trainer.val_check_interval=150",
+            *common,
+        ),
+        "grpo": llm(
+            runs["grpo"],
+            "rl",
+            f"init={ckpt['instruct']}",
+            "reward=arithmetic",
+            f"data.max_operand={MAX_OPERAND}",
+            f"data.ops={OPS}",
+            "data.val_limit=64",
+            "task.group_size=8",
+            "task.max_new_tokens=4",
+            "data.batch_size=8",
+            "optim.lr=1e-4",
+            "optim.min_lr=1e-4",
+            "trainer.max_steps=300",
+            "trainer.val_check_interval=150",
+            *common,
+        ),
+    }
     results = {r: {"accuracy": accuracy(ckpt[r], held_out), "seconds": seconds[r]} for r in RUNGS}
     import torch
 
@@ -149,13 +196,18 @@ def table(per_seed: dict[int, dict[str, dict[str, float]]]) -> str:
         accs = [per_seed[s][r]["accuracy"] for s in seeds]
         secs = [per_seed[s][r]["seconds"] for s in seeds]
         cells = " | ".join(f"{a:.1%}" for a in accs)
-        rows.append(f"| {r} | {cells} | {sum(accs) / len(accs):.1%} | "
-                    f"{sum(secs) / len(secs):.0f} s |")  # fmt: skip
+        rows.append(
+            f"| {r} | {cells} | {sum(accs) / len(accs):.1%} | {sum(secs) / len(secs):.0f} s |"
+        )
     dpo = [per_seed[s]["dpo"] for s in seeds]
     rows.append("")
-    rows.append("DPO val reward accuracy, step 0 -> end: " + ", ".join(
-        f"seed {s}: {d['reward_acc_start']:.2f} -> {d['reward_acc_end']:.2f}"
-        for s, d in zip(seeds, dpo, strict=True)))  # fmt: skip
+    rows.append(
+        "DPO val reward accuracy, step 0 -> end: "
+        + ", ".join(
+            f"seed {s}: {d['reward_acc_start']:.2f} -> {d['reward_acc_end']:.2f}"
+            for s, d in zip(seeds, dpo, strict=True)
+        )
+    )
     return "\n".join(rows)
 
 
@@ -167,8 +219,9 @@ def plot(per_seed: dict[int, dict[str, dict[str, float]]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for seed, results in sorted(per_seed.items()):
-        ax.plot(RUNGS, [100 * results[r]["accuracy"] for r in RUNGS], marker="o",
-                label=f"seed {seed}")  # fmt: skip
+        ax.plot(
+            RUNGS, [100 * results[r]["accuracy"] for r in RUNGS], marker="o", label=f"seed {seed}"
+        )
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("the post-training ladder, tiny char model, CPU")
     ax.set_ylim(0, 100)

@@ -59,7 +59,7 @@ def test_text_from_checkpoint_crops_overfits_and_generates(tmp_path: Path) -> No
 
     events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()
-    (count,) = events.Scalars("params/trainable")
+    (count,) = events.Scalars("whole_run/params_trainable")  # an end figure, for HPARAMS
     assert count.value == result["params/trainable"] == module.model.num_params()
 
 

@@ -134,12 +134,13 @@ class Finetune(Task):
         """(share of the weights that train, logits' width) for the memory check."""
         return (0.0 if lora else 1.0), None
 
-    def before_fit(self, built: Built, trainer: Any, loggers: list[Any]) -> None:
-        for logger in loggers:
-            logger.log_metrics({k: float(v) for k, v in self.counts.items()}, step=0)
-
     def after_fit(self, cfg: DictConfig, built: Built, trainer: Any, result: dict) -> None:
+        from llm.training.board import END
+
         result.update(self.counts)
+        # an end figure in HPARAMS (whole_run/params is the total), not a one-point plot
+        trainable = float(self.counts["params/trainable"])
+        result.setdefault("end_metrics", {})[f"{END}params_trainable"] = trainable
         best = result["best_model_path"]
         if best:  # test accuracy and responses come from the best weights (every rank)
             from llm.checkpoint import read_checkpoint
@@ -325,7 +326,8 @@ class ClassifyFinetune(Finetune):
         if built.datamodule.splits.get("test"):
             test = trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
             result["test"] = test
-            result["end_metrics"] = {f"{END}{k.replace('/', '_')}": v for k, v in test.items()}
+            ends = {f"{END}{k.replace('/', '_')}": v for k, v in test.items()}
+            result.setdefault("end_metrics", {}).update(ends)
 
     def outcome_lines(self, result: dict[str, Any]) -> list[str]:
         lines = super().outcome_lines(result)

@@ -1,0 +1,53 @@
+"""scripts/ladder.py: every rung's data comes from the training problems only (the held-out ones
+appear in none), the preference pairs are encodable and differ, and the table reports what
+the rungs measured."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from helpers import ROOT
+
+from llm.finetuning.arithmetic import problems
+
+_spec = importlib.util.spec_from_file_location("ladder", ROOT / "scripts" / "ladder.py")
+assert _spec is not None and _spec.loader is not None
+ladder = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ladder)
+
+
+def test_no_rung_sees_a_held_out_problem(tmp_path: Path) -> None:
+    train, held_out = problems(ladder.MAX_OPERAND, ladder.OPS, held_out=0.1, seed=0)
+    paths = ladder.write_data(tmp_path, list(train), seed=0)
+    text = paths["pretrain"].read_text(encoding="utf-8")
+    lines = set(text.splitlines())
+    assert all(f"{p.prompt}{p.answer}" in lines for p in train)
+    assert not any(line.startswith(p.prompt) for p in held_out for line in lines)
+    instruct = [json.loads(x) for x in paths["instruct"].read_text().splitlines()]
+    pairs = [json.loads(x) for x in paths["dpo"].read_text().splitlines()]
+    held = {p.prompt for p in held_out}
+    assert len(instruct) == len(pairs) == len(train)
+    assert not held & {r["instruction"] for r in instruct} and not held & {
+        r["prompt"] for r in pairs
+    }
+    for pair in pairs:
+        assert pair["chosen"] != pair["rejected"] and pair["rejected"].isdigit()
+        assert abs(int(pair["rejected"]) - int(pair["chosen"])) in (1, 2, 10)
+    # the template's characters are in the pretraining text: the char vocabulary encodes rung 2
+    assert set(ladder.format_prompt({"instruction": "1+2=", "input": ""})) <= set(text)
+
+
+def test_the_table_reports_each_rung_and_seed() -> None:
+    rungs = {"pretrain": 0.3, "instruct": 0.25, "dpo": 0.2, "grpo": 0.5}
+    per_seed = {
+        s: {r: {"accuracy": a + s / 100, "seconds": 10.0 * (s + 1)} for r, a in rungs.items()}
+        for s in (0, 1)
+    }
+    for s in per_seed:
+        per_seed[s]["dpo"].update(reward_acc_start=0.5, reward_acc_end=0.8 + s / 10)
+    table = ladder.table(per_seed).splitlines()
+    assert table[0] == "| rung | seed 0 | seed 1 | mean | wall time (mean) |"
+    assert table[5] == "| grpo | 50.0% | 51.0% | 50.5% | 15 s |"
+    assert table[-1].endswith("seed 0: 0.50 -> 0.80, seed 1: 0.50 -> 0.90")
