@@ -68,7 +68,12 @@ def _counted(cls: type) -> type:
     return Counted
 
 
-def _fit(module: Any, data: TensorDataset, tmp_path: Any) -> dict[int, list[str]]:
+def _pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """DPO's batch: every chosen row, then every rejected row."""
+    return {k: torch.cat([i[k][0:1] for i in items] + [i[k][1:2] for i in items]) for k in "xy"}
+
+
+def _fit(module: Any, data: Any, tmp_path: Any, collate: Any = None) -> dict[int, list[str]]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     module.reads = {}
@@ -83,14 +88,25 @@ def _fit(module: Any, data: TensorDataset, tmp_path: Any) -> dict[int, list[str]
         enable_checkpointing=False,
         logger=TensorBoardLogger(tmp_path, name="tb", version=""),
     )
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    trainer.fit(module, DataLoader(data, batch_size=4, collate_fn=collate))
     return module.reads
 
 
-@pytest.mark.parametrize("task", ["lm", "classifier"])
+@pytest.mark.parametrize("task", ["lm", "classifier", "dpo"])
 def test_a_step_reads_nothing_on_the_host_but_on_logging_steps(task: str, tmp_path: Any) -> None:
+    """(GRPO is not among them: its step samples and scores on the host, by nature.)"""
     torch.manual_seed(0)
-    if task == "lm":
+    collate = None
+    if task == "dpo":
+        from llm.finetuning.preference import PreferenceModule
+
+        module = _counted(PreferenceModule)(model=MODEL, optim=OPTIM)
+        module.freeze_reference()
+        x = torch.randint(0, 40, (24, 2, 16))
+        y = torch.roll(x, -1, 2)
+        y[:, :, :5] = -100  # the prompt
+        data, collate = [{"x": a, "y": b} for a, b in zip(x, y, strict=True)], _pairs
+    elif task == "lm":
         module = _counted(GPTLitModule)(model=MODEL, optim=OPTIM)
         x = torch.randint(0, 40, (24, 16))
         data = TensorDataset(x, torch.roll(x, -1, 1))
@@ -98,7 +114,7 @@ def test_a_step_reads_nothing_on_the_host_but_on_logging_steps(task: str, tmp_pa
         module = _counted(ClassifierModule)(model=MODEL, optim=OPTIM, labels=["a", "b"])
         x = torch.randint(0, 40, (24, 16))
         data = TensorDataset(x, torch.full((24,), 16), torch.randint(0, 2, (24,)))
-    reads = _fit(module, data, tmp_path)
+    reads = _fit(module, data, tmp_path, collate)
     assert sorted(reads) == [0, 1, 2, 3, 4, 5]
     assert {step: r for step, r in reads.items() if step % 3 and r} == {}  # silent steps
     assert reads[0] and reads[3]  # logging steps read the loss (and the gradient norm)
