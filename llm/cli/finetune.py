@@ -23,11 +23,14 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     return run_task(cfg, hydra.utils.instantiate(cfg.task))
 
 
-@hydra_app("finetune")
-def main(cfg: DictConfig) -> float:
-    """The Hydra app; the return value is what ``-m`` sweepers optimise (NaN: no val loss)."""
+def finetune_job(cfg: DictConfig) -> float:
+    """One job of a finetuning verb (``llm finetune``, ``llm rl``): its best val loss, what
+    ``-m`` sweepers optimise (NaN: no val loss)."""
     with run_folder_lock(cfg):
         result = finetune(cfg)
     if result["shutdown"] is not None:
         raise result["shutdown"]
     return result["best_val_loss"]
+
+
+main = hydra_app("finetune")(finetune_job)

@@ -16,11 +16,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from llm.data.datamodule import ResumableOrder
 from llm.finetuning.records import (
     SOURCE,
+    ExampleSplits,
     encode_field,
-    examples_loader,
     read_records,
     require_columns,
     split_records,
@@ -60,7 +59,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[
     return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long)
 
 
-class ClassificationDataModule(ResumableOrder, L.LightningDataModule):
+class ClassificationDataModule(ExampleSplits, L.LightningDataModule):
     """Text/label files -> padded (ids, lengths, label) batches; labels vocab from the data.
 
     `path` is split into train/val/test by fraction unless `val_path` / `test_path` are given.
@@ -161,24 +160,16 @@ class ClassificationDataModule(ResumableOrder, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
 
-    def collate(self, batch: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor, Tensor]:
+    def collate_batch(self, batch: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor, Tensor]:
         assert self.max_length is not None, "call prepare_data() first"
         ids, lengths = pad_batch([s for s, _ in batch], self.max_length, self.pad_id)
         return ids, lengths, torch.tensor([y for _, y in batch], dtype=torch.long)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        data = self.splits.get(split) or []
-        sampler = self.train_sampler(len(data)) if shuffle else None
-        return examples_loader(data, self.batch_size, self.collate, sampler, self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+    def split_examples(self, split: str) -> list[tuple[list[int], int]]:
+        return self.splits.get(split, [])
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return self.loader("test")
 
 
 class ClassifierModule(TaskModule):

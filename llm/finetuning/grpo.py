@@ -24,10 +24,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from llm.data.datamodule import ResumableOrder
 from llm.finetuning.logprobs import IGNORE, token_logps
 from llm.finetuning.policy import PolicyModule
-from llm.finetuning.records import SOURCE, examples_loader, read_records, split_records
+from llm.finetuning.records import SOURCE, ExampleSplits, read_records, split_records
 from llm.prompts import render
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def check_prompt_records(rows: Sequence[dict[str, Any]], path: Any) -> None:
             )
 
 
-class PromptDataModule(ResumableOrder, L.LightningDataModule):
+class PromptDataModule(ExampleSplits, L.LightningDataModule):
     """Prompts (JSON / JSONL records ``{prompt, answer, ...}``, or generated arithmetic
     problems with ``generator=arithmetic``) -> batches of encoded prompts and their records.
     The held-out split (``val_path``, ``val_fraction``, or the generator's) is never trained on.
@@ -134,16 +133,11 @@ class PromptDataModule(ResumableOrder, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
 
-    def _loader(self, split: str, shuffle: bool) -> Any:
-        data = self.examples.get(split) or []
-        sampler = self.train_sampler(len(data)) if shuffle else None
-        return examples_loader(data, self.batch_size, list, sampler, self.num_workers)
+    def split_examples(self, split: str) -> list[dict[str, Any]]:
+        return self.examples.get(split, [])
 
-    def train_dataloader(self) -> Any:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> Any:
-        return self._loader("val", False)
+    def collate_batch(self, batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(batch)  # prompts of any length: the step samples each one's group
 
 
 # -- the objective -----------------------------------------------------------------------

@@ -17,12 +17,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from llm.data.datamodule import ResumableOrder
 from llm.finetuning.records import (
+    ExampleSplits,
     encode_field,
-    examples_loader,
+    example_length,
     read_records,
     split_records,
 )
@@ -110,7 +109,7 @@ def collate(
     return x, y
 
 
-class InstructDataModule(ResumableOrder, L.LightningDataModule):
+class InstructDataModule(ExampleSplits, L.LightningDataModule):
     """Alpaca JSON / JSONL -> (inputs, targets) batches; val split by fraction or `val_path`."""
 
     def __init__(
@@ -135,14 +134,7 @@ class InstructDataModule(ResumableOrder, L.LightningDataModule):
         self.tokenizer = tokenizer
         self.path, self.val_path = path, val_path
         self.val_fraction = float(val_fraction)
-        if max_length is None and block_size is None:
-            raise ValueError("set data.max_length (or block_size) for instruction data")
-        self.max_length = int(max_length if max_length is not None else block_size)  # type: ignore[arg-type]
-        if block_size is not None and self.max_length > int(block_size):
-            raise ValueError(
-                f"data.max_length={self.max_length} > the model's block_size {block_size}; "
-                "lower max_length"
-            )
+        self.max_length = example_length(max_length, block_size)
         self.batch_size = int(batch_size)
         self.mask_prompt = bool(mask_prompt)
         self.num_workers = int(num_workers)
@@ -200,19 +192,11 @@ class InstructDataModule(ResumableOrder, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
 
-    def _collate(self, batch: Sequence[tuple[list[int], int]]) -> tuple[Tensor, Tensor]:
+    def split_examples(self, split: str) -> list[tuple[list[int], int]]:
+        return self.examples.get(split, [])
+
+    def collate_batch(self, batch: Sequence[tuple[list[int], int]]) -> tuple[Tensor, Tensor]:
         return collate(batch, self.tokenizer.eot_id, self.mask_prompt)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        data = self.examples.get(split) or []
-        sampler = self.train_sampler(len(data)) if shuffle else None
-        return examples_loader(data, self.batch_size, self._collate, sampler, self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
 
 
 @torch.no_grad()

@@ -21,10 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm.data.datamodule import ResumableOrder
 from llm.finetuning.logprobs import IGNORE, sequence_logps, token_kl, token_logps
 from llm.finetuning.policy import PolicyModule
-from llm.finetuning.records import SOURCE, examples_loader, read_records, split_records
+from llm.finetuning.records import (
+    SOURCE,
+    ExampleSplits,
+    example_length,
+    read_records,
+    split_records,
+)
 from llm.prompts import render
 
 log = logging.getLogger(__name__)
@@ -131,7 +136,7 @@ def collate_pairs(batch: Sequence[Pair], pad_id: int) -> dict[str, Tensor]:
     return out
 
 
-class PreferenceDataModule(ResumableOrder, L.LightningDataModule):
+class PreferenceDataModule(ExampleSplits, L.LightningDataModule):
     """Preference JSON / JSONL (or CSV with string fields) -> pair batches; val split by
     fraction or ``val_path``. ``template`` is set by the task from the model it tunes."""
 
@@ -157,15 +162,7 @@ class PreferenceDataModule(ResumableOrder, L.LightningDataModule):
         self.tokenizer = tokenizer
         self.path, self.val_path = path, val_path
         self.val_fraction = float(val_fraction)
-        length = max_length if max_length is not None else block_size
-        if length is None:
-            raise ValueError("set data.max_length (or block_size) for preference data")
-        self.max_length = int(length)
-        if block_size is not None and self.max_length > int(block_size):
-            raise ValueError(
-                f"data.max_length={self.max_length} > the model's block_size {block_size}; "
-                "lower data.max_length"
-            )
+        self.max_length = example_length(max_length, block_size)
         self.batch_size = int(batch_size)
         self.template = template
         self.num_workers = int(num_workers)
@@ -204,19 +201,11 @@ class PreferenceDataModule(ResumableOrder, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
 
-    def _collate(self, batch: Sequence[Pair]) -> dict[str, Tensor]:
+    def split_examples(self, split: str) -> list[Pair]:
+        return self.pairs.get(split, [])
+
+    def collate_batch(self, batch: Sequence[Pair]) -> dict[str, Tensor]:
         return collate_pairs(batch, self.tokenizer.eot_id)
-
-    def _loader(self, split: str, shuffle: bool) -> Any:
-        data = self.pairs.get(split) or []
-        sampler = self.train_sampler(len(data)) if shuffle else None
-        return examples_loader(data, self.batch_size, self._collate, sampler, self.num_workers)
-
-    def train_dataloader(self) -> Any:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> Any:
-        return self._loader("val", False)
 
 
 # -- the objective -----------------------------------------------------------------------

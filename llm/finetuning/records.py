@@ -14,7 +14,7 @@ from typing import Any
 from torch.utils.data import DataLoader, Sampler
 
 from llm.data.corpus import read_utf8
-from llm.data.datamodule import ResumableLoader
+from llm.data.datamodule import ResumableLoader, ResumableOrder
 
 FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 SOURCE = "_source"  # each record's file and line (or index), for errors that name the row
@@ -131,6 +131,18 @@ def require_columns(
             )
 
 
+def example_length(max_length: int | None, block_size: int | None) -> int:
+    """Tokens per example: ``data.max_length``, else the model's context, never above it."""
+    if max_length is None and block_size is None:
+        raise ValueError("set data.max_length (or block_size) for these records")
+    length = int(max_length if max_length is not None else block_size)  # type: ignore[arg-type]
+    if block_size is not None and length > int(block_size):
+        raise ValueError(
+            f"data.max_length={length} > the model's block_size {block_size}; lower max_length"
+        )
+    return length
+
+
 def split_records(rows: list[Any], fractions: Sequence[float], seed: int) -> tuple[list[Any], ...]:
     """Shuffle once with `seed`, then cut off one part per fraction (>= 1 row if fraction > 0)."""
     rows = list(rows)
@@ -165,3 +177,28 @@ def examples_loader(
         collate_fn=collate_fn,
         num_workers=num_workers,
     )
+
+
+class ExampleSplits(ResumableOrder):
+    """The loaders of a data module that holds its examples in memory, a list per split
+    (`split_examples`), batched by `collate_batch`: the train split in the resumable seeded
+    order, the others as listed."""
+
+    num_workers: int
+
+    def split_examples(self, split: str) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def collate_batch(self, batch: Sequence[Any]) -> Any:
+        raise NotImplementedError
+
+    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        data = self.split_examples(split) or []
+        sampler = self.train_sampler(len(data)) if shuffle else None
+        return examples_loader(data, self.batch_size, self.collate_batch, sampler, self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
