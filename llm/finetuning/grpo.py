@@ -26,7 +26,7 @@ from torch import Tensor
 
 from llm.finetuning.logprobs import IGNORE, token_logps
 from llm.finetuning.policy import PolicyModule
-from llm.finetuning.records import SOURCE, ExampleSplits, read_records, split_records
+from llm.finetuning.records import SOURCE, ExampleSplits, read_records, train_and_val
 from llm.prompts import render
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,13 @@ class PromptDataModule(ExampleSplits, L.LightningDataModule):
             train, val = problems(**self.arithmetic)
             return [p.record() for p in train], [p.record() for p in val]
         assert self.path is not None
-        rows = read_records(self.path)
-        check_prompt_records(rows, self.path)
-        if self.val_path:
-            val = read_records(self.val_path)
-            check_prompt_records(val, self.val_path)
-            return rows, val
-        return split_records(rows, [self.val_fraction], self.seed)  # type: ignore[return-value]
+        return train_and_val(self.path, self.val_path, self.val_fraction, self.seed, self._read)
+
+    @staticmethod
+    def _read(path: str) -> list[dict[str, Any]]:
+        rows = read_records(path)
+        check_prompt_records(rows, path)
+        return rows
 
     def prepare_data(self) -> None:
         if self.examples:
@@ -387,11 +387,10 @@ class GRPOModule(PolicyModule):
 
     def _write_samples(self) -> None:
         """A few held-out prompts with their greedy completions and rewards, in TEXT."""
-        from llm.training.board import write_text
-        from llm.training.callbacks import _tensorboard
+        from llm.training.board import write_text, writers
 
-        writer = _tensorboard(self.trainer)
-        if writer is None or not self.trainer.is_global_zero or not self._shown:
+        if not self.trainer.is_global_zero or not self._shown:
             return
         table = "| prompt | completion | reward |\n|---|---|---|\n" + "\n".join(self._shown)
-        write_text(writer, "completions", table, self.global_step)
+        for writer in writers(self.loggers):
+            write_text(writer, "completions", table, self.global_step)

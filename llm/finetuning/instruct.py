@@ -23,7 +23,7 @@ from llm.finetuning.records import (
     encode_field,
     example_length,
     read_records,
-    split_records,
+    train_and_val,
 )
 from llm.io import atomic_write_json
 from llm.prompts import format_prompt
@@ -156,11 +156,9 @@ class InstructDataModule(ExampleSplits, L.LightningDataModule):
         if self.examples:
             return
         check_template(self.tokenizer)
-        rows = self._read(self.path)
-        if self.val_path:
-            train, val = rows, self._read(self.val_path)
-        else:
-            train, val = split_records(rows, [self.val_fraction], self.seed)
+        train, val = train_and_val(
+            self.path, self.val_path, self.val_fraction, self.seed, self._read
+        )
         self.records, self.examples = {}, {}
         for split, records in (("train", train), ("val", val)):
             encoded = [encode_example(self.tokenizer, r, self.max_length) for r in records]

@@ -4,7 +4,7 @@ compare between the policy and its reference."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 IGNORE = -100  # a target that is not scored (prompt, padding), as in cross-entropy
 
@@ -14,13 +14,6 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     mask = targets != IGNORE
     picked = torch.gather(logits.float().log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1))
     return picked.squeeze(-1) * mask
-
-
-def sequence_logps(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(sum of the scored tokens' log-probs per row (B,), their count (B,), the logits)."""
-    logits, _ = model(x)
-    logps = token_logps(logits, y)
-    return logps.sum(-1), (y != IGNORE).sum(-1), logits
 
 
 def token_kl(policy_logits: Tensor, reference_logits: Tensor, targets: Tensor) -> Tensor:

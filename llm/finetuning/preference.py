@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm.finetuning.logprobs import IGNORE, sequence_logps, token_kl, token_logps
+from llm.finetuning.logprobs import IGNORE, token_kl, token_logps
 from llm.finetuning.policy import PolicyModule
 from llm.finetuning.records import (
     SOURCE,
     ExampleSplits,
     example_length,
     read_records,
-    split_records,
+    train_and_val,
 )
 from llm.prompts import render
 
@@ -177,11 +177,9 @@ class PreferenceDataModule(ExampleSplits, L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.pairs:
             return
-        rows = self._read(self.path)
-        if self.val_path:
-            train, val = rows, self._read(self.val_path)
-        else:
-            train, val = split_records(rows, [self.val_fraction], self.seed)
+        train, val = train_and_val(
+            self.path, self.val_path, self.val_fraction, self.seed, self._read
+        )
         for split, records in (("train", train), ("val", val)):
             pairs = [
                 encode_pair(self.tokenizer, r, self.template, self.max_length) for r in records
@@ -271,24 +269,27 @@ class PreferenceModule(PolicyModule):
         self.label_smoothing = float(settings["label_smoothing"])
         self._val: dict[str, list[Tensor]] = {}
 
-    def reference_logps(self, x: Tensor, y: Tensor) -> Tensor:
-        """(2B,) the reference's log-probs of each row's response."""
-        logps = token_logps(self.reference_logits(x), y)
-        return self._pool(logps.sum(-1), (y != IGNORE).sum(-1))
-
-    def _pool(self, summed: Tensor, count: Tensor) -> Tensor:
-        """IPO compares per-token averages; DPO sums over the response."""
+    def response_logps(self, logits: Tensor, y: Tensor) -> Tensor:
+        """(2B,) each row's response log-prob under ``logits``: summed for DPO, averaged per
+        token for IPO (which compares per-token averages)."""
+        summed, count = token_logps(logits, y).sum(-1), (y != IGNORE).sum(-1)
         return summed / count.clamp(min=1) if self.loss_type == "ipo" else summed
 
     # -- steps ---------------------------------------------------------------------------
-    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def _step(
+        self, batch: dict[str, Tensor], reference_logits: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """(loss, diagnostics, the policy's logits); the reference's log-probs from the batch
+        when precomputed, else from ``reference_logits`` (computed here when not given)."""
         x, y = batch["x"], batch["y"]
-        summed, count, logits = sequence_logps(self.network, x, y)
-        policy = self._pool(summed, count)
+        logits = self.network(x)[0]
+        policy = self.response_logps(logits, y)
         if "reference" in batch:
             reference = batch["reference"].to(policy).t().reshape(-1)  # chosen..., rejected...
         else:
-            reference = self.reference_logps(x, y)
+            if reference_logits is None:
+                reference_logits = self.reference_logits(x)
+            reference = self.response_logps(reference_logits, y)
         b = x.size(0) // 2
         loss, stats = preference_loss(
             policy[:b],
@@ -311,8 +312,9 @@ class PreferenceModule(PolicyModule):
         self._val = {}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, stats, logits = self._step(batch)
-        kl = token_kl(logits, self.reference_logits(batch["x"]), batch["y"])
+        reference_logits = self.reference_logits(batch["x"])  # one pass: the loss and the KL
+        loss, stats, logits = self._step(batch, reference_logits)
+        kl = token_kl(logits, reference_logits, batch["y"])
         for key, value in {"loss": loss, **stats, "kl": kl}.items():
             self._val.setdefault(key, []).append(value.detach().float())
         return loss
@@ -345,7 +347,8 @@ class PreferenceModule(PolicyModule):
             for start in range(0, len(missing), dm.batch_size):
                 chunk = missing[start : start + dm.batch_size]
                 batch = collate_pairs(chunk, dm.tokenizer.eot_id)
-                ref = self.reference_logps(batch["x"].to(self.device), batch["y"].to(self.device))
+                x, y = batch["x"].to(self.device), batch["y"].to(self.device)
+                ref = self.response_logps(self.reference_logits(x), y)
                 b = len(chunk)
                 for p, c, r in zip(chunk, ref[:b].tolist(), ref[b:].tolist(), strict=True):
                     p.reference = (c, r)

@@ -7,7 +7,7 @@ import io
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,22 @@ def example_length(max_length: int | None, block_size: int | None) -> int:
             f"data.max_length={length} > the model's block_size {block_size}; lower max_length"
         )
     return length
+
+
+def train_and_val(
+    path: str,
+    val_path: str | None,
+    val_fraction: float,
+    seed: int,
+    read: Callable[[str], list[dict[str, Any]]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, val records): ``val_path``'s when given, else ``val_fraction`` of
+    ``path``'s split off with ``seed``; ``read`` reads and checks one file."""
+    rows = read(path)
+    if val_path:
+        return rows, read(val_path)
+    train, val = split_records(rows, [val_fraction], seed)
+    return train, val
 
 
 def split_records(rows: list[Any], fractions: Sequence[float], seed: int) -> tuple[list[Any], ...]:
