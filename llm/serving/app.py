@@ -131,7 +131,8 @@ class Server:
         """One job per (prompt, choice), all emitting into one queue."""
         events: asyncio.Queue[Any] = asyncio.Queue()
         emit = async_emitter(events)
-        jobs = [Job(ids, s, emit, i) for i, (ids, s) in enumerate(zip(prompts, sampling, strict=True))]
+        pairs = zip(prompts, sampling, strict=True)
+        jobs = [Job(ids, s, emit, i) for i, (ids, s) in enumerate(pairs)]
         try:
             for job in jobs:
                 self.engine.submit(job)
@@ -342,7 +343,8 @@ async def _completions(server: Server, body: CompletionRequest) -> JSONResponse 
                               "finish_reason": ev.reason}  # fmt: skip
                 yield _sse({**head, "choices": [choice]})
             if body.include_usage():
-                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+                usage = _usage(prompt_tokens, completion_tokens)
+                yield _sse({**head, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")

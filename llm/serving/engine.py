@@ -17,6 +17,7 @@ from an asyncio queue; the engine never blocks on a client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -107,10 +108,9 @@ def async_emitter(events: asyncio.Queue[Any]) -> Callable[[Any], None]:
     loop = asyncio.get_running_loop()
 
     def emit(event: Any) -> None:
-        try:
+        # a closed loop (the server stopped) has nobody listening
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the loop closed (the server stopped): nobody is listening
-            pass
 
     return emit
 
