@@ -413,6 +413,18 @@ def sampling_settings(cfg: DictConfig) -> dict:
     }
 
 
+def model_source(cfg: DictConfig) -> tuple[str, str]:
+    """("ckpt_path" | "init", its value): exactly one of the two is set (the verbs that read
+    a checkpoint or Hugging Face weights alike: evaluate, serve)."""
+    given = [(k, str(cfg[k])) for k in ("ckpt_path", "init") if cfg.get(k) is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "set exactly one of ckpt_path=<llm checkpoint> and init=<Hugging Face folder or hub "
+            f"name>, got {', '.join(f'{k}={v}' for k, v in given) or 'neither'}"
+        )
+    return given[0]
+
+
 def resolve_device(device: str) -> Any:
     """``auto`` picks CUDA when present, so one command works on laptops and GPU machines."""
     import torch

@@ -11,8 +11,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from llm import checks
-from llm.cli.app import hydra_app, resolve_device
-from llm.cli.evaluate import _source
+from llm.cli.app import hydra_app, model_source, resolve_device
 
 
 def _model_name(cfg: DictConfig, key: str, value: str) -> str:
@@ -65,7 +64,7 @@ def main(cfg: DictConfig) -> int:
             f"llm serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'"
         ) from e
 
-    key, value = _source(cfg)
+    key, value = model_source(cfg)
     port = checks.integer("port", cfg.port, minimum=0, example=8000)
     if port > 65535:
         raise ValueError(f"port={port} is not a port: use 0-65535 (0: any free port)")
