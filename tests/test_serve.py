@@ -128,16 +128,19 @@ def test_the_engine_batches_and_each_row_equals_its_generation_alone(
 class ThreadServer:
     """``create_app`` under uvicorn in a thread of this process, on a free port."""
 
-    def __init__(self, ckpt: Path, api_key: str | None = None) -> None:
+    def __init__(self, ckpt: Path, api_key: str | None = None, init: bool = False) -> None:
         import uvicorn
 
         from llm.checkpoint import load_language_model
+        from llm.cli.serve import choose_template
+        from llm.initial_weights import init_language_model
         from llm.serving.app import create_app
 
-        lm = load_language_model(ckpt)
+        lm = init_language_model(ckpt) if init else load_language_model(ckpt)
         self.engine = Engine(lm.model, lm.tokenizer, max_batch=8)
         self.tokenizer = lm.tokenizer
-        app = create_app(self.engine, "tiny", lm.template, api_key)
+        self.template = choose_template("auto", lm)
+        app = create_app(self.engine, "tiny", self.template, api_key)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -298,6 +301,29 @@ def test_an_api_key_is_required_when_set(ckpt: Path) -> None:
         assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{running.url}/v1", api_key="x").models.list()
+
+
+def test_a_hugging_face_folder_chats_in_its_own_template(tmp_path: Path) -> None:
+    """init=<Qwen3 folder>: the chat endpoint renders the folder's chat template, and a reply
+    ends at the folder's end-of-turn token (its eos, <|im_end|>), never shown."""
+    from test_finetune_hf_chat import qwen3_folder
+
+    with ThreadServer(qwen3_folder(tmp_path / "qwen3"), init=True) as running:
+        assert running.template == "chat"
+        tok = running.tokenizer
+        rendered = "<|im_start|>user\nhello there<|im_end|>\n"
+        body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 40,
+                "temperature": 0}  # fmt: skip
+        reply = httpx.post(f"{running.url}/v1/chat/completions", json=body).json()
+        assert reply["usage"]["prompt_tokens"] == len(tok.encode(rendered))
+        ids = tok.encode(rendered)
+        want = running.engine.model.generate(
+            torch.tensor([ids]), 40, temperature=0.0, stop_token=tok.eot_id
+        )[0, len(ids) :].tolist()
+        ended = tok.eot_id in want
+        want = want[: want.index(tok.eot_id)] if ended else want
+        assert reply["choices"][0]["message"]["content"] == tok.decode(want)
+        assert reply["choices"][0]["finish_reason"] == ("stop" if ended else "length")
 
 
 def test_the_page_ships_and_fetches_nothing_from_elsewhere(server: ThreadServer) -> None:

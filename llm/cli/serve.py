@@ -25,7 +25,7 @@ def _model_name(cfg: DictConfig, key: str, value: str) -> str:
     return path.stem if key == "ckpt_path" else path.name or value
 
 
-def _template(choice: Any, lm: Any) -> str | None:
+def choose_template(choice: Any, lm: Any) -> str | None:
     """auto: the checkpoint's own template, else the tokenizer's chat template, else none."""
     from llm.prompts import check_template
 
@@ -78,7 +78,7 @@ def main(cfg: DictConfig) -> int:
         from llm.initial_weights import init_language_model
 
         lm = init_language_model(value, device)
-    template = _template(cfg.template, lm)
+    template = choose_template(cfg.template, lm)
     name = _model_name(cfg, key, value)
     api_key = None if cfg.api_key is None else str(cfg.api_key)
     app = create_app(Engine(lm.model, lm.tokenizer, max_batch), name, template, api_key)
