@@ -365,9 +365,21 @@ def test_llm_serve_stops_cleanly_on_sigterm(ckpt: Path) -> None:
     assert b"Traceback" not in err and b"Stopped (SIGTERM)." in out
 
 
-def test_llm_serve_refuses_without_a_model(llm_main: Any, capsys: pytest.CaptureFixture) -> None:
+def test_llm_serve_refuses_bad_settings_before_serving(
+    ckpt: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
     assert llm_main("serve") != 0
     assert "set exactly one of ckpt_path=" in capsys.readouterr().err
+    assert llm_main("serve", f"ckpt_path={ckpt}", "template=chat") != 0
+    assert "template=chat needs a tokenizer with a chat template" in capsys.readouterr().err
+    assert llm_main("serve", f"ckpt_path={ckpt}", "port=70000") != 0
+    assert "port=70000 is not a port" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port another program listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert llm_main("serve", f"ckpt_path={ckpt}", f"port={port}") != 0
+    assert f"host=127.0.0.1 port={port}: cannot listen there" in capsys.readouterr().err
 
 
 def test_lm_eval_local_completions_over_http_scores_as_the_in_process_adapter(

@@ -34,7 +34,12 @@ def choose_template(choice: Any, lm: Any) -> str | None:
         if lm.template is not None:
             return str(lm.template)
         return "chat" if getattr(lm.tokenizer, "chat_template", None) else None
-    return None if choice == "none" else check_template(choice)
+    template = None if choice == "none" else check_template(choice)
+    if template == "chat":  # refused now, not at every request
+        from llm.prompts import chat_template_source
+
+        chat_template_source(lm.tokenizer)
+    return template
 
 
 def _listen(host: str, port: int) -> socket.socket:
