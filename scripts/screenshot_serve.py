@@ -89,7 +89,7 @@ def shoot(url: str, out: Path, executable: str | None, width: int, height: int) 
         page = chromium.new_page(viewport={"width": width, "height": height})
         page.set_default_timeout(60_000)
         page.goto(url)
-        page.fill("#max_tokens", "120")
+        page.fill("#max_tokens", "100")
         page.fill("#seed", "1337")
         for turn in TURNS:
             chat(page, turn)

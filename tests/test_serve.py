@@ -470,6 +470,10 @@ def test_the_page_chats_in_a_real_browser(server: ThreadServer) -> None:
         assert reply == api["choices"][0]["message"]["content"]
         second = script.chat(page, "Again")
         assert page.locator("#messages li").count() == 4 and isinstance(second, str)
+        for turn in ("Three", "Four", "Five"):  # past the context of 64: earliest turns go
+            script.chat(page, turn)
+        assert page.locator("#messages li.error").count() == 0
+        assert "earliest turns dropped" in page.inner_text("#status")
         page.click("#reset")
         assert page.locator("#messages li").count() == 0
         assert page.inner_text("#status") == "new conversation"

@@ -60,29 +60,45 @@ async function* sse(response) {
   }
 }
 
+// The request for the conversation so far; past the context, the earliest whole exchanges
+// are dropped (as `llm chat` does) and the request is sent again, saying so in the status.
+async function request(signal) {
+  for (;;) {
+    const system = $("system").value.trim();
+    const messages = system ? [{ role: "system", content: system }, ...conversation]
+                            : conversation;
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify({ messages, stream: true, stream_options: { include_usage: true },
+                             ...settings() }),
+      signal,
+    });
+    if (response.ok) return response;
+    const err = await response.json().catch(() => ({}));
+    const error = err.error || {};
+    if (error.code === "context_length_exceeded" && conversation.length > 2) {
+      conversation.splice(0, 2);  // the earliest user turn and its reply
+      dropped = true;
+      continue;
+    }
+    throw new Error(error.message || `HTTP ${response.status}`);
+  }
+}
+
+let dropped = false;  // earliest turns were dropped to fit the context
+
 async function send(text) {
-  const system = $("system").value.trim();
   conversation.push({ role: "user", content: text });
   bubble("user", text);
   const reply = bubble("assistant streaming", "");
-  const messages = system ? [{ role: "system", content: system }, ...conversation] : conversation;
   controller = new AbortController();
   busy(true);
   $("status").textContent = "";
   let finish = null;
   let usage = null;
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: headers(),
-      body: JSON.stringify({ messages, stream: true, stream_options: { include_usage: true },
-                             ...settings() }),
-      signal: controller.signal,
-    });
-    if (!response.ok) {
-      const err = await response.json().catch(() => ({}));
-      throw new Error((err.error && err.error.message) || `HTTP ${response.status}`);
-    }
+    const response = await request(controller.signal);
     for await (const chunk of sse(response)) {
       if (chunk.usage) usage = chunk.usage;
       for (const choice of chunk.choices) {
@@ -94,7 +110,7 @@ async function send(text) {
   } catch (e) {
     if (e.name !== "AbortError") {
       reply.classList.add("error");
-      reply.textContent = `${reply.textContent}\n[${e.message}]`;
+      reply.textContent += `${reply.textContent ? "\n" : ""}[${e.message}]`;
       conversation.pop();  // the turn was not taken
     } else {
       finish = "stopped";
@@ -108,7 +124,8 @@ async function send(text) {
     conversation.push({ role: "assistant", content: reply.textContent });
     Inspect.remember(conversation.slice());
   }
-  $("status").textContent = finish ? `finish_reason: ${finish}` : "";
+  const note = dropped ? " (earliest turns dropped to fit the context)" : "";
+  $("status").textContent = finish ? `finish_reason: ${finish}${note}` : "";
   if (usage) {
     $("usage").textContent =
       `last reply: ${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens`;
@@ -118,6 +135,7 @@ async function send(text) {
 function reset() {
   if (controller) controller.abort();
   conversation.length = 0;
+  dropped = false;
   $("messages").replaceChildren();
   $("status").textContent = "new conversation";
   $("usage").textContent = "";
