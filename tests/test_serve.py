@@ -122,6 +122,24 @@ def test_the_engine_batches_and_each_row_equals_its_generation_alone(
     assert engine.running == 0
 
 
+def test_a_sliding_window_model_is_served_one_row_at_a_time(char_tokenizer: Any) -> None:
+    """Its cache cannot be regrouped, so rows take turns; each still equals generate's."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=char_tokenizer.vocab_size, block_size=32, sliding_window=8,
+                       **TINY)  # fmt: skip
+    model = GPT(config).eval()
+    engine = Engine(model, char_tokenizer, max_batch=8).start()
+    try:
+        assert engine.max_batch == 1
+        prompts = [char_tokenizer.encode(p) for p in ("Before we proceed", "hear")]
+        sinks = _run_jobs(engine, [(ids, Sampling(12, temperature=0.0)) for ids in prompts])
+    finally:
+        engine.stop()
+    for ids, sink in zip(prompts, sinks, strict=True):
+        want = model.generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids) :]
+        assert sink.text == char_tokenizer.decode(want.tolist())  # past the window of 8
+
+
 # --- the HTTP server -------------------------------------------------------------------------
 
 

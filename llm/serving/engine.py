@@ -262,7 +262,9 @@ class Engine:
     def _step(self) -> None:
         """One decode step of every row; drop the finished and the abandoned."""
         assert self._cache is not None
-        logits, _ = self.model(self._last, cache=self._cache, last_only=True, pad=self._pad)
+        # one row has no padding (regrouping drops it): the plain path, which windows take
+        pad = self._pad if len(self._rows) > 1 else None
+        logits, _ = self.model(self._last, cache=self._cache, last_only=True, pad=pad)
         self.steps += 1
         keep: list[int] = []
         for i, row in enumerate(self._rows):
