@@ -110,10 +110,15 @@ class Server:
             ids = [eot]
         return ids
 
-    def check_ids(self, ids: list[int], param: str) -> list[int]:
+    def check_vocab(self, ids: list[int], param: str) -> list[int]:
         vocab = self.tokenizer.vocab_size
         if any(not 0 <= i < vocab for i in ids):
             raise ApiError(400, f"{param}: token ids must be in [0, {vocab})", param)
+        return ids
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        """Ids the model can read: in the vocabulary, and no more than its context."""
+        self.check_vocab(ids, param)
         block = self.engine.block_size
         if len(ids) > block:
             raise ApiError(
@@ -282,7 +287,7 @@ def create_app(
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
         server.check_key(request)
-        server.check_ids(body.tokens, "tokens") if body.tokens else None
+        server.check_vocab(body.tokens, "tokens")
         return {"prompt": server.tokenizer.decode(body.tokens)}
 
     @app.get("/", include_in_schema=False)
