@@ -30,6 +30,7 @@ def test_usage_lists_every_verb_on_one_line(capsys: pytest.CaptureFixture) -> No
             "evaluate",
             "generate",
             "chat",
+            "serve",
             "classify",
             "prepare",
             "tokenize",

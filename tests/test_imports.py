@@ -129,8 +129,8 @@ LAYERS = [
     ("llm.data", "llm.prompts", "llm.inference", "llm.memory"),
     ("llm.evaluation", "llm.finetuning", "llm.training", "llm.sweeps"),
     # loading what the stages wrote: checkpoints of any kind (it knows the Lightning modules),
-    # the weights init= starts from (read through it), chat
-    ("llm.checkpoint", "llm.initial_weights", "llm.chat"),
+    # the weights init= starts from (read through it), chat, and serving (chat over HTTP)
+    ("llm.checkpoint", "llm.initial_weights", "llm.chat", "llm.serving"),
     # the one fit and its tasks: they resume from checkpoints and start from init= weights
     ("llm.training.run", "llm.training.trainer", "llm.training.pretrain", "llm.finetuning.tasks"),
     ("llm.cli", "llm.__main__", "llm"),  # the commands, and the package's lazy facade

@@ -39,6 +39,9 @@ SKIPPED_PROGRAMS = {
     "pip install": "installs from the package index",
     "python -m pytest": "the test suite itself",
     "tensorboard": "a server that runs until stopped",
+    "llm serve": "a server that runs until stopped: tests/test_serve.py starts the command, "
+    "talks to it (curl's requests, the openai client, a browser) and stops it",
+    "curl": "a request to the `llm serve` above, which the test does not start",
     "python scripts/ladder.py": "twelve llm runs, minutes each: its rungs' commands are tested "
     "in tests/test_dpo.py and tests/test_grpo.py, its table measured in docs/post_training.md",
     "python scripts/screenshots.py": "trains a run and a sweep and drives a browser for minutes: "

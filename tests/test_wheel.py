@@ -79,6 +79,8 @@ def test_an_installed_wheel_trains_from_any_folder(tmp_path: Path) -> None:
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "llm" / "conf").rglob("*.yaml")}
     assert len(shipped) > 40 and shipped <= names, sorted(shipped - names)
     assert "hydra_plugins/llm_optuna_sweeper/llm_optuna_sweeper.py" in names
+    page = {f"llm/serving/static/{n}" for n in ("index.html", "app.js", "style.css")}
+    assert page <= names, sorted(page - names)  # llm serve's chat page
 
     python, purelib = _fresh_venv(tmp_path)
     install = ["--python", str(python), "install", "--no-deps", "--no-index", str(wheel)]

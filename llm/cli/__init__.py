@@ -118,6 +118,20 @@ VERBS: dict[str, Verb] = {
         ),
         free_text=("system",),
     ),
+    "serve": Verb(
+        "llm.cli.serve",
+        "serve",
+        "serve a checkpoint over OpenAI's HTTP API, with a chat page",
+        "An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models,\n"
+        "/health) and a chat page at /; concurrent requests share batched decode steps over\n"
+        "one KV cache. Listens on 127.0.0.1 unless host= says otherwise; api_key= makes\n"
+        "requests send it. Ctrl-C or SIGTERM stops it cleanly. Needs the serve extra.",
+        (
+            "llm serve ckpt_path=logs/train/runs/<date>/checkpoints/last.ckpt",
+            "llm serve init=path/to/hf_folder port=8080 api_key=secret",
+            "llm serve ckpt_path=last.ckpt host=0.0.0.0 port=0",
+        ),
+    ),
     "classify": Verb(
         "llm.cli.classify",
         "classify",

@@ -302,7 +302,7 @@ def report_error(error: BaseException, verb: str | None = None) -> str:
 
 # Verbs that read text with the checkpoint's own tokenizer: they have no tokenizer key, and
 # Hydra's advice for one (`+tokenizer=...`) would add a group nothing reads.
-OWN_TOKENIZER = ("evaluate", "generate", "chat", "classify")
+OWN_TOKENIZER = ("evaluate", "generate", "chat", "classify", "serve")
 
 
 def checkpoint_tokenizer(error: BaseException, verb: str | None) -> str | None:
@@ -322,7 +322,7 @@ def checkpoint_tokenizer(error: BaseException, verb: str | None) -> str | None:
 def no_tokenizer_key(verb: str, override: str) -> str:
     """Why ``override`` (``tokenizer=gpt2``) has no place on ``llm <verb>``'s command line."""
     key = override.lstrip("+").split("=", 1)[0]
-    source = "ckpt_path=, or the init= folder" if verb == "evaluate" else "ckpt_path="
+    source = "ckpt_path=, or the init= folder" if verb in ("evaluate", "serve") else "ckpt_path="
     return (
         f"llm {verb} has no {key} setting: the tokenizer comes from the checkpoint ({source}), "
         f"so text is read the way the model was trained; drop {override}"
@@ -411,6 +411,18 @@ def sampling_settings(cfg: DictConfig) -> dict:
         "top_p": checks.number("top_p", cfg.top_p, above=0.0, maximum=1.0, nullable=True),
         "seed": checks.integer("seed", cfg.seed, nullable=True, example=1337),
     }
+
+
+def model_source(cfg: DictConfig) -> tuple[str, str]:
+    """("ckpt_path" | "init", its value): exactly one of the two is set (the verbs that read
+    a checkpoint or Hugging Face weights alike: evaluate, serve)."""
+    given = [(k, str(cfg[k])) for k in ("ckpt_path", "init") if cfg.get(k) is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "set exactly one of ckpt_path=<llm checkpoint> and init=<Hugging Face folder or hub "
+            f"name>, got {', '.join(f'{k}={v}' for k, v in given) or 'neither'}"
+        )
+    return given[0]
 
 
 def resolve_device(device: str) -> Any:

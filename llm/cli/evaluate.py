@@ -14,18 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm import checks
-from llm.cli.app import hydra_app, resolve_device
-
-
-def _source(cfg: DictConfig) -> tuple[str, str]:
-    """("ckpt_path" | "init", its value): exactly one of the two is set."""
-    given = [(k, str(cfg[k])) for k in ("ckpt_path", "init") if cfg.get(k) is not None]
-    if len(given) != 1:
-        raise ValueError(
-            "set exactly one of ckpt_path=<llm checkpoint> and init=<Hugging Face folder or hub "
-            f"name>, got {', '.join(f'{k}={v}' for k, v in given) or 'neither'}"
-        )
-    return given[0]
+from llm.cli.app import hydra_app, model_source, resolve_device
 
 
 def _tasks(cfg: DictConfig) -> list[str]:
@@ -100,7 +89,7 @@ def harness(cfg: DictConfig, key: str, value: str, tasks: list[str]) -> dict[str
 @hydra_app("evaluate")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """The harness's benchmarks if harness.tasks is set, else the val-loss metrics."""
-    key, value = _source(cfg)
+    key, value = model_source(cfg)
     tasks = _tasks(cfg)
     if tasks:
         return harness(cfg, key, value, tasks)

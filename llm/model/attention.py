@@ -40,6 +40,18 @@ def causal_mask(
     return allowed if window is None else allowed & (k > q - window)
 
 
+def padded_causal_mask(T: int, T_k: int, pad: Tensor) -> Tensor:
+    """(B, 1, T, T_k) bool: the causal mask of rows whose first ``pad[b]`` positions are left
+    padding, which no query sees; a padding query sees itself (a row of -inf only would give
+    NaN), and what it computes is never read."""
+    device = pad.device
+    q = torch.arange(T_k - T, T_k, device=device).unsqueeze(1)
+    k = torch.arange(T_k, device=device)
+    real = k.unsqueeze(0) >= pad.unsqueeze(1)  # (B, T_k)
+    allowed = (k <= q) & real.unsqueeze(1)  # (B, T, T_k)
+    return (allowed | (k == q)).unsqueeze(1)
+
+
 class SelfAttention(nn.Module):
     """Every token attends to every token: softmax(q k^T / sqrt(d_k)) v, no mask."""
 
@@ -107,9 +119,12 @@ class MultiHeadAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rope = rope
 
-    def qkv(self, x: Tensor, cache: LayerKVCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(
+        self, x: Tensor, cache: LayerKVCache | None = None, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, C) -> q (B, n_head, T, hs) and k, v (B, n_kv_head, T_k, hs), where T_k adds
-        the cached tokens' to the T new ones."""
+        the cached tokens' to the T new ones. ``positions`` (B, T): each row's own positions
+        (a padded batch), else they follow the cache."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -118,7 +133,7 @@ class MultiHeadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         past = cache.length if cache is not None else 0
         if self.rope is not None:
-            q, k = self.rope(q, offset=past), self.rope(k, offset=past)
+            q, k = self.rope(q, past, positions), self.rope(k, past, positions)
         if cache is not None:
             k, v = cache.append(k, v)
         return q, k, v
@@ -159,12 +174,16 @@ class MultiHeadAttention(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, cache: LayerKVCache | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        cache: LayerKVCache | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, C); with a cache, x holds only the new tokens and k/v are appended.
-        ``mask``: see ``attend``."""
+        ``mask``: see ``attend``; ``positions``: see ``qkv``."""
         B, T, _ = x.shape
-        y = self.attend(*self.qkv(x, cache), mask)
+        y = self.attend(*self.qkv(x, cache, positions), mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

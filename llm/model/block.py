@@ -71,9 +71,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, cache: LayerKVCache | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        cache: LayerKVCache | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """``mask``: the attention mask every block of the forward shares (see
-        MultiHeadAttention.attend); None builds it where it is needed."""
-        x = x + self.attn(self.ln_1(x), cache, mask)
+        MultiHeadAttention.attend); None builds it where it is needed. ``positions``: each
+        row's own (a padded batch), else they follow the cache."""
+        x = x + self.attn(self.ln_1(x), cache, mask, positions)
         return x + self.mlp(self.ln_2(x))

@@ -57,11 +57,16 @@ class RotaryEmbedding(nn.Module):
     def crop(self, max_len: int) -> None:
         self.cos, self.sin = self.cos[:max_len], self.sin[:max_len]
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x: (B, n_head, T, hs); positions start at `offset` (the KV-cache length)."""
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """x: (B, n_head, T, hs); positions start at `offset` (the KV-cache length), or are
+        each row's own ``positions`` (B, T)."""
         T = x.size(-2)
-        cos = self.cos[offset : offset + T].to(x.dtype)
-        sin = self.sin[offset : offset + T].to(x.dtype)
+        if positions is None:
+            cos = self.cos[offset : offset + T].to(x.dtype)
+            sin = self.sin[offset : offset + T].to(x.dtype)
+        else:  # (B, 1, T, hs/2): one row of angles per batch row, shared by the heads
+            cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+            sin = self.sin[positions].unsqueeze(1).to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -90,9 +95,12 @@ class Embeddings(nn.Module):
         elif self.pos_encoding == "sinusoidal":
             self.pe = self.pe[:block_size]
 
-    def forward(self, idx: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, idx: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Positions start at ``offset``, or are each row's own ``positions`` (B, T)."""
         x = self.wte(idx)
-        pos = torch.arange(offset, offset + idx.size(1), device=idx.device)
+        pos = positions
+        if pos is None:
+            pos = torch.arange(offset, offset + idx.size(1), device=idx.device)
         if self.pos_encoding == "learned":
             x = x + self.wpe(pos)
         elif self.pos_encoding == "sinusoidal":

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.model import hf
+from llm.model.attention import padded_causal_mask
 from llm.model.block import Block, make_norm
 from llm.model.config import GPTConfig
 from llm.model.embeddings import Embeddings, RotaryEmbedding
@@ -65,20 +66,35 @@ class GPT(nn.Module):
                 f"crop the input to its last {self.config.block_size} tokens"
             )
 
-    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def hidden_states(
+        self, idx: Tensor, cache: KVCache | None = None, pad: Tensor | None = None
+    ) -> Tensor:
         """The final norm's output (B, T, n_embd): the whole model but the LM head, for task heads.
 
         Token ids are not range-checked here (that would sync with the device every step): the
-        tokenizer and the token cache that make them check them.
+        tokenizer and the token cache that make them check them. ``pad`` (B,): how many of each
+        row's first positions (cached ones included) are left padding, for a batch of rows of
+        different lengths (a server's); each row then starts at position 0 and no token sees
+        the padding. None: no padding (every other caller).
         """
         T = idx.size(1)
         offset = cache.length if cache is not None else 0
-        self._check_length(T, offset)
-        x = self.embed(idx, offset)
-        # one mask for every layer (they attend alike), built only where the kernel needs one
-        mask = self.h[0].attn.mask_for(T, T + (cache.kept if cache is not None else 0), idx.device)
+        T_k = T + (cache.kept if cache is not None else 0)
+        positions = None
+        if pad is None:
+            self._check_length(T, offset)
+            # one mask for every layer (they attend alike), built only where the kernel needs one
+            mask = self.h[0].attn.mask_for(T, T_k, idx.device)
+        else:
+            if self.config.sliding_window is not None:
+                raise ValueError("padded batches need a model without a sliding window")
+            absolute = torch.arange(offset, offset + T, device=idx.device)
+            positions = (absolute.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, T)
+            self._check_length(T, offset - int(pad.min()))
+            mask = padded_causal_mask(T, T_k, pad)
+        x = self.embed(idx, offset, positions)
         for i, block in enumerate(self.h):
-            x = block(x, cache[i] if cache is not None else None, mask)
+            x = block(x, cache[i] if cache is not None else None, mask, positions)
         return self.ln_f(x)
 
     def forward(
@@ -87,15 +103,17 @@ class GPT(nn.Module):
         targets: Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        pad: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """idx, targets: (B, T) -> logits (B, T, vocab), mean cross-entropy ignoring -100.
 
         last_only: logits (B, 1, vocab) of the last position alone, all that sampling reads (a
         prefill otherwise builds B x T x vocab of them, the largest tensor of the pass).
+        pad: left padding per row (see hidden_states).
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss: the targets need every position")
-        h = self.hidden_states(idx, cache)
+        h = self.hidden_states(idx, cache, pad)
         logits = self.lm_head(h[:, -1:, :] if last_only else h)
         if self.config.logit_softcap is not None:  # Gemma 2: smoothly bounded to +-cap
             cap = self.config.logit_softcap

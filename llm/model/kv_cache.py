@@ -80,6 +80,14 @@ class LayerKVCache:
             self._start = max(self._start, self._end - (self.window - 1))
         return k_all, v_all
 
+    def replace(self, k: Tensor, v: Tensor) -> None:
+        """Hold exactly ``k``, ``v`` (B, n_kv_head, T, hs) as the tokens seen so far (a server
+        regrouping its batch's rows); a sliding window's dropped tokens cannot be regrouped."""
+        if self.window is not None and self.length > self.kept:
+            raise ValueError("a sliding-window cache that dropped tokens cannot be regrouped")
+        self._k, self._v, self._start, self._end, self.length = k, v, 0, k.size(-2), k.size(-2)
+        self._make_room(0, anew=True)
+
     def _concatenate(self, k: Tensor, v: Tensor) -> None:
         """The first append (copied into a buffer with room), or any under autograd (kept as
         concatenated tensors, which backward can go through)."""
@@ -132,3 +140,40 @@ class KVCache(list):
         """Forget every token (the same object, so whoever holds it sees the change)."""
         for layer in self:
             layer.reset()
+
+    # Regrouping the rows of a batch (continuous batching in llm.serving): rows are right-
+    # aligned, each row's own tokens end at the last position, what is left of them is padding.
+
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep only the batch rows ``rows`` (a 1-D index tensor), in that order."""
+        for layer in self:
+            assert layer.k is not None and layer.v is not None
+            layer.replace(layer.k.index_select(0, rows), layer.v.index_select(0, rows))
+
+    def pad_front(self, n: int) -> None:
+        """``n`` more positions before every row's tokens (zeros: padding a mask hides)."""
+        if n <= 0:
+            return
+        for layer in self:
+            assert layer.k is not None and layer.v is not None
+            k, v = layer.k, layer.v
+            zeros = k.new_zeros((*k.shape[:-2], n, k.size(-1)))
+            layer.replace(torch.cat([zeros, k], dim=-2), torch.cat([zeros, v], dim=-2))
+
+    def drop_front(self, n: int) -> None:
+        """Forget the first ``n`` positions of every row (padding no row needs any more)."""
+        if n <= 0:
+            return
+        for layer in self:
+            assert layer.k is not None and layer.v is not None
+            layer.replace(layer.k[..., n:, :].clone(), layer.v[..., n:, :].clone())
+
+    def append_rows(self, other: KVCache) -> None:
+        """``other``'s rows after this cache's own: both must hold the same number of positions
+        (pad the shorter first)."""
+        if self.length != other.length:
+            raise ValueError(f"caches of {self.length} and {other.length} positions: pad first")
+        for mine, theirs in zip(self, other, strict=True):
+            assert mine.k is not None and mine.v is not None
+            assert theirs.k is not None and theirs.v is not None
+            mine.replace(torch.cat([mine.k, theirs.k]), torch.cat([mine.v, theirs.v]))
