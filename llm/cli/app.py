@@ -302,7 +302,7 @@ def report_error(error: BaseException, verb: str | None = None) -> str:
 
 # Verbs that read text with the checkpoint's own tokenizer: they have no tokenizer key, and
 # Hydra's advice for one (`+tokenizer=...`) would add a group nothing reads.
-OWN_TOKENIZER = ("evaluate", "generate", "chat", "classify")
+OWN_TOKENIZER = ("evaluate", "generate", "chat", "classify", "inspect")
 
 
 def checkpoint_tokenizer(error: BaseException, verb: str | None) -> str | None:
@@ -322,7 +322,7 @@ def checkpoint_tokenizer(error: BaseException, verb: str | None) -> str | None:
 def no_tokenizer_key(verb: str, override: str) -> str:
     """Why ``override`` (``tokenizer=gpt2``) has no place on ``llm <verb>``'s command line."""
     key = override.lstrip("+").split("=", 1)[0]
-    source = "ckpt_path=, or the init= folder" if verb == "evaluate" else "ckpt_path="
+    source = "ckpt_path=, or the init= folder" if verb in ("evaluate", "inspect") else "ckpt_path="
     return (
         f"llm {verb} has no {key} setting: the tokenizer comes from the checkpoint ({source}), "
         f"so text is read the way the model was trained; drop {override}"

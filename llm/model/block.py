@@ -71,9 +71,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, cache: LayerKVCache | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        cache: LayerKVCache | None = None,
+        mask: Tensor | None = None,
+        head_mask: Tensor | None = None,
     ) -> Tensor:
         """``mask``: the attention mask every block of the forward shares (see
-        MultiHeadAttention.attend); None builds it where it is needed."""
-        x = x + self.attn(self.ln_1(x), cache, mask)
+        MultiHeadAttention.attend); None builds it where it is needed. ``head_mask``: see
+        MultiHeadAttention.forward."""
+        x = x + self.attn(self.ln_1(x), cache, mask, head_mask)
         return x + self.mlp(self.ln_2(x))
