@@ -31,6 +31,7 @@ def test_usage_lists_every_verb_on_one_line(capsys: pytest.CaptureFixture) -> No
             "generate",
             "chat",
             "classify",
+            "inspect",
             "prepare",
             "tokenize",
             "report",

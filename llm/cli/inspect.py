@@ -183,7 +183,8 @@ def summary(results: dict[str, dict], header: str) -> str:
         r = results["ablation"]
         lines += [
             "",
-            f"ablation on the {r['split']} ({r['tokens_scored']} tokens): base loss "
+            f"ablation on the {'prompt' if r['split'] == 'prompt' else 'val split'} "
+            f"({r['tokens_scored']} tokens): base loss "
             f"{r['base']:.4f}; loss increase with one head zeroed (layer x head):",
         ]
         lines += [
