@@ -413,6 +413,29 @@ def sampling_settings(cfg: DictConfig) -> dict:
     }
 
 
+def model_source(cfg: DictConfig) -> tuple[str, str]:
+    """("ckpt_path" | "init", its value) of a verb that reads either: exactly one is set."""
+    given = [(k, str(cfg[k])) for k in ("ckpt_path", "init") if cfg.get(k) is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "set exactly one of ckpt_path=<llm checkpoint> and init=<Hugging Face folder or hub "
+            f"name>, got {', '.join(f'{k}={v}' for k, v in given) or 'neither'}"
+        )
+    return given[0]
+
+
+def beside_model(key: str, value: str, name: str, setting: str) -> Path:
+    """Where a verb writes what it made of a model: ``<run folder>/<name>`` for a checkpoint
+    (its own folder when it is not in a run's checkpoints/), ``<folder>/<name>`` for an init=
+    folder; a hub name has no folder, so ``setting`` (the key that says where) must be set."""
+    path = Path(value)
+    if key == "ckpt_path":
+        return (path.parent.parent if path.parent.name == "checkpoints" else path.parent) / name
+    if path.is_dir():
+        return path / name
+    raise ValueError(f"init={value} is not a local folder to write the results into: set {setting}")
+
+
 def resolve_device(device: str) -> Any:
     """``auto`` picks CUDA when present, so one command works on laptops and GPU machines."""
     import torch

@@ -14,18 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm import checks
-from llm.cli.app import hydra_app, resolve_device
-
-
-def _source(cfg: DictConfig) -> tuple[str, str]:
-    """("ckpt_path" | "init", its value): exactly one of the two is set."""
-    given = [(k, str(cfg[k])) for k in ("ckpt_path", "init") if cfg.get(k) is not None]
-    if len(given) != 1:
-        raise ValueError(
-            "set exactly one of ckpt_path=<llm checkpoint> and init=<Hugging Face folder or hub "
-            f"name>, got {', '.join(f'{k}={v}' for k, v in given) or 'neither'}"
-        )
-    return given[0]
+from llm.cli.app import beside_model, hydra_app, model_source, resolve_device
 
 
 def _tasks(cfg: DictConfig) -> list[str]:
@@ -45,15 +34,7 @@ def _output_dir(cfg: DictConfig, key: str, value: str) -> Path:
     """harness.output_dir, else the checkpoint's run folder's eval/ (or the init folder's)."""
     if cfg.harness.output_dir is not None:
         return Path(str(cfg.harness.output_dir))
-    path = Path(value)
-    if key == "ckpt_path":
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run / "eval"
-    if path.is_dir():
-        return path / "eval"
-    raise ValueError(
-        f"init={value} is not a local folder to write the results into: set harness.output_dir"
-    )
+    return beside_model(key, value, "eval", "harness.output_dir")
 
 
 def harness(cfg: DictConfig, key: str, value: str, tasks: list[str]) -> dict[str, Any]:
@@ -100,7 +81,7 @@ def harness(cfg: DictConfig, key: str, value: str, tasks: list[str]) -> dict[str
 @hydra_app("evaluate")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """The harness's benchmarks if harness.tasks is set, else the val-loss metrics."""
-    key, value = _source(cfg)
+    key, value = model_source(cfg)
     tasks = _tasks(cfg)
     if tasks:
         return harness(cfg, key, value, tasks)

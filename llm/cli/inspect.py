@@ -15,21 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm import checks
-from llm.cli.app import hydra_app, read_free_text, resolve_device
-from llm.heatmaps import visible
+from llm.cli.app import beside_model, hydra_app, model_source, read_free_text, resolve_device
 
 VIEWS = ("next_token", "lens", "attention", "ablation", "patching")
-
-
-def source(cfg: DictConfig) -> tuple[str, str]:
-    """("ckpt_path" | "init", its value): exactly one of the two is set."""
-    given = [(k, str(cfg[k])) for k in ("ckpt_path", "init") if cfg.get(k) is not None]
-    if len(given) != 1:
-        raise ValueError(
-            "set exactly one of ckpt_path=<llm checkpoint> and init=<Hugging Face folder or hub "
-            f"name>, got {', '.join(f'{k}={v}' for k, v in given) or 'neither'}"
-        )
-    return given[0]
 
 
 def chosen_views(cfg: DictConfig) -> list[str]:
@@ -49,13 +37,7 @@ def out_dir(cfg: DictConfig, key: str, value: str) -> Path:
     """``out_dir``, else the checkpoint's run folder's inspect/ (or the init folder's)."""
     if cfg.out_dir is not None:
         return Path(str(cfg.out_dir))
-    path = Path(value)
-    if key == "ckpt_path":
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run / "inspect"
-    if path.is_dir():
-        return path / "inspect"
-    raise ValueError(f"init={value} is not a local folder to write the figures into: set out_dir")
+    return beside_model(key, value, "inspect", "out_dir")
 
 
 def val_batches(cfg: DictConfig, model: Any, tokenizer: Any) -> list[Any]:
@@ -124,7 +106,7 @@ def main(cfg: DictConfig) -> dict[str, dict]:
     from llm.inspection.drawing import write_figures
     from llm.io import atomic_open
 
-    key, value = source(cfg)
+    key, value = model_source(cfg)
     views = chosen_views(cfg)
     prompt = read_free_text(cfg, "prompt")
     folder = out_dir(cfg, key, value)
@@ -153,12 +135,16 @@ def main(cfg: DictConfig) -> dict[str, dict]:
 
 
 def _cell(piece: str, width: int = 6) -> str:
+    from llm.heatmaps import visible
+
     shown = visible(piece)
     return (shown if len(shown) <= width else shown[: width - 1] + "…").ljust(width)
 
 
 def summary(results: dict[str, dict], header: str) -> str:
     """The views as text: tables a terminal shows."""
+    from llm.heatmaps import visible
+
     lines = [header]
     if "next_token" in results:
         r = results["next_token"]

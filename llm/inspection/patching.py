@@ -72,6 +72,7 @@ def activation_patching(
         [
             (logit_diff(model, corrupt_idx, answer, wrong, (clean, point, [t])) - corrupt_diff)
             / gap
+            + 0.0  # no -0.0 where the gap is negative
             for t in range(len(clean_ids))
         ]
         for point in range(model.config.n_layer + 1)
