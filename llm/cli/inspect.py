@@ -63,13 +63,28 @@ def val_batches(cfg: DictConfig, model: Any, tokenizer: Any) -> list[Any]:
     return batches
 
 
+def check_settings(cfg: DictConfig, views: list[str]) -> None:
+    """Refuse a wrong setting of the chosen views before the model is loaded."""
+    checks.integer("top_k", cfg.top_k, minimum=1, example=5)
+    if "ablation" in views:
+        if cfg.split not in ("prompt", "val"):
+            raise ValueError(f"split={cfg.split}: choose prompt or val")
+        checks.integer("limit_batches", cfg.limit_batches, minimum=1, nullable=True, example=4)
+    missing = [key for key in ("corrupt", "answer", "wrong") if cfg.get(key) is None]
+    if "patching" in views and missing:
+        raise ValueError(
+            f"views=patching needs {', '.join(f'{m}=' for m in missing)}: e.g. "
+            "corrupt='<the prompt with one fact changed>' answer=' Mary' wrong=' John'"
+        )
+
+
 def run_views(cfg: DictConfig, lm: Any, ids: list[int], views: list[str]) -> dict[str, dict]:
     """Each chosen view's result, by view name."""
     from llm import inspection
     from llm.inspection.ablation import prompt_batches
 
-    model, tok = lm.model, lm.tokenizer
-    k = checks.integer("top_k", cfg.top_k, minimum=1, example=5)
+    check_settings(cfg, views)
+    model, tok, k = lm.model, lm.tokenizer, int(cfg.top_k)
     results: dict[str, dict] = {}
     if "next_token" in views:
         results["next_token"] = inspection.next_token(model, tok, ids, k)
@@ -78,18 +93,9 @@ def run_views(cfg: DictConfig, lm: Any, ids: list[int], views: list[str]) -> dic
     if "attention" in views:
         results["attention"] = inspection.attention(model, tok, ids)
     if "ablation" in views:
-        if cfg.split not in ("prompt", "val"):
-            raise ValueError(f"split={cfg.split}: choose prompt or val")
-        checks.integer("limit_batches", cfg.limit_batches, minimum=1, nullable=True, example=4)
         batches = prompt_batches(ids) if cfg.split == "prompt" else val_batches(cfg, model, tok)
         results["ablation"] = {"split": str(cfg.split), **inspection.head_ablation(model, batches)}
     if "patching" in views:
-        missing = [key for key in ("corrupt", "answer", "wrong") if cfg.get(key) is None]
-        if missing:
-            raise ValueError(
-                f"views=patching needs {', '.join(f'{m}=' for m in missing)}: e.g. "
-                "corrupt='<the prompt with one fact changed>' answer=' Mary' wrong=' John'"
-            )
         corrupt = inspection.encode(model, tok, str(cfg.corrupt), key="corrupt")
         answer = inspection.single_token(tok, str(cfg.answer), "answer")
         wrong = inspection.single_token(tok, str(cfg.wrong), "wrong")
@@ -108,6 +114,7 @@ def main(cfg: DictConfig) -> dict[str, dict]:
 
     key, value = model_source(cfg)
     views = chosen_views(cfg)
+    check_settings(cfg, views)
     prompt = read_free_text(cfg, "prompt")
     folder = out_dir(cfg, key, value)
     device = resolve_device(str(cfg.device))

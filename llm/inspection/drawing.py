@@ -56,10 +56,10 @@ def _grid(
     ax.set_title(title, fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=7)
     if text is not None:
-        middle = (limits[0] + limits[1]) / 2
         for r in range(rows):
             for c in range(cols):
-                dark = values[r, c] < middle if cmap == "viridis" else False
+                red, green, blue, _ = image.cmap(image.norm(values[r, c]))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # luma of the cell
                 ax.text(c, r, text[r][c], ha="center", va="center", fontsize=6,
                         color="white" if dark else "black")  # fmt: skip
     return fig
