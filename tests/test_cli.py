@@ -32,6 +32,7 @@ def test_usage_lists_every_verb_on_one_line(capsys: pytest.CaptureFixture) -> No
             "chat",
             "serve",
             "classify",
+            "inspect",
             "prepare",
             "tokenize",
             "report",

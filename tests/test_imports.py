@@ -121,13 +121,13 @@ def test_no_import_cycles_in_llm() -> None:
 
 # Lowest first; a module may import from its own layer and those below, never from above.
 LAYERS = [
-    ("llm.io", "llm.faults", "llm.interrupts", "llm.checks"),  # utilities, no model
+    ("llm.io", "llm.faults", "llm.interrupts", "llm.checks", "llm.heatmaps"),  # utilities, no model
     ("llm.tokenizers",),
     ("llm.model",),
     # built on the model and tokenizers, used by the stages: the data pipeline, prompt
     # templates (text only), text-in text-out sampling, memory estimates (count the model)
     ("llm.data", "llm.prompts", "llm.inference", "llm.memory"),
-    ("llm.evaluation", "llm.finetuning", "llm.training", "llm.sweeps"),
+    ("llm.evaluation", "llm.finetuning", "llm.training", "llm.sweeps", "llm.inspection"),
     # loading what the stages wrote: checkpoints of any kind (it knows the Lightning modules),
     # the weights init= starts from (read through it), chat, and serving (chat over HTTP)
     ("llm.checkpoint", "llm.initial_weights", "llm.chat", "llm.serving"),

@@ -1,4 +1,5 @@
-"""The model package's public seams: hidden_states, top_layers, crop_block_size; no import
+"""The model package's public seams: hidden_states, residual_stream and unembed, top_layers,
+crop_block_size; no import
 cycles inside llm/model; atomic_path for writers that need a path."""
 
 from __future__ import annotations
@@ -36,6 +37,50 @@ def test_top_layers_are_the_last_blocks_and_the_final_norm() -> None:
     assert model.top_layers(3)[0] is model.h[0]
     with pytest.raises(ValueError, match=r"n_layer=3"):
         model.top_layers(4)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(n_kv_head=1, pos_encoding="rope", norm="rmsnorm")])
+def test_residual_stream_unembed_is_forward(kw: dict) -> None:
+    model = _gpt(**kw)
+    idx = torch.randint(0, 50, (2, 9))
+    stream = model.residual_stream(idx)
+    assert len(stream) == 4 and all(x.shape == (2, 9, 16) for x in stream)
+    torch.testing.assert_close(model.unembed(stream[-1]), model(idx)[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.ln_f(stream[-1]), model.hidden_states(idx), rtol=0, atol=0)
+    ones = model.residual_stream(idx, head_mask=torch.ones(3, 2))
+    assert all(torch.equal(a, b) for a, b in zip(ones, stream, strict=True))
+
+
+def test_head_mask_zeroes_heads_before_they_are_mixed() -> None:
+    model = _gpt()
+    idx = torch.randint(0, 50, (1, 9))
+    x = model.residual_stream(idx)[1]
+    block, mask = model.h[1], torch.ones(3, 2)
+    mask[1] = 0.0  # no head of block 1: its attention adds only c_proj's bias
+    a = x + block.attn.c_proj.bias
+    after = model.residual_stream(idx, head_mask=mask)[2]
+    torch.testing.assert_close(after, a + block.mlp(block.ln_2(a)))
+    mask[1, 0] = 1.0  # one head: its share of c_proj alone
+    q, k, v = block.attn.qkv(block.ln_1(x))
+    y = block.attn.attend(q, k, v)[:, :1].transpose(1, 2).reshape(1, 9, 8)
+    a = x + y @ block.attn.c_proj.weight[:, :8].T + block.attn.c_proj.bias
+    after = model.residual_stream(idx, head_mask=mask)[2]
+    torch.testing.assert_close(after, a + block.mlp(block.ln_2(a)))
+
+
+def test_residual_stream_edit_replaces_what_flows_on() -> None:
+    model = _gpt()
+    idx, other = torch.randint(0, 50, (1, 9)), torch.randint(0, 50, (1, 9))
+    theirs = model.residual_stream(other)
+    seen: list[int] = []
+
+    def edit(point: int, x: torch.Tensor) -> torch.Tensor:
+        seen.append(point)
+        return theirs[2] if point == 2 else x
+
+    ours = model.residual_stream(idx, edit)
+    assert seen == [0, 1, 2, 3]
+    assert torch.equal(ours[2], theirs[2]) and torch.equal(ours[3], theirs[3])
 
 
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])

@@ -83,6 +83,7 @@ PRINTS = {
     "chat": "",  # its standard output holds the reply only (checked below)
     "evaluate": "val_loss:",
     "classify": "",  # a label of sms.tsv and its probability (checked below)
+    "inspect": "wrote:",
     "export": "",  # checked by the files it writes
     "tokenize": "pieces:",
     "prepare": "token cache",

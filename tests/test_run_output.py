@@ -188,7 +188,7 @@ def test_plain_progress_lines_say_step_loss_speed_and_time_left() -> None:
 
 
 def test_attention_figure_is_readable() -> None:
-    from llm.training.callbacks import heatmap_figure, visible
+    from llm.heatmaps import heatmap_figure, visible
 
     assert [visible(s) for s in [" the", "\n", "\t", "a", ""]] == ["␣the", "↵", "⇥", "a", "∅"]
     maps = torch.softmax(torch.randn(3, 5, 5), dim=-1)
@@ -214,7 +214,8 @@ def test_default_heat_map_fits_an_images_card_with_readable_labels() -> None:
     import numpy as np
     from matplotlib.text import Text
 
-    from llm.training.callbacks import AttentionHeatmapCallback, HeatmapCanvas
+    from llm.heatmaps import HeatmapCanvas
+    from llm.training.callbacks import AttentionHeatmapCallback
 
     t = AttentionHeatmapCallback().max_tokens
     assert t == 20
@@ -235,7 +236,7 @@ def test_heatmap_canvas_draws_what_a_new_figure_draws() -> None:
     image a new figure would, head after head."""
     import numpy as np
 
-    from llm.training.callbacks import HeatmapCanvas, heatmap_figure
+    from llm.heatmaps import HeatmapCanvas, heatmap_figure
 
     torch.manual_seed(0)
     labels = [" To", " be", ",", "\n", "or", " not"]

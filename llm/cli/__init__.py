@@ -144,6 +144,25 @@ VERBS: dict[str, Verb] = {
         ),
         free_text=("text",),
     ),
+    "inspect": Verb(
+        "llm.cli.inspect",
+        "inspect",
+        "look inside a model: next tokens, logit lens, attention, ablation, patching",
+        "On a prompt: the top next tokens at each position, the logit lens (each block's\n"
+        "residual stream read through the final norm and head), every head's attention, the\n"
+        "loss with each head zeroed (split=val: on the val split) and, with corrupt=, answer=\n"
+        "and wrong=, activation patching. Figures (PNG, TensorBoard) and inspect.json go to\n"
+        "out_dir (default <run folder>/inspect); json=true prints the JSON.",
+        (
+            "llm inspect ckpt_path=last.ckpt 'prompt=ROMEO:'",
+            "llm inspect ckpt_path=last.ckpt 'prompt=To be, or not' views=[lens,ablation] "
+            "split=val",
+            "llm inspect init=gpt2 'prompt=When Mary and John went to the store, John gave a "
+            "drink to' 'corrupt=When Mary and John went to the store, Mary gave a drink to' "
+            "'answer= Mary' 'wrong= John' views=[patching] out_dir=ioi",
+        ),
+        free_text=("prompt", "corrupt", "answer", "wrong"),
+    ),
     "prepare": Verb(
         "llm.cli.prepare",
         "prepare",

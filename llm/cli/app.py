@@ -302,7 +302,7 @@ def report_error(error: BaseException, verb: str | None = None) -> str:
 
 # Verbs that read text with the checkpoint's own tokenizer: they have no tokenizer key, and
 # Hydra's advice for one (`+tokenizer=...`) would add a group nothing reads.
-OWN_TOKENIZER = ("evaluate", "generate", "chat", "classify", "serve")
+OWN_TOKENIZER = ("evaluate", "generate", "chat", "classify", "serve", "inspect")
 
 
 def checkpoint_tokenizer(error: BaseException, verb: str | None) -> str | None:
@@ -322,7 +322,11 @@ def checkpoint_tokenizer(error: BaseException, verb: str | None) -> str | None:
 def no_tokenizer_key(verb: str, override: str) -> str:
     """Why ``override`` (``tokenizer=gpt2``) has no place on ``llm <verb>``'s command line."""
     key = override.lstrip("+").split("=", 1)[0]
-    source = "ckpt_path=, or the init= folder" if verb in ("evaluate", "serve") else "ckpt_path="
+    source = (
+        "ckpt_path=, or the init= folder"
+        if verb in ("evaluate", "serve", "inspect")
+        else "ckpt_path="
+    )
     return (
         f"llm {verb} has no {key} setting: the tokenizer comes from the checkpoint ({source}), "
         f"so text is read the way the model was trained; drop {override}"
@@ -415,7 +419,7 @@ def sampling_settings(cfg: DictConfig) -> dict:
 
 def model_source(cfg: DictConfig) -> tuple[str, str]:
     """("ckpt_path" | "init", its value): exactly one of the two is set (the verbs that read
-    a checkpoint or Hugging Face weights alike: evaluate, serve)."""
+    a checkpoint or Hugging Face weights alike: evaluate, serve, inspect)."""
     given = [(k, str(cfg[k])) for k in ("ckpt_path", "init") if cfg.get(k) is not None]
     if len(given) != 1:
         raise ValueError(
@@ -423,6 +427,18 @@ def model_source(cfg: DictConfig) -> tuple[str, str]:
             f"name>, got {', '.join(f'{k}={v}' for k, v in given) or 'neither'}"
         )
     return given[0]
+
+
+def beside_model(key: str, value: str, name: str, setting: str) -> Path:
+    """Where a verb writes what it made of a model: ``<run folder>/<name>`` for a checkpoint
+    (its own folder when it is not in a run's checkpoints/), ``<folder>/<name>`` for an init=
+    folder; a hub name has no folder, so ``setting`` (the key that says where) must be set."""
+    path = Path(value)
+    if key == "ckpt_path":
+        return (path.parent.parent if path.parent.name == "checkpoints" else path.parent) / name
+    if path.is_dir():
+        return path / name
+    raise ValueError(f"init={value} is not a local folder to write the results into: set {setting}")
 
 
 def resolve_device(device: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm import checks
-from llm.cli.app import hydra_app, model_source, resolve_device
+from llm.cli.app import beside_model, hydra_app, model_source, resolve_device
 
 
 def _tasks(cfg: DictConfig) -> list[str]:
@@ -34,15 +34,7 @@ def _output_dir(cfg: DictConfig, key: str, value: str) -> Path:
     """harness.output_dir, else the checkpoint's run folder's eval/ (or the init folder's)."""
     if cfg.harness.output_dir is not None:
         return Path(str(cfg.harness.output_dir))
-    path = Path(value)
-    if key == "ckpt_path":
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run / "eval"
-    if path.is_dir():
-        return path / "eval"
-    raise ValueError(
-        f"init={value} is not a local folder to write the results into: set harness.output_dir"
-    )
+    return beside_model(key, value, "eval", "harness.output_dir")
 
 
 def harness(cfg: DictConfig, key: str, value: str, tasks: list[str]) -> dict[str, Any]:

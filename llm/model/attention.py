@@ -179,11 +179,16 @@ class MultiHeadAttention(nn.Module):
         cache: LayerKVCache | None = None,
         mask: Tensor | None = None,
         positions: Tensor | None = None,
+        head_mask: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, C); with a cache, x holds only the new tokens and k/v are appended.
-        ``mask``: see ``attend``; ``positions``: see ``qkv``."""
+        ``mask``: see ``attend``; ``positions``: see ``qkv``. ``head_mask`` (n_head,): each
+        head's output is scaled by its entry before the heads are mixed (0 ablates a head:
+        interpretability, llm inspect)."""
         B, T, _ = x.shape
         y = self.attend(*self.qkv(x, cache, positions), mask)
+        if head_mask is not None:
+            y = y * head_mask.to(y.dtype).view(1, -1, 1, 1)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

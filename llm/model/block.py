@@ -76,9 +76,11 @@ class Block(nn.Module):
         cache: LayerKVCache | None = None,
         mask: Tensor | None = None,
         positions: Tensor | None = None,
+        head_mask: Tensor | None = None,
     ) -> Tensor:
         """``mask``: the attention mask every block of the forward shares (see
         MultiHeadAttention.attend); None builds it where it is needed. ``positions``: each
-        row's own (a padded batch), else they follow the cache."""
-        x = x + self.attn(self.ln_1(x), cache, mask, positions)
+        row's own (a padded batch), else they follow the cache. ``head_mask``: see
+        MultiHeadAttention.forward."""
+        x = x + self.attn(self.ln_1(x), cache, mask, positions, head_mask)
         return x + self.mlp(self.ln_2(x))

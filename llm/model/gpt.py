@@ -114,16 +114,53 @@ class GPT(nn.Module):
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss: the targets need every position")
         h = self.hidden_states(idx, cache, pad)
-        logits = self.lm_head(h[:, -1:, :] if last_only else h)
-        if self.config.logit_softcap is not None:  # Gemma 2: smoothly bounded to +-cap
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+        logits = self._logits(h[:, -1:, :] if last_only else h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
             )
         return logits, loss
+
+    def _logits(self, h: Tensor) -> Tensor:
+        """The LM head on the final norm's output."""
+        logits = self.lm_head(h)
+        if self.config.logit_softcap is not None:  # Gemma 2: smoothly bounded to +-cap
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """Logits (B, T, vocab) of a residual stream (B, T, n_embd): the final norm and the LM
+        head, all of the model after its last block. The logit lens reads every layer with it;
+        of ``residual_stream(idx)[-1]`` it is ``forward(idx)``'s logits, bit for bit."""
+        return self._logits(self.ln_f(x))
+
+    def residual_stream(
+        self,
+        idx: Tensor,
+        edit: Callable[[int, Tensor], Tensor] | None = None,
+        head_mask: Tensor | None = None,
+    ) -> list[Tensor]:
+        """The residual stream of idx (B, T) at each of its n_layer + 1 points: the embeddings
+        (point 0), then each block's output (point i: after block i - 1); each (B, T, n_embd).
+
+        For looking inside the model (llm inspect): ``edit(point, x)`` returns what flows on from
+        that point in place of x (activation patching); ``head_mask`` (n_layer, n_head) scales
+        each head's output (0 ablates it, see MultiHeadAttention.forward).
+        """
+        T = idx.size(1)
+        self._check_length(T)
+        x = self.embed(idx)
+        mask = self.h[0].attn.mask_for(T, T, idx.device)
+        stream = []
+        for i in range(self.config.n_layer + 1):
+            if edit is not None:
+                x = edit(i, x)
+            stream.append(x)
+            if i < self.config.n_layer:
+                x = self.h[i](x, None, mask, None if head_mask is None else head_mask[i])
+        return stream
 
     def top_layers(self, n: int) -> list[nn.Module]:
         """The last n blocks and the final norm: what a classifier with trainable_layers=n
