@@ -1,0 +1,95 @@
+"""Fully sharded training (``trainer=fsdp``): FSDP2 (``torch.distributed.fsdp.fully_shard``) under
+Lightning's ``ModelParallelStrategy``, the strategy Lightning recommends for FSDP2.
+
+- :mod:`llm.model.sharding` is the sharding plan (one FSDP unit per transformer block).
+- :class:`FSDP2Strategy` is ``ModelParallelStrategy`` with a one-dimensional mesh (every process
+  one data-parallel shard), the plan's settings as config keys (mixed precision, activation
+  checkpointing, resharding after forward), and checkpoints written as a distributed checkpoint
+  (one file per rank, written in parallel) into a temp folder that then takes the checkpoint's
+  place, so no kill leaves a half-written ``last.ckpt`` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from llm import checks
+from llm.io import replaced_folder
+from llm.model.sharding import is_sharded, precision_policy, shard_task
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy as pure FSDP2 (no tensor parallelism).
+
+    Args:
+        mixed_precision: ``bf16``/``fp16``: the dtype weights are gathered and computed in
+            (FSDP2's ``param_dtype``); null: float32.
+        reduce_dtype: the dtype gradients are reduce-scattered in (``fp32`` keeps the sum exact
+            whatever ``mixed_precision`` is).
+        activation_checkpointing: recompute each block's activations in backward instead of
+            keeping them (less memory, about a third more compute).
+        reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3);
+            false keeps them until backward (ZeRO-2: more memory, one all-gather less).
+        save_distributed_checkpoint: checkpoints as a folder of per-rank shards (true), or one
+            file assembled on rank 0 (false: the whole model must fit its memory).
+        **kwargs: ModelParallelStrategy's (process_group_backend, timeout).
+    """
+
+    def __init__(
+        self,
+        mixed_precision: str | None = None,
+        reduce_dtype: str | None = "fp32",
+        activation_checkpointing: bool = False,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.policy = precision_policy(mixed_precision, reduce_dtype)
+        self.activation_checkpointing = checks.flag(
+            "trainer.strategy.activation_checkpointing", activation_checkpointing
+        )
+        self.reshard_after_forward = checks.flag(
+            "trainer.strategy.reshard_after_forward", reshard_after_forward
+        )
+        self.units: list[str] = []
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":  # every process a shard (Lightning: one a node)
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def shard(self, module: nn.Module) -> None:
+        """Apply the plan to ``module`` (its ``configure_model``), once."""
+        if is_sharded(module):
+            return
+        self.units = shard_task(
+            module,
+            self.device_mesh["data_parallel"],
+            self.policy,
+            self.activation_checkpointing,
+            self.reshard_after_forward,
+        )
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """A distributed checkpoint: every rank writes its shard into a temp folder beside
+        ``filepath`` (rank 0 also ``meta.pt``: steps, settings, callbacks), and once all have,
+        rank 0 puts the folder in the checkpoint's place."""
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(filepath))
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(replaced_folder(path)) if self.is_global_zero else None
+            tmp = self.broadcast(tmp)
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.barrier("checkpoint shards written")
+        self.barrier("checkpoint in place")
