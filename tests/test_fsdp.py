@@ -61,7 +61,10 @@ def test_fsdp_cpu_run_resumes_and_exports_like_ddp(tmp_path: Path) -> None:
         ]
         proc = run_cli("train", *overrides, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return out / "checkpoints" / "last.ckpt"
+        last = out / "checkpoints" / "last.ckpt"
+        if "fsdp" in str(extra):  # the summary's next steps start with making one file
+            assert f"llm export ckpt_path={last} out=" in proc.stdout, proc.stdout[-2000:]
+        return last
 
     ddp = train("ddp", 4, "trainer=ddp_cpu", "trainer.strategy=ddp")
     half = train("half", 2, "trainer=fsdp_cpu")
@@ -96,3 +99,71 @@ def test_fsdp_cpu_run_resumes_and_exports_like_ddp(tmp_path: Path) -> None:
             torch.testing.assert_close(ob["state"][i][key], state[key], atol=1e-5, rtol=1e-4)
     lm = load_language_model(single)  # what generate, chat and evaluate load
     assert lm.model.config.n_layer == 2
+
+
+def _folder_like_a_sharded_run(path: Path) -> Path:
+    """A distributed checkpoint's layout (its files' contents are not read by these checks)."""
+    path.mkdir(parents=True)
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"):
+        (path / name).write_bytes(b"")
+    return path
+
+
+def test_a_distributed_checkpoint_is_named_with_the_command_that_makes_one_file(
+    tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Verbs that read one file, a resume without a sharded strategy and an export without
+    out= each say what the folder is and what to run."""
+    from llm.checkpoint import CheckpointError, read_checkpoint, read_resume_state
+
+    folder = _folder_like_a_sharded_run(tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError, match=rf"llm export ckpt_path={folder} out=<file>\.ckpt"):
+        read_checkpoint(folder)
+    with pytest.raises(CheckpointError, match=r"with a sharded strategy \(trainer=fsdp\)"):
+        read_resume_state(folder, sharded=False)
+    assert llm_main("generate", f"ckpt_path={folder}") == 1
+    assert f"ckpt_path={folder} is a distributed checkpoint" in capsys.readouterr().err
+    assert llm_main("export", f"ckpt_path={folder}", f"hf_dir={tmp_path / 'hf'}") == 1
+    assert "add out=<file>.ckpt" in capsys.readouterr().err
+    assert llm_main("export", f"ckpt_path={folder}", f"out={folder / 'in.ckpt'}") == 1
+    assert "lies inside ckpt_path" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # nothing written
+
+
+def test_a_killed_saves_temp_folder_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    """A sharded save writes `.last.ckpt.<random>.tmp/` beside `last.ckpt`; a kill before the
+    swap leaves it, and the next run's checkpoint callback removes it (files and folders)."""
+    from llm.io import remove_temp_files
+
+    _folder_like_a_sharded_run(tmp_path / ".last.ckpt.x1y2.tmp")
+    (tmp_path / ".step2.ckpt.abcd.tmp").write_bytes(b"partial")
+    kept = _folder_like_a_sharded_run(tmp_path / "last.ckpt")
+    removed = remove_temp_files(tmp_path, ".*.ckpt.*.tmp")
+    assert sorted(removed) == [".last.ckpt.x1y2.tmp", ".step2.ckpt.abcd.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and kept.is_dir()
+
+
+def test_an_unsharded_optimizer_state_is_keyed_by_the_optimizers_own_order(
+    optim_settings: dict[str, Any],
+) -> None:
+    """An unsharded run's (or `llm export`'s) optimizer state numbers the parameters through
+    the optimizer's groups (decayed matrices first), not in the module's order: the sharded
+    load names each entry after the parameter the optimizer holds at that place."""
+    from llm.model import GPT, GPTConfig
+    from llm.training.optim import build_optimizer
+    from llm.training.sharding import optimizer_state_by_name
+
+    module = torch.nn.Module()
+    module.add_module("model", GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=11)))
+    optimizer = build_optimizer(module.model, optim_settings)
+    _, loss = module.model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    named = optimizer_state_by_name(optimizer.state_dict(), optimizer, module)
+    params = dict(module.named_parameters())
+    assert set(named["state"]) == set(params)
+    for name, state in named["state"].items():  # each moment belongs to its own parameter
+        assert state["exp_avg"].shape == params[name].shape
+        torch.testing.assert_close(state["exp_avg"], optimizer.state[params[name]]["exp_avg"])
+    decayed = named["param_groups"][0]["params"]
+    assert decayed[0].startswith("model.") and all(params[n].dim() >= 2 for n in decayed)

@@ -15,6 +15,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
@@ -93,3 +94,42 @@ class FSDP2Strategy(ModelParallelStrategy):
             super().save_checkpoint(checkpoint, tmp, storage_options)
             self.barrier("checkpoint shards written")
         self.barrier("checkpoint in place")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        """A distributed checkpoint as Lightning reads it; one file (an unsharded run's, or
+        ``llm export``'s) with its optimizer state keyed by name first: Lightning would number
+        the parameters in the module's order, where the optimizer's groups order them."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():
+            return super().load_checkpoint(path, weights_only)
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        assert self.model is not None and self.lightning_module is not None
+        strict = self.lightning_module.strict_loading
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        _load_raw_module_state(checkpoint.pop("state_dict"), self.model, strict=strict)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+        states = checkpoint.pop("optimizer_states", [])
+        for optimizer, state in zip(self.optimizers, states, strict=False):
+            named = optimizer_state_by_name(state, optimizer, self.model)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=named, options=options)
+        return checkpoint
+
+
+def optimizer_state_by_name(state: dict, optimizer: Any, module: nn.Module) -> dict:
+    """``state`` (``Optimizer.state_dict()``: parameters numbered through ``optimizer``'s
+    groups in order) keyed by ``module``'s parameter names instead."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    count = sum(len(group["params"]) for group in state["param_groups"])
+    if count != len(order):
+        raise ValueError(
+            f"the checkpoint's optimizer state holds {count} parameters, this run's optimizer "
+            f"{len(order)}: resume with the optimizer settings it was written with"
+        )
+    groups = [{**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}
