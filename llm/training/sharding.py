@@ -12,6 +12,7 @@ Lightning's ``ModelParallelStrategy``, the strategy Lightning recommends for FSD
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from torch import nn
 from llm import checks
 from llm.io import replaced_folder
 from llm.model.sharding import is_sharded, precision_policy, shard_task
+
+log = logging.getLogger(__name__)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -77,6 +80,16 @@ class FSDP2Strategy(ModelParallelStrategy):
             self.activation_checkpointing,
             self.reshard_after_forward,
         )
+        if self.is_global_zero:
+            dtype = self.policy.param_dtype
+            log.info(
+                "FSDP2: %d units (one per block, then the root) sharded over %d processes; "
+                "compute in %s; activation checkpointing %s",
+                len(self.units),
+                self.world_size,
+                str(dtype).removeprefix("torch.") if dtype is not None else "float32",
+                "on" if self.activation_checkpointing else "off",
+            )
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None

@@ -110,7 +110,8 @@ class TaskModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under a sharding strategy (``trainer=fsdp``, :mod:`llm.training.sharding`): shard the
         weights before the optimizer is built over them; other strategies leave them whole."""
-        shard = getattr(self.trainer.strategy, "shard", None)
+        trainer = self._trainer  # None in load_from_checkpoint, which calls this hook too
+        shard = getattr(trainer.strategy, "shard", None) if trainer is not None else None
         if shard is None:
             return
         optim = self.hparams["optim"] or {}
