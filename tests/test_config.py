@@ -85,9 +85,12 @@ def test_trainer_options_instantiate(name: str, tmp_path: Path) -> None:
 
     cfg = _compose(f"trainer={name}", f"output_dir={tmp_path}")
     gpu = cfg.trainer.accelerator == "gpu"
+    from llm.training.trainer import compute_precision
+
     sharded = name.startswith("fsdp")
     if gpu:  # bf16: autocast, or FSDP2's mixed precision (no autocast on top)
-        assert "bf16" in str(cfg.trainer.precision if not sharded else cfg.trainer.strategy)
+        assert compute_precision(cfg.trainer) == "bf16-mixed"
+        assert (cfg.trainer.precision == "32-true") == sharded
     over: dict = {"accelerator": "cpu", "precision": "32-true"} if gpu else {}
     if cfg.trainer.get("devices") == -1:
         over["devices"] = 1

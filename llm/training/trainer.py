@@ -147,7 +147,7 @@ def check_memory(
         int(tokens or config.block_size),
         trainable=trainable,
         optimizer=str(cfg.optim.get("name", "adamw")),
-        precision=cfg.trainer.get("precision", "32-true"),
+        precision=compute_precision(cfg.trainer),
         outputs=outputs,
         shards=_shards(cfg.trainer),
     )
@@ -155,6 +155,16 @@ def check_memory(
     if device != "cpu":  # the weights are built on the CPU first
         weights = memory.Estimate(need.params, need.params * 4)
         memory.check_fits(weights, "cpu", *advice, what="building the model")
+
+
+def compute_precision(trainer_cfg: DictConfig) -> str:
+    """``trainer.precision``, or ``bf16-mixed``/``16-mixed`` where FSDP2's mixed precision
+    (``trainer.strategy.mixed_precision``, :mod:`llm.training.sharding`) computes in 16 bits."""
+    strategy = trainer_cfg.get("strategy")
+    mixed = strategy.get("mixed_precision") if isinstance(strategy, DictConfig) else None
+    if mixed in ("bf16", "fp16"):
+        return "bf16-mixed" if mixed == "bf16" else "16-mixed"
+    return str(trainer_cfg.get("precision", "32-true"))
 
 
 def training_device(trainer_cfg: DictConfig) -> str | None:
