@@ -33,6 +33,17 @@ def test_sharding_plan_on_two_gloo_processes(tmp_path: Path) -> None:
     assert out["diff"] < 1e-6  # Adam's first step is lr * sign(grad): 1e-3 where signs differ
 
 
+def test_mixed_precision_keys_are_checked() -> None:
+    from llm.checks import SettingError
+    from llm.model.sharding import precision_policy
+
+    policy = precision_policy("bf16")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert precision_policy(None).param_dtype is None  # float32 throughout
+    with pytest.raises(SettingError, match=r"trainer.strategy.mixed_precision='fp16': one of"):
+        precision_policy("fp16")  # no loss scaling under FSDP2: its gradients would underflow
+
+
 def _read(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 

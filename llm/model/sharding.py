@@ -14,7 +14,8 @@ from torch import nn
 from llm import checks
 from llm.model.gpt import GPT
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# no fp16: without loss scaling (which FSDP2 does not do) its gradients underflow
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def precision_policy(mixed_precision: str | None, reduce_dtype: str | None = "fp32") -> Any:

@@ -31,8 +31,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy as pure FSDP2 (no tensor parallelism).
 
     Args:
-        mixed_precision: ``bf16``/``fp16``: the dtype weights are gathered and computed in
-            (FSDP2's ``param_dtype``); null: float32.
+        mixed_precision: ``bf16``: the dtype weights are gathered and computed in (FSDP2's
+            ``param_dtype``); null (or ``fp32``): float32.
         reduce_dtype: the dtype gradients are reduce-scattered in (``fp32`` keeps the sum exact
             whatever ``mixed_precision`` is).
         activation_checkpointing: recompute each block's activations in backward instead of

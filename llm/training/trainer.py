@@ -158,13 +158,11 @@ def check_memory(
 
 
 def compute_precision(trainer_cfg: DictConfig) -> str:
-    """``trainer.precision``, or ``bf16-mixed``/``16-mixed`` where FSDP2's mixed precision
-    (``trainer.strategy.mixed_precision``, :mod:`llm.training.sharding`) computes in 16 bits."""
+    """``trainer.precision``, or ``bf16-mixed`` where FSDP2's mixed precision
+    (``trainer.strategy.mixed_precision``, :mod:`llm.training.sharding`) computes in bf16."""
     strategy = trainer_cfg.get("strategy")
     mixed = strategy.get("mixed_precision") if isinstance(strategy, DictConfig) else None
-    if mixed in ("bf16", "fp16"):
-        return "bf16-mixed" if mixed == "bf16" else "16-mixed"
-    return str(trainer_cfg.get("precision", "32-true"))
+    return "bf16-mixed" if mixed == "bf16" else str(trainer_cfg.get("precision", "32-true"))
 
 
 def training_device(trainer_cfg: DictConfig) -> str | None:
