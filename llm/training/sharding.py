@@ -33,15 +33,16 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         mixed_precision: ``bf16``: the dtype weights are gathered and computed in (FSDP2's
             ``param_dtype``); null (or ``fp32``): float32.
-        reduce_dtype: the dtype gradients are reduce-scattered in (``fp32`` keeps the sum exact
+        reduce_dtype: the dtype gradients are reduce-scattered in (``fp32``: summed in float32
             whatever ``mixed_precision`` is).
         activation_checkpointing: recompute each block's activations in backward instead of
             keeping them (less memory, about a third more compute).
         reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3);
             false keeps them until backward (ZeRO-2: more memory, one all-gather less).
-        save_distributed_checkpoint: checkpoints as a folder of per-rank shards (true), or one
-            file assembled on rank 0 (false: the whole model must fit its memory).
-        **kwargs: ModelParallelStrategy's (process_group_backend, timeout).
+        **kwargs: ModelParallelStrategy's (process_group_backend, timeout). Checkpoints are
+            always distributed ones: Lightning's single-file alternative numbers the optimizer
+            state in the module's parameter order, which is not this optimizer's (``llm
+            export`` writes the one file instead).
     """
 
     def __init__(
@@ -50,11 +51,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         reduce_dtype: str | None = "fp32",
         activation_checkpointing: bool = False,
         reshard_after_forward: bool = True,
-        save_distributed_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
+        if not kwargs.pop("save_distributed_checkpoint", True):
+            raise checks.SettingError(
+                "trainer.strategy.save_distributed_checkpoint=false: a sharded run writes "
+                "distributed checkpoints; llm export ckpt_path=<folder> out=<file> makes one file"
+            )
         kwargs.setdefault("tensor_parallel_size", 1)
-        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        super().__init__(save_distributed_checkpoint=True, **kwargs)
         self.policy = precision_policy(mixed_precision, reduce_dtype)
         self.activation_checkpointing = checks.flag(
             "trainer.strategy.activation_checkpointing", activation_checkpointing
@@ -97,9 +102,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         """A distributed checkpoint: every rank writes its shard into a temp folder beside
         ``filepath`` (rank 0 also ``meta.pt``: steps, settings, callbacks), and once all have,
         rank 0 puts the folder in the checkpoint's place."""
-        if not self._save_distributed_checkpoint:
-            super().save_checkpoint(checkpoint, filepath, storage_options)
-            return
         path = Path(self.broadcast(filepath))
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(replaced_folder(path)) if self.is_global_zero else None
