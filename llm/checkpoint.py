@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from llm.training.task import TaskModule
 
 KINDS = ("lm", "classifier")
+DISTRIBUTED_META = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 _HINT = "runs write logs/<train|finetune>/runs/<date>/checkpoints/last.ckpt"
 # GPTConfig fields that may change on resume (they fix no weight and no computation's result)
 _FREE_KEYS = ("dropout", "attn_impl")
@@ -43,6 +44,12 @@ def read_checkpoint(path: str | os.PathLike[str], key: str = "ckpt_path") -> dic
     again, so the tensors are not read twice. ``key`` names the setting in error messages.
     """
     path = Path(path)
+    if is_distributed_checkpoint(path):
+        raise CheckpointError(
+            f"{key}={path} is a distributed checkpoint (a folder of one shard per process, "
+            f"written by a sharded run: trainer=fsdp); make the single file this reads with "
+            f"`llm export ckpt_path={path} out=<file>.ckpt`"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path}: no such file ({_HINT})")
     try:
@@ -60,6 +67,88 @@ def read_checkpoint(path: str | os.PathLike[str], key: str = "ckpt_path") -> dic
         )
     verify_checkpoint(path, raw["state_dict"], key)
     return raw
+
+
+def is_distributed_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is the folder a sharded run writes as a checkpoint (torch's distributed
+    checkpoint: ``.metadata`` and one ``.distcp`` file per rank; Lightning's ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / DISTRIBUTED_META).is_file() and (path / ".metadata").is_file()
+
+
+def read_resume_state(
+    path: str | os.PathLike[str], sharded: bool = False, key: str = "ckpt_path"
+) -> dict[str, Any]:
+    """What a resume reads before Lightning loads the checkpoint (kind, hyper_parameters,
+    global_step): a file's contents, or a distributed checkpoint's ``meta.pt``, which only a
+    sharded run (``sharded``) resumes from."""
+    if not is_distributed_checkpoint(path):
+        return read_checkpoint(path, key)
+    if not sharded:
+        raise CheckpointError(
+            f"{key}={path} is a distributed checkpoint (one shard per process): resume it with "
+            f"a sharded strategy (trainer=fsdp), or make one file of it with `llm export "
+            f"ckpt_path={path} out=<file>.ckpt` and resume from that"
+        )
+    return _read_meta(Path(path), key)
+
+
+def _read_meta(folder: Path, key: str) -> dict[str, Any]:
+    try:
+        meta = torch.load(folder / DISTRIBUTED_META, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{key}={folder}: its {DISTRIBUTED_META} does not read ({type(e).__name__}: {e})"
+        ) from e
+    if not (isinstance(meta, dict) and meta.get("kind") in KINDS and "hyper_parameters" in meta):
+        raise CheckpointError(f"{key}={folder} is a distributed checkpoint of another program")
+    return meta
+
+
+def consolidate(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """One checkpoint file from a distributed checkpoint: the full weights, the optimizer state
+    in the layout an unsharded run saves (one list entry per optimizer, parameters by index),
+    and everything else as it was. Every verb reads it; ``llm train ckpt_path=`` resumes from
+    it on any number of processes.
+
+    Read without a process group, on one process: the whole model must fit in host memory.
+    """
+    import warnings
+
+    # torch's reader of a whole distributed checkpoint into one process (its dcp_to_torch_save
+    # reads alike), with no process group: tensors as plain tensors, nested as saved
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    folder = Path(folder)
+    meta = _read_meta(folder, "ckpt_path")
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        state = _load_state_dict_from_keys(checkpoint_id=folder)
+    optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k[10:]))
+    checkpoint = {
+        **meta,
+        "state_dict": state["state_dict"],
+        "optimizer_states": [_by_index(state[k]) for k in optimizers],
+    }
+    bad = first_non_finite(checkpoint["state_dict"])
+    if bad is not None:
+        raise CheckpointError(f"ckpt_path={folder}: tensor {bad!r} holds NaN or inf")
+    with atomic_open(out, "wb") as f:
+        torch.save(checkpoint, f)
+    return Path(out)
+
+
+def _by_index(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (torch's distributed state dicts) keyed by
+    index instead, numbered through the parameter groups in order, as
+    ``Optimizer.state_dict()`` numbers them."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in optimizer_state["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    state = {index[name]: value for name, value in optimizer_state["state"].items()}
+    return {"state": state, "param_groups": groups}
 
 
 # (device, inode, size, mtime) of the files verified in this process: a command reads its
@@ -230,13 +319,16 @@ def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
         return dict(model)
 
 
-def check_resumable(path: str | os.PathLike[str], module: TaskModule, max_steps: int) -> None:
+def check_resumable(
+    path: str | os.PathLike[str], module: TaskModule, max_steps: int, sharded: bool = False
+) -> None:
     """Refuse, before Lightning's opaque size-mismatch traceback, to resume another model.
 
     Resuming needs the same kind, architecture and tokenizer (same ids for the same text),
     and steps left to take; the error names every field that differs and what to do.
+    ``sharded``: this run shards its weights (it may resume from a distributed checkpoint).
     """
-    raw = read_checkpoint(path)
+    raw = read_resume_state(path, sharded)
     if checkpoint_kind(raw) != module.kind:
         raise CheckpointError(
             f"ckpt_path={path} is a {describe(checkpoint_kind(raw))} checkpoint; this run "

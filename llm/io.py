@@ -186,11 +186,14 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def remove_temp_files(folder: str | os.PathLike[str], pattern: str = ".*.tmp") -> list[str]:
-    """Remove the temp files (this module's ``.<name>.*.tmp``) a killed writer left in
+    """Remove the temp files and folders (this module's ``.<name>.*.tmp``) a killed writer left in
     ``folder``; only where no other process writes there (under its lock, at a run's start)."""
     removed = []
     for p in Path(folder).glob(pattern):
         with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+            if p.is_dir() and not p.is_symlink():  # a folder's (replaced_folder's temp folder)
+                shutil.rmtree(p)
+            else:
+                p.unlink()
             removed.append(p.name)
     return removed

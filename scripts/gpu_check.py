@@ -9,6 +9,9 @@ Checks, each printed as a row with its figures (about 5-8 minutes on one H100/H2
    (callback `NoSyncCheck`: any host sync in a non-logging step fails the run); tokens/s, MFU.
 2. muon: the same with `optim=muon`.
 3. ddp: the same with `trainer=ddp` when there is more than one GPU.
+3b. fsdp: FSDP2 on 2 GPUs (`trainer=fsdp trainer.devices=2`, bf16 mixed precision, no compile):
+   tokens/s and MFU, its distributed checkpoint (2 shard files) consolidated by `llm export`
+   and sampled from. With `--device cpu`: the same on two CPU processes (`trainer=fsdp_cpu`).
 4. generate: 256 tokens from the adamw checkpoint, KV cache against no cache (same greedy
    tokens), tokens/s.
 5. board: the adamw run's TensorBoard events hold the custom-scalars layout with its MFU chart
@@ -84,6 +87,35 @@ def train(name: str, out: Path, args: argparse.Namespace, *extra: str) -> dict[s
         "seconds": seconds,
         "ckpt": out / name / "checkpoints" / "last.ckpt",
     }
+
+
+def fsdp(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """FSDP2 on two processes (`trainer=fsdp` on 2 GPUs, bf16; `trainer=fsdp_cpu` on the CPU):
+    its tokens/s, its distributed checkpoint (one shard file per rank), consolidated by
+    `llm export` into the one file the other verbs read, which then samples."""
+    gpu = args.device == "cuda"
+    two = ["trainer=fsdp", "trainer.devices=2", "compile=false"] if gpu else ["trainer=fsdp_cpu"]
+    row = train("fsdp", out, args, *two)
+    if not row["ok"]:
+        return row
+    folder = row["ckpt"]
+    shards = sorted(p.name for p in folder.glob("*.distcp")) if folder.is_dir() else []
+    if len(shards) != 2:
+        return {**row, "ok": False, "error": f"{folder}: {shards or 'no'} shard files, not 2"}
+    single = out / "fsdp.ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm", "export", f"ckpt_path={folder}", f"out={single}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    if proc.returncode != 0:
+        return {**row, "ok": False, "error": (proc.stderr or proc.stdout)[-2000:]}
+    sampled = generate(single, args.device, new_tokens=16)
+    size = single.stat().st_size / 1e6
+    note = f"2 shard files -> {single.name} ({size:.1f} MB); {sampled['note']}"
+    return {**row, "ok": sampled["ok"], "note": note}
 
 
 def board(run: Path, gpu: bool) -> dict[str, Any]:
@@ -211,6 +243,8 @@ def main() -> int:
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     if gpus > 1:
         rows.append(train("ddp", out, args, "trainer=ddp"))
+    if gpus > 1 or args.device == "cpu":  # on the CPU: two gloo processes
+        rows.append(fsdp(out, args))
     if rows[0]["ok"]:
         rows.append(generate(rows[0]["ckpt"], args.device))
         rows.append(board(out / "adamw", gpu=args.device == "cuda"))

@@ -85,16 +85,19 @@ def test_trainer_options_instantiate(name: str, tmp_path: Path) -> None:
 
     cfg = _compose(f"trainer={name}", f"output_dir={tmp_path}")
     gpu = cfg.trainer.accelerator == "gpu"
-    if gpu:
-        assert "bf16" in str(cfg.trainer.precision)
+    from llm.training.trainer import compute_precision
+
+    sharded = name.startswith("fsdp")
+    if gpu:  # bf16: autocast, or FSDP2's mixed precision (no autocast on top)
+        assert compute_precision(cfg.trainer) == "bf16-mixed"
+        assert (cfg.trainer.precision == "32-true") == sharded
     over: dict = {"accelerator": "cpu", "precision": "32-true"} if gpu else {}
-    if name == "fsdp":  # FSDP shards over CUDA devices only; its config is checked instead
-        assert "FSDPStrategy" in cfg.trainer.strategy._target_
-        over["strategy"] = "auto"
     if cfg.trainer.get("devices") == -1:
         over["devices"] = 1
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, **over)
     assert isinstance(trainer, L.Trainer) and trainer.max_steps == cfg.trainer.max_steps
+    if sharded:  # FSDP2 (it runs on CPUs over gloo too), not Lightning's FSDP1 strategy
+        assert type(trainer.strategy).__name__ == "FSDP2Strategy"
     if name == "ddp_cpu":
         assert trainer.num_devices == 2
         # spawned workers, not a re-launch of the script (which would re-run Hydra)

@@ -1,7 +1,9 @@
 """``llm export ckpt_path=... [out=merged.ckpt] [hf_dir=folder/] [overwrite=true]``.
 
 ``out`` folds a LoRA checkpoint's adapters into plain weights (the same kind of checkpoint,
-without LoRA); ``hf_dir`` writes a language model as a Hugging Face folder
+without LoRA), or makes one checkpoint file of a sharded run's distributed checkpoint (a
+folder: ``trainer=fsdp``), which every other verb reads and a run of any size resumes from;
+``hf_dir`` writes a language model as a Hugging Face folder
 (config.json + model.safetensors) that ``transformers`` loads.
 
 Nothing that exists is replaced unless ``overwrite=true``, and the input checkpoint never is.
@@ -69,7 +71,14 @@ def check_destination(
 @hydra_app("export")
 def main(cfg: DictConfig) -> None:
     """Check the destinations and the checkpoint, then export and print where each file went."""
-    from llm.checkpoint import describe, export_merged, load_checkpoint, read_checkpoint
+    from llm.checkpoint import (
+        consolidate,
+        describe,
+        export_merged,
+        is_distributed_checkpoint,
+        load_checkpoint,
+        read_resume_state,
+    )
     from llm.io import replaced_folder
 
     if cfg.out is None and cfg.hf_dir is None:
@@ -83,20 +92,32 @@ def main(cfg: DictConfig) -> None:
     if hf_dir is not None:
         keep = {"ckpt_path": ckpt, **({"out": out} if out is not None else {})}
         check_destination("hf_dir", hf_dir, True, overwrite, keep)
-    raw = read_checkpoint(ckpt)
+    distributed = is_distributed_checkpoint(ckpt)
+    if distributed and out is None:
+        raise ValueError(
+            f"ckpt_path={ckpt} is a distributed checkpoint (a sharded run's folder): add "
+            "out=<file>.ckpt to make one checkpoint file of it (hf_dir= may follow)"
+        )
+    if distributed and inside(out, ckpt):
+        raise ValueError(f"out={out} lies inside ckpt_path={ckpt}: write it elsewhere")
+    raw = read_resume_state(ckpt, sharded=True)  # a folder's meta.pt: kind and settings
     kind, lora = raw["kind"], raw["hyper_parameters"].get("lora")
     del raw
     if hf_dir is not None and kind != "lm":
         raise ValueError(
             f"hf_dir= exports language models; ckpt_path={ckpt} is a {describe(kind)} checkpoint"
         )
-    if hf_dir is not None and lora and out is None:
+    if hf_dir is not None and lora and (out is None or distributed):
+        then = " (a distributed one: consolidate it with out= first, then merge that file)"
         raise ValueError(
             f"ckpt_path={ckpt} holds LoRA adapters: add out=<merged.ckpt> to merge them before "
-            "hf_dir="
+            f"hf_dir={then if distributed else ''}"
         )
     source = ckpt
-    if out is not None:
+    if distributed:  # a LoRA run's keeps its adapters: export the file again to merge them
+        print(f"consolidated checkpoint: {consolidate(ckpt, out)}")
+        source = out
+    elif out is not None:
         print(f"merged checkpoint: {export_merged(ckpt, out)}")
         source = out
     if hf_dir is not None:

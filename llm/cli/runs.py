@@ -84,6 +84,7 @@ def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None 
         final.append(f"val {val.get('val/loss', math.nan):.4f}{at}")
     if final:
         lines.append(f"Final loss:      {', '.join(final)} (step {trainer.global_step})")
+    from llm.checkpoint import is_distributed_checkpoint
     from llm.training.throughput import throughput_of
 
     clock = throughput_of(trainer)
@@ -99,6 +100,11 @@ def summary(cfg: DictConfig, trainer: Any, module: Any, extra: list[str] | None 
     # the folder above the run: TensorBoard names a run by its folder below --logdir (the run
     # folder itself would be listed as ".") and shows its sibling runs beside it
     lines.append(f"  tensorboard --logdir {shlex.quote(str(Path(str(run_dir)).parent))}")
+    if last_path and is_distributed_checkpoint(last_path):  # a sharded run's: one file first
+        single = Path(last_path).with_name(Path(last_path).stem + "-single.ckpt")
+        folder, out = shlex.quote(f"ckpt_path={last_path}"), shlex.quote(f"out={single}")
+        lines.append(f"  llm export {folder} {out}")
+        last_path = str(single)
     ckpt = shlex.quote(f"ckpt_path={last_path}")
     if last_path and module.kind == "classifier":
         lines.append(f"  llm classify {ckpt} 'text=...'")

@@ -180,6 +180,7 @@ class ClassifierModule(TaskModule):
     """
 
     kind = "classifier"
+    gpt_entry_points = ("hidden_states",)  # called instead of forward (llm.training.sharding)
 
     def __init__(
         self,

@@ -141,11 +141,15 @@ class Finetune(Task):
         # an end figure in HPARAMS (whole_run/params is the total), not a one-point plot
         trainable = float(self.counts["params/trainable"])
         result.setdefault("end_metrics", {})[f"{END}params_trainable"] = trainable
-        best = result["best_model_path"]
+        # rank 0's: a rank whose own val metrics differ names another file than the one written
+        best = trainer.strategy.broadcast(result["best_model_path"])
         if best:  # test accuracy and responses come from the best weights (every rank)
-            from llm.checkpoint import read_checkpoint
+            from llm.checkpoint import is_distributed_checkpoint, read_checkpoint
 
-            built.module.load_state_dict(read_checkpoint(best)["state_dict"])
+            if is_distributed_checkpoint(best):  # a sharded run's: each rank reads its shards
+                trainer.strategy.load_checkpoint(best, weights_only=True)
+            else:
+                built.module.load_state_dict(read_checkpoint(best)["state_dict"])
 
     def outcome_lines(self, result: dict[str, Any]) -> list[str]:
         total, trainable = result["params/total"], result["params/trainable"]

@@ -20,6 +20,7 @@ from llm.training.trainer import (
     end_metrics,
     hparams,
     log_hparams,
+    sharded,
     shutdown_of,
 )
 
@@ -100,7 +101,7 @@ def fit(
     if cfg.get("ckpt_path"):
         from llm.checkpoint import check_resumable
 
-        check_resumable(cfg.ckpt_path, module, int(cfg.trainer.max_steps))
+        check_resumable(cfg.ckpt_path, module, int(cfg.trainer.max_steps), sharded(cfg.trainer))
     task.before_fit(built, trainer, loggers)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     bring_back(trainer, module)  # what a spawned rank 0 knew (ddp_spawn); no-op otherwise

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
-from llm import faults
+from llm import checks, faults
 from llm.model.build import build_model
 from llm.training import board
 from llm.training.optim import build_optimizer, build_scheduler, schedule_of
@@ -106,6 +106,22 @@ class TaskModule(L.LightningModule):
         """Compile once per process; stored outside `_modules` so state_dict keys stay clean."""
         if self.hparams["compile"] and self._compiled is None:
             self.__dict__["_compiled"] = torch.compile(self.model)
+
+    def configure_model(self) -> None:
+        """Under a sharding strategy (``trainer=fsdp``, :mod:`llm.training.sharding`): shard the
+        weights before the optimizer is built over them; other strategies leave them whole."""
+        trainer = self._trainer  # None in load_from_checkpoint, which calls this hook too
+        shard = getattr(trainer.strategy, "shard", None) if trainer is not None else None
+        if shard is None:
+            return
+        optim = self.hparams["optim"] or {}
+        if optim.get("name") == "muon":
+            raise checks.SettingError(
+                "optim=muon with a sharded strategy (trainer=fsdp): Muon orthogonalizes whole "
+                "matrices, and each process holds only a shard of them; use optim=adamw, or "
+                "trainer=ddp"
+            )
+        shard(self)
 
     def optimized(self) -> nn.Module:
         """The module whose parameters the optimizer updates (the GPT; a task's heads too)."""

@@ -64,7 +64,11 @@ class Throughput(L.Callback):
         return self._peak is not None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._peak = peak_flops(pl_module.device, trainer.precision)
+        precision = trainer.precision
+        policy = getattr(trainer.strategy, "policy", None)  # FSDP2's mixed precision (trainer=fsdp)
+        if getattr(policy, "param_dtype", None) == torch.bfloat16:
+            precision = "bf16-mixed"
+        self._peak = peak_flops(pl_module.device, precision)
         self._world = trainer.world_size
         self._mark, self._window = time.perf_counter(), None
         model = getattr(pl_module, "model", None)

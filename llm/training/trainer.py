@@ -147,7 +147,7 @@ def check_memory(
         int(tokens or config.block_size),
         trainable=trainable,
         optimizer=str(cfg.optim.get("name", "adamw")),
-        precision=cfg.trainer.get("precision", "32-true"),
+        precision=compute_precision(cfg.trainer),
         outputs=outputs,
         shards=_shards(cfg.trainer),
     )
@@ -155,6 +155,14 @@ def check_memory(
     if device != "cpu":  # the weights are built on the CPU first
         weights = memory.Estimate(need.params, need.params * 4)
         memory.check_fits(weights, "cpu", *advice, what="building the model")
+
+
+def compute_precision(trainer_cfg: DictConfig) -> str:
+    """``trainer.precision``, or ``bf16-mixed`` where FSDP2's mixed precision
+    (``trainer.strategy.mixed_precision``, :mod:`llm.training.sharding`) computes in bf16."""
+    strategy = trainer_cfg.get("strategy")
+    mixed = strategy.get("mixed_precision") if isinstance(strategy, DictConfig) else None
+    return "bf16-mixed" if mixed == "bf16" else str(trainer_cfg.get("precision", "32-true"))
 
 
 def training_device(trainer_cfg: DictConfig) -> str | None:
@@ -175,7 +183,7 @@ def training_device(trainer_cfg: DictConfig) -> str | None:
 
 def _shards(trainer_cfg: DictConfig) -> int:
     """Devices the weights are split over: all of them under a sharding strategy, else 1."""
-    if not _sharded(trainer_cfg):
+    if not sharded(trainer_cfg):
         return 1
     import torch
 
@@ -212,14 +220,14 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar then
         callbacks = lines_without_bar(callbacks)
     callbacks += extra_callbacks or []
-    plugins = [] if _sharded(cfg.trainer) else [AtomicCheckpointIO()]
+    plugins = [] if sharded(cfg.trainer) else [AtomicCheckpointIO()]
     trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins or None
     )
     return trainer, loggers
 
 
-def _sharded(trainer_cfg: DictConfig) -> bool:
+def sharded(trainer_cfg: DictConfig) -> bool:
     """Strategies that shard the weights and save through their own distributed checkpoint
     writer (which an AtomicCheckpointIO would replace)."""
     return any(s in strategy_name(trainer_cfg) for s in ("fsdp", "deepspeed", "model_parallel"))
@@ -229,9 +237,9 @@ def resumed_step(ckpt_path: Any) -> int | None:
     """The optimizer step a resumed run starts from (None: not resuming)."""
     if not ckpt_path:
         return None
-    from llm.checkpoint import read_checkpoint
+    from llm.checkpoint import read_resume_state
 
-    return int(read_checkpoint(ckpt_path).get("global_step", 0))
+    return int(read_resume_state(ckpt_path, sharded=True).get("global_step", 0))
 
 
 def build_loggers(cfg: DictConfig | None, resumed_at: int | None) -> list[Any]:
