@@ -69,7 +69,7 @@ def test_ddp_ranks_share_one_order_and_resume_exactly(n: int, world: int, batch:
         assert straight == batches(wrapped) and len(ours) == len(wrapped)
         shares += [i for b in straight for i in b]
         for k in range(len(straight)):
-            resumed = ResumableDistributedSampler(n, 3, rank, world, skip=k * batch)
+            resumed = ResumableDistributedSampler(n, 3, rank, world, skip=k * batch * world)
             resumed.set_epoch(2)
             assert batches(resumed) == straight[k:] and len(resumed) == len(ours)
             assert batches(resumed) == straight  # the skip applies to one iteration only
