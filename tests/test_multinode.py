@@ -119,8 +119,13 @@ def test_the_mismatch_is_refused_by_llm_train_before_any_data(
     for name, value in {**TORCHRUN, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}.items():
         no_launcher.setenv(name, value)
     corpus = write_corpus(tmp_path)
-    args = [*tiny_overrides(tmp_path, corpus), "trainer=ddp_cpu", "trainer.strategy=ddp",
-            "trainer.devices=1", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    args = [
+        *tiny_overrides(tmp_path, corpus),
+        "trainer=ddp_cpu",
+        "trainer.strategy=ddp",
+        "trainer.devices=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     assert llm_main("train", *args) != 0
     err = capsys.readouterr().err
     assert "trainer.num_nodes=1, but torchrun started 2 node(s)" in err, err
@@ -192,11 +197,25 @@ def one_node(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("one_node")
     corpus = write_corpus(tmp)
     run = tmp / "run"
-    train(compose("train", [*TWO_PROCESSES, *_recipe(tmp, corpus), f"output_dir={run}",
-                            f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={HALF}"]))  # fmt: skip
+    train(
+        compose(
+            "train",
+            [
+                *TWO_PROCESSES,
+                *_recipe(tmp, corpus),
+                f"output_dir={run}",
+                f"trainer.max_steps={STEPS}",
+                f"trainer.val_check_interval={HALF}",
+            ],
+        )
+    )
     ckpts = run / "checkpoints"
-    return {"tmp": tmp, "corpus": corpus, "last": ckpts / "last.ckpt",
-            "half": next(ckpts.glob(f"step{HALF:06d}-*.ckpt"))}  # fmt: skip
+    return {
+        "tmp": tmp,
+        "corpus": corpus,
+        "last": ckpts / "last.ckpt",
+        "half": next(ckpts.glob(f"step{HALF:06d}-*.ckpt")),
+    }
 
 
 def _free_port() -> int:
@@ -208,8 +227,11 @@ def _free_port() -> int:
 def readme_torchrun_commands() -> list[str]:
     """The README's two torchrun commands (one per node), as written."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    return [line.split("  #")[0].strip() for line in text.splitlines()
-            if line.startswith("torchrun --nnodes=2")]  # fmt: skip
+    return [
+        line.split("  #")[0].strip()
+        for line in text.splitlines()
+        if line.startswith("torchrun --nnodes=2")
+    ]
 
 
 @pytest.mark.slow
@@ -240,7 +262,7 @@ def test_two_torchrun_nodes_train_to_the_weights_of_one_node(
                 text=True,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            )
         )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
@@ -248,7 +270,10 @@ def test_two_torchrun_nodes_train_to_the_weights_of_one_node(
     assert outputs[1].count("validation at step") == 0  # rank 1 says nothing of its own
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two_nodes"]  # one folder, no outputs/
     assert sorted(p.name for p in (run / ".hydra").iterdir()) == [
-        "config.yaml", "hydra.yaml", "overrides.yaml"]  # fmt: skip
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
     log = (run / "train.log").read_text(encoding="utf-8")
     assert log.count("validation at step 8") == 1, log  # written once, by rank 0
     assert not list(run.glob("*ddp_process*"))
@@ -265,20 +290,39 @@ def test_a_two_process_checkpoint_resumes_on_one_and_back(one_node: dict[str, Pa
 
     tmp, recipe = one_node["tmp"], _recipe(one_node["tmp"], one_node["corpus"])
     one = [*recipe, "trainer.accumulate_grad_batches=2", f"trainer.val_check_interval={2 * HALF}"]
-    to_one = train(compose("train", [*one, f"trainer.max_steps={STEPS}",
-                                     f"ckpt_path={one_node['half']}",
-                                     f"output_dir={tmp / 'to_one'}"]))  # fmt: skip
+    to_one = train(
+        compose(
+            "train",
+            [
+                *one,
+                f"trainer.max_steps={STEPS}",
+                f"ckpt_path={one_node['half']}",
+                f"output_dir={tmp / 'to_one'}",
+            ],
+        )
+    )
     last = Path(to_one["last_model_path"])
     _assert_same(one_node["last"], last, ACROSS_WORLDS)
     order = _weights(last)["TextDataModule"]
     assert order["train_samples_consumed"] == STEPS * 2 * 4  # 8 steps of 2 x 4 windows
     assert order["train_batches_consumed"] == 2 * STEPS  # recounted in one process's batches
 
-    half = train(compose("train", [*one, f"trainer.max_steps={HALF}",
-                                   f"output_dir={tmp / 'one_half'}"]))  # fmt: skip
-    train(compose("train", [*TWO_PROCESSES, *recipe, f"trainer.max_steps={STEPS}",
-                            f"trainer.val_check_interval={HALF}", f"output_dir={tmp / 'to_two'}",
-                            f"ckpt_path={half['last_model_path']}"]))  # fmt: skip
+    half = train(
+        compose("train", [*one, f"trainer.max_steps={HALF}", f"output_dir={tmp / 'one_half'}"])
+    )
+    train(
+        compose(
+            "train",
+            [
+                *TWO_PROCESSES,
+                *recipe,
+                f"trainer.max_steps={STEPS}",
+                f"trainer.val_check_interval={HALF}",
+                f"output_dir={tmp / 'to_two'}",
+                f"ckpt_path={half['last_model_path']}",
+            ],
+        )
+    )
     last = tmp / "to_two" / "checkpoints" / "last.ckpt"
     _assert_same(one_node["last"], last, ACROSS_WORLDS)
     order = _weights(last)["TextDataModule"]
@@ -296,8 +340,11 @@ def test_a_preempted_slurm_job_saves_requeues_and_resumes_exactly(
     from llm.cli.train import train
 
     corpus = write_corpus(tmp_path)
-    recipe = [*_recipe(tmp_path, corpus), f"trainer.max_steps={STEPS}",
-              f"trainer.val_check_interval={HALF}"]  # fmt: skip
+    recipe = [
+        *_recipe(tmp_path, corpus),
+        f"trainer.max_steps={STEPS}",
+        f"trainer.val_check_interval={HALF}",
+    ]
     straight = train(compose("train", [*recipe, f"output_dir={tmp_path / 'straight'}"]))
 
     bin_dir, record = tmp_path / "bin", tmp_path / "scontrol.calls"
