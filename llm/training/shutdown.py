@@ -29,8 +29,11 @@ class GracefulShutdown(L.Callback):
     A second Ctrl-C interrupts at once (Lightning's own KeyboardInterrupt handling). Handlers are
     installed for the training run only, and only in the main thread (signal handlers cannot be
     set elsewhere). Under DDP the ranks agree to stop every ``sync_every_n_steps`` steps, so
-    other steps never wait on a collective. ``dirpath`` is where the checkpoint goes when the
-    run has no RunCheckpoint (``callbacks.model_checkpoint=null``).
+    other steps never wait on a collective, and no stop falls between the batches of one
+    accumulated step. In a SLURM job with Lightning's auto-requeue, SLURM's warning signal
+    (SIGUSR1, ``--signal=SIGUSR1@90``) stops the same way and then runs Lightning's requeue
+    (:meth:`_requeue`). ``dirpath`` is where the checkpoint goes when the run has no
+    RunCheckpoint (``callbacks.model_checkpoint=null``).
     """
 
     def __init__(
