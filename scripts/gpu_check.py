@@ -18,6 +18,10 @@ Checks, each printed as a row with its figures (about 5-8 minutes on one H100/H2
    and `train/mfu` points (what TensorBoard shows on a GPU).
 6. classify: `llm finetune task=classify` from the adamw checkpoint under `NoSyncCheck`, so
    every task's step (not only pretraining's) is held to no host sync.
+   world 2->1, world 1->2 (more than one GPU, or `--world-change` on the CPU): a run of 2 GPUs
+   checkpointed at half of `--steps` and resumed on 1 GPU accumulating 2 batches (the same
+   global batch), and a 1-GPU run resumed on 2; each must end at the weights of the straight
+   2-GPU run within `WORLD_TOLERANCE` (float32, dropout 0: only the reduction order differs).
 7. nanoGPT (with `--nanogpt PATH`, a nanoGPT checkout): its bench.py at the same batch, block
    and dtype with compile, so both tokens/s come from the same run on the same GPU.
 
@@ -116,6 +120,57 @@ def fsdp(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     size = single.stat().st_size / 1e6
     note = f"2 shard files -> {single.name} ({size:.1f} MB); {sampled['note']}"
     return {**row, "ok": sampled["ok"], "note": note}
+
+
+WORLD_TOLERANCE = 1e-4  # max |weight difference|; 1e-5 held on the CPU (tests/test_multinode.py)
+
+
+def world_change(out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """A checkpoint resumed on another number of processes continues the same global order:
+    2 -> 1 and 1 -> 2 processes against a straight 2-process run, global batch kept by
+    accumulation, in float32 with no dropout so the weights compare."""
+    import torch
+
+    gpu = args.device == "cuda"
+    two = ["trainer=ddp", "trainer.devices=2"] if gpu else ["trainer=ddp_cpu"]
+    one = [f"trainer={'gpu' if gpu else 'cpu'}", "trainer.accumulate_grad_batches=2"]
+    half = max(args.steps // 2, 1)
+    common = [
+        "trainer.precision=32-true",
+        "model.dropout=0.0",
+        "optim.warmup_steps=1",
+        f"optim.decay_steps={2 * half}",  # the same schedule in both parts of a resumed run
+        "trainer.limit_val_batches=1",
+        "callbacks.model_checkpoint.save_top_k=-1",  # the half-way checkpoint kept
+    ]
+    steps = [f"trainer.max_steps={2 * half}"]
+    every = [f"trainer.val_check_interval={half}"]  # in each world's batches
+    every_one = [f"trainer.val_check_interval={2 * half}"]
+    straight = train("world 2", out, args, *two, *common, *steps, *every)
+    if not straight["ok"]:
+        return [straight]
+    mid = next((out / "world 2" / "checkpoints").glob(f"step{half:06d}-*.ckpt"))
+    to_one = train("world 2->1", out, args, *one, *common, *steps, *every_one, f"ckpt_path={mid}")
+    first = train("world 1", out, args, *one, *common, f"trainer.max_steps={half}", *every_one)
+    rows = [to_one]
+    if first["ok"]:
+        rows.append(train("world 1->2", out, args, *two, *common, *steps, *every,
+                          f"ckpt_path={first['ckpt']}"))  # fmt: skip
+    else:
+        rows.append(first)
+
+    def weights(path: Path) -> dict[str, Any]:
+        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+    reference = weights(straight["ckpt"])
+    for row in rows:
+        if not row["ok"]:
+            continue
+        resumed = weights(row["ckpt"])
+        diff = max(float((resumed[k] - v).abs().max()) for k, v in reference.items())
+        row["ok"] = diff <= WORLD_TOLERANCE
+        row["note"] = f"max |weight - straight 2-process run's| {diff:.1e} (<= {WORLD_TOLERANCE})"
+    return rows
 
 
 def board(run: Path, gpu: bool) -> dict[str, Any]:
@@ -229,6 +284,11 @@ def main() -> int:
     parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout, to run its bench.py")
     parser.add_argument("--out", type=Path, help="where the runs go (default: a temp folder)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="paths.data_dir")
+    parser.add_argument(
+        "--world-change",
+        action="store_true",
+        help="on the CPU too: resume 2 processes on 1 and back (always with 2+ GPUs)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run")
     args = parser.parse_args()
 
@@ -245,6 +305,8 @@ def main() -> int:
         rows.append(train("ddp", out, args, "trainer=ddp"))
     if gpus > 1 or args.device == "cpu":  # on the CPU: two gloo processes
         rows.append(fsdp(out, args))
+    if gpus > 1 or args.world_change:
+        rows += world_change(out, args)
     if rows[0]["ok"]:
         rows.append(generate(rows[0]["ckpt"], args.device))
         rows.append(board(out / "adamw", gpu=args.device == "cuda"))

@@ -463,7 +463,8 @@ def test_only_the_launching_process_locks_and_the_lock_ends_with_the_run(
     from filelock import FileLock, Timeout
     from omegaconf import OmegaConf
 
-    from llm.training.trainer import RANK_VARIABLES, RunFolderBusy, run_folder_lock
+    from llm.ranks import RANK_VARIABLES
+    from llm.training.trainer import RunFolderBusy, run_folder_lock
 
     for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)

@@ -121,7 +121,14 @@ def test_no_import_cycles_in_llm() -> None:
 
 # Lowest first; a module may import from its own layer and those below, never from above.
 LAYERS = [
-    ("llm.io", "llm.faults", "llm.interrupts", "llm.checks", "llm.heatmaps"),  # utilities, no model
+    (
+        "llm.io",
+        "llm.faults",
+        "llm.interrupts",
+        "llm.checks",
+        "llm.heatmaps",
+        "llm.ranks",
+    ),  # utilities, no model
     ("llm.tokenizers",),
     ("llm.model",),
     # built on the model and tokenizers, used by the stages: the data pipeline, prompt

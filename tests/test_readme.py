@@ -44,6 +44,10 @@ SKIPPED_PROGRAMS = {
     "curl": "a request to the `llm serve` above, which the test does not start",
     "python scripts/ladder.py": "twelve llm runs, minutes each: its rungs' commands are tested "
     "in tests/test_dpo.py and tests/test_grpo.py, its table measured in docs/post_training.md",
+    "torchrun": "two nodes of one run, started together: tests/test_multinode.py runs the "
+    "README's two torchrun commands",
+    "sbatch": "needs a SLURM cluster: tests/test_multinode.py runs its step with SLURM's "
+    "variables and a fake scontrol",
     "python scripts/screenshots.py": "trains a run and a sweep and drives a browser for minutes: "
     "tests/test_screenshots.py shoots a tiny run with it where Playwright and Chromium are",
 }

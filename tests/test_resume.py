@@ -69,7 +69,7 @@ def test_ddp_ranks_share_one_order_and_resume_exactly(n: int, world: int, batch:
         assert straight == batches(wrapped) and len(ours) == len(wrapped)
         shares += [i for b in straight for i in b]
         for k in range(len(straight)):
-            resumed = ResumableDistributedSampler(n, 3, rank, world, skip=k * batch)
+            resumed = ResumableDistributedSampler(n, 3, rank, world, skip=k * batch * world)
             resumed.set_epoch(2)
             assert batches(resumed) == straight[k:] and len(resumed) == len(ours)
             assert batches(resumed) == straight  # the skip applies to one iteration only
@@ -302,3 +302,22 @@ def test_a_run_folder_is_free_again_to_resume_in_once_its_run_ended(
     last = run / "checkpoints" / "last.ckpt"
     assert llm_main("train", *args, "trainer.max_steps=4", f"ckpt_path={last}") == 0
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_signal_mid_accumulation_stops_after_the_optimizer_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during the 2nd batch, seen after the 3rd (the first half of step 2): the stop
+    waits for the 4th, so the checkpoint holds step 2 and loses no accumulated gradient."""
+    from llm import faults
+    from llm.cli.train import train
+
+    faults._seen.clear()
+    monkeypatch.setenv(faults.ENV, "fit.step@2:SIGTERM")
+    out = tmp_path / "stopped"
+    stopped = train(_cfg(tmp_path, out, 8, "trainer.accumulate_grad_batches=2"))
+    assert stopped["shutdown"] is not None and stopped["trainer"].global_step == 2
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 4

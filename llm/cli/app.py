@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llm import checks
+from llm.ranks import other_rank_overrides
 from llm.sweeps.jobs import is_multirun, swept_keys
 
 # The package's own configs (llm/conf/, shipped in the wheel; the checkout's conf/ links to it)
@@ -161,6 +162,7 @@ def run_verb(main: Callable[[], Any], args: Sequence[str], free_text: Sequence[s
     global _argv, _failure, _user_debug
     _argv, _failure = list(sys.argv), None
     hydra_argv = [sys.argv[0], *(quote_free_text(a, free_text) for a in args)]
+    hydra_argv += other_rank_overrides(hydra_argv[1:])  # torchrun's and srun's other ranks
     saved, sys.argv = sys.argv, hydra_argv
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     _user_debug = debug()

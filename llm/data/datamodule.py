@@ -67,9 +67,12 @@ class ResumableDistributedSampler(DistributedSampler):
     Rank r gets positions r, r + W, ... of the order padded to a multiple of W, exactly what
     Lightning's DistributedSamplerWrapper made of a ResumableRandomSampler (so DDP runs keep
     their order). Being a DistributedSampler, Lightning uses it as it is; that wrapper could
-    not skip: it indexes the whole epoch. ``skip`` drops that many of this rank's leading
-    indices in the next iteration only; ``len`` stays the full share (Lightning sizes the
-    epoch from it and counts the resumed epoch's batches from its restored progress).
+    not skip: it indexes the whole epoch. ``skip`` is a position in the global order (samples
+    over all ranks, whatever world wrote it): in the next iteration only, rank r takes
+    positions skip + r, skip + r + W, ... of what is left, padded to a multiple of W, so every
+    window after ``skip`` is seen once and the ranks' batch counts stay equal. ``len`` stays the
+    full share (Lightning sizes the epoch from it and counts the resumed epoch's batches from
+    its restored progress).
     """
 
     def __init__(
@@ -82,11 +85,11 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __iter__(self) -> Any:
         order = list(ResumableRandomSampler(len(self.dataset), self.seed + self.epoch))
-        pad = self.total_size - len(order)
-        order += (order * (pad // len(order) + 1))[:pad]  # as DistributedSampler pads
-        mine = order[self.rank : self.total_size : self.num_replicas]
-        skip, self.skip = self.skip, 0
-        return iter(mine[skip:])
+        skip, self.skip = min(self.skip, len(order)), 0
+        left = order[skip:]
+        pad = -len(left) % self.num_replicas
+        left += (order * (pad // len(order) + 1))[:pad]  # as DistributedSampler pads
+        return iter(left[self.rank :: self.num_replicas])
 
 
 class SpreadSampler(Sampler[int]):
@@ -148,8 +151,8 @@ class ResumableOrder:
         self._resume_batches = 0
         if skip >= num_samples:
             skip = 0  # the checkpoint ended its epoch: the next one starts from the top
-        if world > 1:  # each rank skips its share (all the same: equal batch counts)
-            return ResumableDistributedSampler(num_samples, self.seed, rank, world, skip // world)
+        if world > 1:  # the ranks share out what is left of the global order
+            return ResumableDistributedSampler(num_samples, self.seed, rank, world, skip)
         return ResumableRandomSampler(num_samples, self.seed, skip=skip)
 
     def _world_size(self) -> int:
@@ -165,18 +168,21 @@ class ResumableOrder:
 
         ``processed`` (not ``completed``) so a checkpoint written in ``on_train_batch_end``
         counts the batch it was written after. ``train_samples_consumed`` counts them over all
-        ranks (each rank took ``batch_size`` a batch), so a run resumed on another number of
-        devices still starts where the order was left.
+        ranks (each rank took ``batch_size`` a batch): the position in the global order, so a
+        run resumed on another number of devices starts where the order was left
+        (:class:`llm.training.world_size.WorldSizeChange` recounts Lightning's batches).
         """
         trainer = getattr(self, "trainer", None)
         batches = 0
         if trainer is not None:
             batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        samples = batches * self.batch_size * self._world_size()
+        world = self._world_size()
         return {
             "train_batches_consumed": batches,
-            "train_samples_consumed": samples,
+            "train_samples_consumed": batches * self.batch_size * world,
             "seed": self.seed,
+            "batch_size": self.batch_size,  # per rank; with world_size: samples per batch
+            "world_size": world,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ its settings, what module and data it trains, and what it does once the fit is o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ from llm.training.trainer import (
     sharded,
     shutdown_of,
 )
+
+log = logging.getLogger("llm")
 
 
 @dataclass
@@ -95,6 +98,7 @@ def fit(
     if started is not None:
         started()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume_requeued(cfg)
     built = task.build(cfg)
     module, dm = built.module, built.datamodule
     trainer, loggers = build_trainer(cfg, callbacks)
@@ -127,6 +131,21 @@ def fit(
     metrics = {**end_metrics(trainer, module), **result.pop("end_metrics", {})}
     log_hparams(trainer, loggers, hparams(cfg, params), metrics)
     return result
+
+
+def resume_requeued(cfg: DictConfig) -> None:
+    """A requeued SLURM job (no ``ckpt_path``) resumes from the checkpoint Lightning's
+    auto-requeue saved in its run folder, as Lightning would by itself, but named here so the
+    run resumes as from any checkpoint (its checks, curves purged from its step, its summary)."""
+    from llm.training.cluster import requeued_checkpoint
+
+    folder = cfg.trainer.get("default_root_dir")
+    if cfg.get("ckpt_path") or not folder or "ckpt_path" not in cfg:
+        return
+    found = requeued_checkpoint(folder)
+    if found is not None:
+        log.info("resuming the requeued SLURM job from %s", found)
+        cfg.ckpt_path = found
 
 
 def data_params(cfg: DictConfig) -> dict[str, Any]:

@@ -29,8 +29,11 @@ class GracefulShutdown(L.Callback):
     A second Ctrl-C interrupts at once (Lightning's own KeyboardInterrupt handling). Handlers are
     installed for the training run only, and only in the main thread (signal handlers cannot be
     set elsewhere). Under DDP the ranks agree to stop every ``sync_every_n_steps`` steps, so
-    other steps never wait on a collective. ``dirpath`` is where the checkpoint goes when the
-    run has no RunCheckpoint (``callbacks.model_checkpoint=null``).
+    other steps never wait on a collective, and no stop falls between the batches of one
+    accumulated step. In a SLURM job with Lightning's auto-requeue, SLURM's warning signal
+    (SIGUSR1, ``--signal=SIGUSR1@90``) stops the same way and then runs Lightning's requeue
+    (:meth:`_requeue`). ``dirpath`` is where the checkpoint goes when the run has no
+    RunCheckpoint (``callbacks.model_checkpoint=null``).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class GracefulShutdown(L.Callback):
         self.message = ""
         self.signum: int | None = None
         self.ckpt_path: str | None = None
+        self.requeue_signal: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -67,9 +71,13 @@ class GracefulShutdown(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signum, self.ckpt_path = None, None
+        self.requeue_signal = requeue_signal(trainer)
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        signals = [signal.SIGTERM, signal.SIGINT]
+        if self.requeue_signal is not None:  # in place of Lightning's, which saves mid-step
+            signals.append(self.requeue_signal)
+        for signum in signals:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handler)
 
@@ -81,23 +89,36 @@ class GracefulShutdown(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # mid-accumulation: a checkpoint would lose the gradients gathered so far
         stop = self.signum is not None
+        requeue = stop and self.signum == self.requeue_signal
         if trainer.world_size > 1:
             if trainer.global_step % self.sync_every_n_steps:
                 return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            if stop:
+                requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
             if stop and self.signum is None:  # another rank's signal
-                self.signum = signal.SIGTERM
+                self.signum = self.requeue_signal if requeue else signal.SIGTERM
         if not stop:
             return
-        # a validation the schedule runs after this batch writes last.ckpt with its results
-        # (a resumed run starts after it and would never make it up); otherwise save now
-        validates = validates_after_this_batch(trainer)
-        path = self._checkpoint_after_validation(trainer) if validates else None
-        path = path or self._save(trainer)
+        if requeue:  # SLURM's warning before preemption: Lightning's save and requeue
+            path, validates = self._requeue(trainer), False
+        else:
+            # a validation the schedule runs after this batch writes last.ckpt with its
+            # results (a resumed run starts after it and would never make it up); else save now
+            validates = validates_after_this_batch(trainer)
+            path = self._checkpoint_after_validation(trainer) if validates else None
+            path = path or self._save(trainer)
         if trainer.is_global_zero:
             self.ckpt_path = str(path)
             self.message = resume_message(path, command=self.command)
+            if requeue:
+                self.message = (
+                    f"Checkpoint saved to {path}\nSLURM job {os.environ.get('SLURM_JOB_ID')} "
+                    "requeued: started again, the same command resumes from it"
+                )
             log.info(
                 "stopped by %s at step %d; checkpoint %s",
                 signal.Signals(self.signum or signal.SIGTERM).name,
@@ -117,6 +138,16 @@ class GracefulShutdown(L.Callback):
 
         ckpt = trainer.checkpoint_callback
         return ckpt.last_path if isinstance(ckpt, RunCheckpoint) and ckpt.save_last else None
+
+    @staticmethod
+    def _requeue(trainer: L.Trainer) -> Path:
+        """Lightning's SLURM auto-requeue, at a step's end rather than wherever the signal
+        fell: ``<run>/hpc_ckpt_<n>.ckpt`` (every rank calls), then ``scontrol requeue <job>``
+        from rank 0. The requeued job resumes from that file (Lightning's rule, and
+        :func:`llm.training.run.resume_requeued`)."""
+        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer._signal_connector._slurm_sigusr_handler_fn(signal.SIGUSR1, None)  # type: ignore[arg-type]
+        return Path(path)
 
     def _save(self, trainer: L.Trainer) -> Path:
         """The run's last.ckpt, through its RunCheckpoint where it has one (every rank calls)."""
@@ -143,6 +174,17 @@ class GracefulShutdown(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
+
+
+def requeue_signal(trainer: L.Trainer) -> int | None:
+    """The signal SLURM sends before it preempts the job (``--signal=SIGUSR1@90``), where the
+    run is a SLURM job step with Lightning's auto-requeue on (its default); else None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    environment = trainer._accelerator_connector.cluster_environment
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        return environment.requeue_signal
+    return None
 
 
 def resume_message(

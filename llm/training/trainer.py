@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llm import checks
+from llm.ranks import is_launching_process
 
 log = logging.getLogger("llm")
 
@@ -46,8 +46,10 @@ def _is_hparam(key: str) -> bool:
 
 def check_run(cfg: DictConfig) -> None:
     """Fail fast, before any data is read, on the settings every training run shares."""
+    from llm.training.cluster import check_world
     from llm.training.optim import check_optim
 
+    check_world(cfg.trainer)
     checks.integer("trainer.max_steps", cfg.trainer.get("max_steps"), minimum=1, example=2000)
     checks.integer("seed", cfg.get("seed"), example=1337)
     check_val_interval(cfg.trainer.get("val_check_interval"))
@@ -70,18 +72,7 @@ def check_val_interval(value: Any) -> None:
     )
 
 
-# Set to a rank's number in every process but the one the user started: Lightning's ddp
-# re-runs the command per local rank (LOCAL_RANK); torchrun, SLURM and other launchers.
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID",
-                  "JSM_NAMESPACE_RANK")  # fmt: skip
-
-
 LOCK_NAME = "run.lock"
-
-
-def is_launching_process() -> bool:
-    """Whether this is global rank 0 before any Trainer exists (its rank variables, if any, 0)."""
-    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
 
 
 @contextmanager
@@ -213,10 +204,11 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> 
     from llm.training.checkpointing import AtomicCheckpointIO
     from llm.training.progress import lines_without_bar
     from llm.training.throughput import Throughput
+    from llm.training.world_size import WorldSizeChange
 
     loggers = build_loggers(cfg.get("logger"), resumed_step(cfg.get("ckpt_path")))
     # the throughput clock first: the progress lines read its tokens/s at the same step
-    callbacks = [Throughput(), *instantiate_all(cfg.get("callbacks") or {})]
+    callbacks = [Throughput(), WorldSizeChange(), *instantiate_all(cfg.get("callbacks") or {})]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar then
         callbacks = lines_without_bar(callbacks)
     callbacks += extra_callbacks or []
