@@ -55,6 +55,12 @@ SKIPPED_PROGRAMS = {
 SKIPPED_COMMANDS = {
     "llm train experiment=shakespeare_char_cpu trainer=ddp_cpu": "its ranks are two more "
     "interpreters, a third of this test's time: tests/test_ddp_cpu.py runs this command",
+    "llm export ckpt_path=<run>/checkpoints/last.ckpt out=<run>/checkpoints/last-single.ckpt": (
+        "consolidates a sharded run's checkpoint folder, which no README command before it "
+        "makes: tests/test_fsdp.py runs it on a trainer=fsdp_cpu run"
+    ),
+    "llm generate ckpt_path=<run>/checkpoints/last-single.ckpt": "reads the export above: "
+    "tests/test_fsdp.py loads what it exports as generate does",
 }
 GPU = "trains on a GPU (the tests run on the CPU)"
 HUB_DATA = "streams its corpus from the Hugging Face Hub"
