@@ -353,6 +353,111 @@ def test_the_page_ships_and_fetches_nothing_from_elsewhere(server: ThreadServer)
     assert "https://" not in page.text and 'id="inspect"' in page.text
 
 
+def _inspect(server: ThreadServer, **body: Any) -> dict[str, Any]:
+    reply = httpx.post(f"{server.url}/inspect", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_inspect_gives_the_last_exchanges_views_as_a_forward_pass(server: ThreadServer) -> None:
+    """POST /inspect on a conversation and its reply: the ids are the chat route's rendered
+    prompt then the reply; the next-token probabilities are a plain forward pass's; the lens's
+    last row is the next-token view's top token; attention has every head, rows summing to 1;
+    ``last`` and ``attention_last`` keep the last positions of the same numbers."""
+    from llm.prompts import render
+
+    tok, model = server.tokenizer, server.engine.model
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": " friend"}]
+    body = _inspect(server, messages=messages, top_k=3)
+    prompt = tok.encode(render(server.template, messages[:1], tok))
+    ids = prompt + tok.encode(" friend")
+    assert body["ids"] == ids and body["prompt_tokens"] == len(prompt) and body["offset"] == 0
+    assert body["tokens"] == [tok.decode([i]) for i in ids] and body["cut"] == 0
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([ids]))[0][0].float(), -1)
+    positions = body["next_token"]["positions"]
+    assert len(positions) == len(ids)
+    for t, entry in enumerate(positions):
+        best = probs[t].topk(3)
+        assert [e["id"] for e in entry["top"]] == best.indices.tolist()
+        assert [e["prob"] for e in entry["top"]] == pytest.approx(best.values.tolist(), abs=1e-5)
+        if t + 1 < len(ids):
+            assert entry["next"]["prob"] == pytest.approx(float(probs[t, ids[t + 1]]), abs=1e-5)
+    lens = body["lens"]
+    n_layer, n_head = model.config.n_layer, model.config.n_head
+    assert len(lens["points"]) == len(lens["top"]) == n_layer + 1
+    assert all(len(row) == len(ids) for row in lens["top"])
+    assert [e["id"] for e in lens["top"][-1]] == [p["top"][0]["id"] for p in positions]
+    assert [e["prob"] for e in lens["top"][-1]] == [p["top"][0]["prob"] for p in positions]
+    maps = torch.tensor(body["attention"]["maps"])
+    assert maps.shape == (n_layer, n_head, len(ids), len(ids))
+    torch.testing.assert_close(maps.sum(-1), torch.ones(n_layer, n_head, len(ids)), atol=1e-4,
+                               rtol=0)  # fmt: skip
+    small = _inspect(server, messages=messages, top_k=3, last=4, attention_last=3)
+    assert small["offset"] == len(ids) - 4 and small["tokens"] == body["tokens"][-4:]
+    assert small["next_token"]["positions"] == positions[-4:]
+    assert small["lens"]["top"] == [row[-4:] for row in lens["top"]]
+    assert small["attention"]["offset"] == len(ids) - 3
+    torch.testing.assert_close(torch.tensor(small["attention"]["maps"]), maps[..., -3:, -3:])
+    assert _inspect(server, prompt="Hello", attention_last=0)["attention"] is None
+    text = _inspect(server, prompt="Hello friend", top_k=3)
+    assert text["ids"] == tok.encode("Hello friend") == ids  # a base model: the text itself
+    assert text["next_token"] == body["next_token"]
+
+
+def test_inspect_runs_between_decode_steps_without_disturbing_a_stream(
+    server: ThreadServer,
+) -> None:
+    """An inspection sent while a reply streams is served on the engine's thread between two
+    steps: the stream still gives the greedy text it gives alone."""
+    body = {"prompt": "Hi", "max_tokens": 50, "temperature": 0}
+    alone = httpx.post(f"{server.url}/v1/completions", json=body).json()["choices"][0]["text"]
+    text = ""
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+                break
+        assert _inspect(server, prompt="Hello there")["total_tokens"] == len("Hello there")
+        for line in lines:
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+    assert text == alone
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "messages"),
+        ({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "assistant", "content": "a reply alone"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "b" * 80}]}, "messages"),
+        ({"prompt": "a" * 65}, "prompt"),
+        ({"prompt": "Hi", "top_k": 0}, "top_k"),
+        ({"prompt": "Hi", "last": 0}, "last"),
+        ({"prompt": "Hi", "attention_last": 1000}, "attention_last"),
+    ],
+)
+def test_bad_inspections_get_openai_errors(
+    server: ThreadServer, body: dict[str, Any], param: str
+) -> None:
+    reply = httpx.post(f"{server.url}/inspect", json=body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"].startswith(param) and error["type"] == "invalid_request_error"
+
+
+def test_inspect_cuts_a_reply_at_the_end_of_the_context(server: ThreadServer) -> None:
+    """A reply that ran to the end of the context (64 tokens here): its tokens past it go."""
+    messages = [{"role": "user", "content": "a" * 60}, {"role": "assistant", "content": "b" * 10}]
+    body = _inspect(server, messages=messages, attention_last=0)
+    assert body["total_tokens"] == 64 and body["cut"] == 6 and body["prompt_tokens"] == 60
+    assert len(body["next_token"]["positions"]) == 64
+
+
 def test_llm_serve_stops_cleanly_on_sigterm(ckpt: Path) -> None:
     """The command as users run it: port=0 picks a free port (printed), /health answers,
     SIGTERM ends it with status 0 and no traceback."""
