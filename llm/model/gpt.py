@@ -159,7 +159,8 @@ class GPT(nn.Module):
                 x = edit(i, x)
             stream.append(x)
             if i < self.config.n_layer:
-                x = self.h[i](x, None, mask, None if head_mask is None else head_mask[i])
+                layer_mask = None if head_mask is None else head_mask[i]
+                x = self.h[i](x, None, mask, head_mask=layer_mask)
         return stream
 
     def top_layers(self, n: int) -> list[nn.Module]:
