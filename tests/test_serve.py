@@ -573,7 +573,9 @@ def _browser() -> Any:
 
 def test_the_page_chats_in_a_real_browser(server: ThreadServer) -> None:
     """Headless Chromium types a message on the page; the reply streams in (several pieces),
-    equals what the API gives for the same settings, and Reset clears the conversation."""
+    equals what the API gives for the same settings; Inspect shows the exchange's next-token
+    table (a row per token), logit lens (a row per layer, a cell per token) and attention map;
+    and Reset clears the conversation."""
     script, executable = _browser()
     with script.shots.browser(executable) as chromium:
         page = chromium.new_page()
@@ -591,6 +593,16 @@ def test_the_page_chats_in_a_real_browser(server: ThreadServer) -> None:
             "temperature": 0.8, "top_p": 1.0,
         }).json()  # fmt: skip
         assert reply == api["choices"][0]["message"]["content"]
+        # the inspect view of that exchange: its tables and a map per layer and head
+        assert page.is_disabled("#inspect-button") is False
+        tokens = len(server.tokenizer.encode("Hello" + reply))
+        view = script.inspect(page)
+        n_layer, n_head = (server.engine.model.config.n_layer, server.engine.model.config.n_head)
+        assert view["next_rows"] == tokens and view["lens_rows"] == n_layer + 1
+        assert view["lens_cells"] == [tokens + 1] * (n_layer + 1)  # a name, then each token
+        assert view["canvas"] == [tokens * 12] * 2 and view["heads"] == [n_layer, n_head]
+        assert view["painted"]  # the map was drawn: its pixels are not all blank
+        assert f"the reply from token {len('Hello')}" in page.inner_text("#inspect-status")
         second = script.chat(page, "Again")
         assert page.locator("#messages li").count() == 4 and isinstance(second, str)
         for turn in ("Three", "Four", "Five"):  # past the context of 64: earliest turns go
@@ -599,4 +611,5 @@ def test_the_page_chats_in_a_real_browser(server: ThreadServer) -> None:
         assert "earliest turns dropped" in page.inner_text("#status")
         page.click("#reset")
         assert page.locator("#messages li").count() == 0
+        assert page.is_disabled("#inspect-button") and page.is_hidden("#inspect-body")
         assert page.inner_text("#status") == "new conversation"
