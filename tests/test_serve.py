@@ -315,6 +315,7 @@ def test_an_api_key_is_required_when_set(ckpt: Path) -> None:
         wrong = httpx.get(f"{running.url}/v1/models", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
         assert httpx.get(f"{running.url}/health").status_code == 200  # health stays open
+        assert httpx.post(f"{running.url}/inspect", json={"prompt": "Hi"}).status_code == 401
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="sesame")
         assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
