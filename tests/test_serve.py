@@ -1,6 +1,7 @@
 """`llm serve`: padded batches equal single rows, the batching engine equals one-at-a-time
 generation, the OpenAI API through the official `openai` client, errors in OpenAI's shape, a
-disconnect freeing its row, the API key, and the command stopping cleanly on SIGTERM.
+disconnect freeing its row, the API key, the command stopping cleanly on SIGTERM, and the
+inspect route (on the engine's thread, a forward pass's numbers) and the page's inspect view.
 
 Skipped without the `serve` extra (FastAPI, uvicorn; the `dev` extra has them and `openai`).
 """
@@ -138,6 +139,26 @@ def test_a_sliding_window_model_is_served_one_row_at_a_time(char_tokenizer: Any)
     for ids, sink in zip(prompts, sinks, strict=True):
         want = model.generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids) :]
         assert sink.text == char_tokenizer.decode(want.tolist())  # past the window of 8
+
+
+def test_engine_call_runs_on_the_engines_thread_and_is_refused_after_stop(
+    tiny_gpt: Any, char_tokenizer: Any
+) -> None:
+    """Work handed to Engine.call runs on the thread that owns the model, its exception reaches
+    the caller, and after stop a call is refused rather than left waiting."""
+    engine = Engine(tiny_gpt, char_tokenizer).start()
+    try:
+        assert engine.call(lambda: threading.current_thread().name).result(30) == (
+            "llm-serve-engine"
+        )
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 / 0).result(30)
+        [sink] = _run_jobs(engine, [(char_tokenizer.encode("Hi"), Sampling(3, 0.0))])
+        assert sink.finish.completion_tokens == 3  # the engine lives on after a failed call
+    finally:
+        engine.stop()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.call(lambda: None)
 
 
 # --- the HTTP server -------------------------------------------------------------------------
