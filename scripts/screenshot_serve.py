@@ -1,11 +1,12 @@
 """Screenshots of `llm serve`'s chat page for docs/img: the server started as a user starts it,
-the page driven in headless Chromium (Playwright) through a short conversation.
+the page driven in headless Chromium (Playwright) through a short conversation
+(``serve_chat.png``), then its inspect view of the last exchange (``serve_inspect.png``).
 
     pip install -e ".[serve,docs]"           # FastAPI, uvicorn, Playwright; browser: chromium
     python scripts/screenshot_serve.py --ckpt logs/train/runs/<date>/checkpoints/last.ckpt
 
-``chat`` is what tests/test_serve.py's browser test drives too: type a message, press Enter,
-wait for the streamed reply to finish.
+``chat`` and ``inspect`` are what tests/test_serve.py's browser test drives too: type a
+message, press Enter, wait for the streamed reply to finish; click Inspect, wait for the view.
 """
 
 from __future__ import annotations
@@ -83,8 +84,38 @@ def chat(page: Any, text: str) -> str:
     return str(replies.nth(before).text_content())
 
 
+# what the inspect view drew: table rows and cells, the canvas's size, the selectors' choices,
+# and whether any of the canvas's pixels were painted
+VIEW = """() => {
+  const lens = [...document.querySelectorAll('#lens-table tbody tr')];
+  const c = document.getElementById('att-canvas');
+  const px = c.width ? c.getContext('2d').getImageData(0, 0, c.width, c.height).data : [];
+  return {
+    next_rows: document.querySelectorAll('#next-table tbody tr').length,
+    lens_rows: lens.length,
+    lens_cells: lens.map((r) => r.cells.length),
+    canvas: [c.width, c.height],
+    heads: [document.getElementById('att-layer').options.length,
+            document.getElementById('att-head').options.length],
+    painted: px.some((v, i) => i % 4 !== 3 && v !== 255),
+  };
+}"""
+
+
+def inspect(page: Any) -> dict[str, Any]:
+    """Click Inspect; once the view is drawn, what it shows (VIEW)."""
+    page.click("#inspect-button")
+    page.wait_for_function(
+        "() => !document.getElementById('inspect-body').hidden"
+        " && !document.getElementById('inspect-button').disabled"
+    )
+    return dict(page.evaluate(VIEW))
+
+
 def shoot(url: str, out: Path, executable: str | None, width: int, height: int) -> Path:
-    """A conversation of TURNS on the page at ``url``, saved as ``out/serve_chat.png``."""
+    """A conversation of TURNS on the page at ``url``, saved as ``out/serve_chat.png``; then
+    the inspect view of the last exchange (attention of the last layer) as
+    ``out/serve_inspect.png``."""
     with shots.browser(executable) as chromium:
         page = chromium.new_page(viewport={"width": width, "height": height})
         page.set_default_timeout(60_000)
@@ -95,6 +126,11 @@ def shoot(url: str, out: Path, executable: str | None, width: int, height: int) 
             chat(page, turn)
         path = out / "serve_chat.png"
         shots.save_png(page, path)
+        inspect(page)
+        page.set_viewport_size({"width": width, "height": 2 * height})
+        page.select_option("#att-layer", str(page.locator("#att-layer option").count() - 1))
+        page.evaluate("document.getElementById('inspect').scrollIntoView()")
+        shots.save_png(page, out / "serve_inspect.png")
         page.close()
     return path
 

@@ -1,6 +1,7 @@
 """`llm serve`: padded batches equal single rows, the batching engine equals one-at-a-time
 generation, the OpenAI API through the official `openai` client, errors in OpenAI's shape, a
-disconnect freeing its row, the API key, and the command stopping cleanly on SIGTERM.
+disconnect freeing its row, the API key, the command stopping cleanly on SIGTERM, and the
+inspect route (on the engine's thread, a forward pass's numbers) and the page's inspect view.
 
 Skipped without the `serve` extra (FastAPI, uvicorn; the `dev` extra has them and `openai`).
 """
@@ -138,6 +139,26 @@ def test_a_sliding_window_model_is_served_one_row_at_a_time(char_tokenizer: Any)
     for ids, sink in zip(prompts, sinks, strict=True):
         want = model.generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids) :]
         assert sink.text == char_tokenizer.decode(want.tolist())  # past the window of 8
+
+
+def test_engine_call_runs_on_the_engines_thread_and_is_refused_after_stop(
+    tiny_gpt: Any, char_tokenizer: Any
+) -> None:
+    """Work handed to Engine.call runs on the thread that owns the model, its exception reaches
+    the caller, and after stop a call is refused rather than left waiting."""
+    engine = Engine(tiny_gpt, char_tokenizer).start()
+    try:
+        assert engine.call(lambda: threading.current_thread().name).result(30) == (
+            "llm-serve-engine"
+        )
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 / 0).result(30)
+        [sink] = _run_jobs(engine, [(char_tokenizer.encode("Hi"), Sampling(3, 0.0))])
+        assert sink.finish.completion_tokens == 3  # the engine lives on after a failed call
+    finally:
+        engine.stop()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.call(lambda: None)
 
 
 # --- the HTTP server -------------------------------------------------------------------------
@@ -315,6 +336,7 @@ def test_an_api_key_is_required_when_set(ckpt: Path) -> None:
         wrong = httpx.get(f"{running.url}/v1/models", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
         assert httpx.get(f"{running.url}/health").status_code == 200  # health stays open
+        assert httpx.post(f"{running.url}/inspect", json={"prompt": "Hi"}).status_code == 401
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="sesame")
         assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
@@ -351,6 +373,111 @@ def test_the_page_ships_and_fetches_nothing_from_elsewhere(server: ThreadServer)
         text = httpx.get(f"{server.url}{asset}").text
         assert "http://" not in text and "https://" not in text  # no CDN: works offline
     assert "https://" not in page.text and 'id="inspect"' in page.text
+
+
+def _inspect(server: ThreadServer, **body: Any) -> dict[str, Any]:
+    reply = httpx.post(f"{server.url}/inspect", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_inspect_gives_the_last_exchanges_views_as_a_forward_pass(server: ThreadServer) -> None:
+    """POST /inspect on a conversation and its reply: the ids are the chat route's rendered
+    prompt then the reply; the next-token probabilities are a plain forward pass's; the lens's
+    last row is the next-token view's top token; attention has every head, rows summing to 1;
+    ``last`` and ``attention_last`` keep the last positions of the same numbers."""
+    from llm.prompts import render
+
+    tok, model = server.tokenizer, server.engine.model
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": " friend"}]
+    body = _inspect(server, messages=messages, top_k=3)
+    prompt = tok.encode(render(server.template, messages[:1], tok))
+    ids = prompt + tok.encode(" friend")
+    assert body["ids"] == ids and body["prompt_tokens"] == len(prompt) and body["offset"] == 0
+    assert body["tokens"] == [tok.decode([i]) for i in ids] and body["cut"] == 0
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([ids]))[0][0].float(), -1)
+    positions = body["next_token"]["positions"]
+    assert len(positions) == len(ids)
+    for t, entry in enumerate(positions):
+        best = probs[t].topk(3)
+        assert [e["id"] for e in entry["top"]] == best.indices.tolist()
+        assert [e["prob"] for e in entry["top"]] == pytest.approx(best.values.tolist(), abs=1e-5)
+        if t + 1 < len(ids):
+            assert entry["next"]["prob"] == pytest.approx(float(probs[t, ids[t + 1]]), abs=1e-5)
+    lens = body["lens"]
+    n_layer, n_head = model.config.n_layer, model.config.n_head
+    assert len(lens["points"]) == len(lens["top"]) == n_layer + 1
+    assert all(len(row) == len(ids) for row in lens["top"])
+    assert [e["id"] for e in lens["top"][-1]] == [p["top"][0]["id"] for p in positions]
+    assert [e["prob"] for e in lens["top"][-1]] == [p["top"][0]["prob"] for p in positions]
+    maps = torch.tensor(body["attention"]["maps"])
+    assert maps.shape == (n_layer, n_head, len(ids), len(ids))
+    torch.testing.assert_close(maps.sum(-1), torch.ones(n_layer, n_head, len(ids)), atol=1e-4,
+                               rtol=0)  # fmt: skip
+    small = _inspect(server, messages=messages, top_k=3, last=4, attention_last=3)
+    assert small["offset"] == len(ids) - 4 and small["tokens"] == body["tokens"][-4:]
+    assert small["next_token"]["positions"] == positions[-4:]
+    assert small["lens"]["top"] == [row[-4:] for row in lens["top"]]
+    assert small["attention"]["offset"] == len(ids) - 3
+    torch.testing.assert_close(torch.tensor(small["attention"]["maps"]), maps[..., -3:, -3:])
+    assert _inspect(server, prompt="Hello", attention_last=0)["attention"] is None
+    text = _inspect(server, prompt="Hello friend", top_k=3)
+    assert text["ids"] == tok.encode("Hello friend") == ids  # a base model: the text itself
+    assert text["next_token"] == body["next_token"]
+
+
+def test_inspect_runs_between_decode_steps_without_disturbing_a_stream(
+    server: ThreadServer,
+) -> None:
+    """An inspection sent while a reply streams is served on the engine's thread between two
+    steps: the stream still gives the greedy text it gives alone."""
+    body = {"prompt": "Hi", "max_tokens": 50, "temperature": 0}
+    alone = httpx.post(f"{server.url}/v1/completions", json=body).json()["choices"][0]["text"]
+    text = ""
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+                break
+        assert _inspect(server, prompt="Hello there")["total_tokens"] == len("Hello there")
+        for line in lines:
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+    assert text == alone
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "messages"),
+        ({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "assistant", "content": "a reply alone"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "b" * 80}]}, "messages"),
+        ({"prompt": "a" * 65}, "prompt"),
+        ({"prompt": "Hi", "top_k": 0}, "top_k"),
+        ({"prompt": "Hi", "last": 0}, "last"),
+        ({"prompt": "Hi", "attention_last": 1000}, "attention_last"),
+    ],
+)
+def test_bad_inspections_get_openai_errors(
+    server: ThreadServer, body: dict[str, Any], param: str
+) -> None:
+    reply = httpx.post(f"{server.url}/inspect", json=body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"].startswith(param) and error["type"] == "invalid_request_error"
+
+
+def test_inspect_cuts_a_reply_at_the_end_of_the_context(server: ThreadServer) -> None:
+    """A reply that ran to the end of the context (64 tokens here): its tokens past it go."""
+    messages = [{"role": "user", "content": "a" * 60}, {"role": "assistant", "content": "b" * 10}]
+    body = _inspect(server, messages=messages, attention_last=0)
+    assert body["total_tokens"] == 64 and body["cut"] == 6 and body["prompt_tokens"] == 60
+    assert len(body["next_token"]["positions"]) == 64
 
 
 def test_llm_serve_stops_cleanly_on_sigterm(ckpt: Path) -> None:
@@ -468,7 +595,9 @@ def _browser() -> Any:
 
 def test_the_page_chats_in_a_real_browser(server: ThreadServer) -> None:
     """Headless Chromium types a message on the page; the reply streams in (several pieces),
-    equals what the API gives for the same settings, and Reset clears the conversation."""
+    equals what the API gives for the same settings; Inspect shows the exchange's next-token
+    table (a row per token), logit lens (a row per layer, a cell per token) and attention map;
+    and Reset clears the conversation."""
     script, executable = _browser()
     with script.shots.browser(executable) as chromium:
         page = chromium.new_page()
@@ -486,6 +615,16 @@ def test_the_page_chats_in_a_real_browser(server: ThreadServer) -> None:
             "temperature": 0.8, "top_p": 1.0,
         }).json()  # fmt: skip
         assert reply == api["choices"][0]["message"]["content"]
+        # the inspect view of that exchange: its tables and a map per layer and head
+        assert page.is_disabled("#inspect-button") is False
+        tokens = len(server.tokenizer.encode("Hello" + reply))
+        view = script.inspect(page)
+        n_layer, n_head = (server.engine.model.config.n_layer, server.engine.model.config.n_head)
+        assert view["next_rows"] == tokens and view["lens_rows"] == n_layer + 1
+        assert view["lens_cells"] == [tokens + 1] * (n_layer + 1)  # a name, then each token
+        assert view["canvas"] == [tokens * 12] * 2 and view["heads"] == [n_layer, n_head]
+        assert view["painted"]  # the map was drawn: its pixels are not all blank
+        assert f"the reply from token {len('Hello')}" in page.inner_text("#inspect-status")
         second = script.chat(page, "Again")
         assert page.locator("#messages li").count() == 4 and isinstance(second, str)
         for turn in ("Three", "Four", "Five"):  # past the context of 64: earliest turns go
@@ -494,4 +633,5 @@ def test_the_page_chats_in_a_real_browser(server: ThreadServer) -> None:
         assert "earliest turns dropped" in page.inner_text("#status")
         page.click("#reset")
         assert page.locator("#messages li").count() == 0
+        assert page.is_disabled("#inspect-button") and page.is_hidden("#inspect-body")
         assert page.inner_text("#status") == "new conversation"

@@ -1,6 +1,7 @@
 """The HTTP side of ``llm serve``: OpenAI's routes and shapes on FastAPI, over the batching
 engine (:mod:`llm.serving.engine`), plus the chat page at ``/`` and vLLM's tokenizer routes
-(which lm-evaluation-harness's ``local-completions`` uses to count a context's tokens).
+(which lm-evaluation-harness's ``local-completions`` uses to count a context's tokens), and
+``POST /inspect``, the page's look inside the model (:mod:`llm.serving.views`; not OpenAI's).
 
 Every failure a client can cause is answered in OpenAI's error shape
 (``{"error": {"message", "type", "param", "code"}}``) with a 4xx status, never a 500.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -26,11 +28,16 @@ from starlette.exceptions import HTTPException
 from llm.prompts import Message, render
 from llm.serving.engine import Delta, Engine, Finish, Job, Sampling, TokenLogprob, async_emitter
 from llm.serving.schemas import (
+    ChatMessage,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    InspectRequest,
     TokenizeRequest,
 )
+from llm.serving.views import inspect_ids
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -290,6 +297,11 @@ def create_app(
         server.check_vocab(body.tokens, "tokens")
         return {"prompt": server.tokenizer.decode(body.tokens)}
 
+    @app.post("/inspect")
+    async def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
+        server.check_key(request)
+        return await _inspect(server, body)
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
@@ -380,9 +392,12 @@ async def _completions(server: Server, body: CompletionRequest) -> JSONResponse 
 
 def _chat_prompt(server: Server, body: ChatRequest) -> list[int]:
     """The conversation rendered with the checkpoint's template, as ids."""
+    return _rendered_ids(server, body.messages)
+
+
+def _rendered_ids(server: Server, chat: list[ChatMessage]) -> list[int]:
     messages: list[Message] = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in chat
     ]
     try:
         text = render(server.template, messages, server.tokenizer)
@@ -446,3 +461,63 @@ async def _chat(server: Server, body: ChatRequest) -> JSONResponse | StreamingRe
         {**head, "object": "chat.completion", "choices": choices,
          "usage": _usage(prompt_tokens, completion_tokens)}
     )  # fmt: skip
+
+
+def _inspected_ids(server: Server, body: InspectRequest) -> tuple[list[int], int]:
+    """The ids to look at and how many of them are the prompt: ``prompt`` as it is, or the
+    conversation rendered as the chat route renders it, followed by the reply (the last
+    message, when it is the assistant's) as the tokenizer encodes its text."""
+    if (body.messages is None) == (body.prompt is None):
+        raise ApiError(
+            400,
+            "send exactly one of messages (a conversation; its last message, the assistant's, "
+            "is the reply looked at) or prompt (a text)",
+            "messages",
+        )
+    if body.prompt is not None:
+        ids = server.check_ids(server.encode(body.prompt, "prompt"), "prompt")
+        return ids, len(ids)
+    assert body.messages is not None
+    chat, reply = body.messages, ""
+    if chat[-1].role == "assistant":
+        chat, reply = chat[:-1], chat[-1].text()
+    if not chat:
+        raise ApiError(400, "messages: a reply needs the conversation before it", "messages")
+    prompt = _rendered_ids(server, chat)
+    try:
+        answer = server.tokenizer.encode(reply)
+    except ValueError as e:
+        message = f"messages: the tokenizer cannot read the reply: {e}"
+        raise ApiError(400, message, "messages") from e
+    return prompt + answer, len(prompt)
+
+
+async def _inspect(server: Server, body: InspectRequest) -> dict[str, Any]:
+    """The views, computed on the engine's thread between decode steps (one thread uses the
+    model); a reply that ran to the end of the context is cut to it (``cut`` tokens)."""
+    ids, prompt_tokens = _inspected_ids(server, body)
+    block = server.engine.block_size
+    cut = max(0, len(ids) - block)
+    ids = ids[:block]
+    model, tok = server.engine.model, server.tokenizer
+    try:
+        future = server.engine.call(
+            lambda: inspect_ids(model, tok, ids, body.top_k, body.last, body.attention_last)
+        )
+    except RuntimeError as e:
+        raise ApiError(503, str(e), kind="server_error", code="shutting_down") from e
+    try:
+        views = await asyncio.wrap_future(future)
+    except Exception as e:  # a bug in a view: still the API's error shape, logged
+        if isinstance(e, RuntimeError) and "shutting down" in str(e):
+            raise ApiError(503, str(e), kind="server_error", code="shutting_down") from e
+        log.exception("inspect failed")
+        raise ApiError(500, f"the inspect view failed: {e}", kind="server_error") from e
+    return {
+        "object": "inspection",
+        "model": server.model_name,
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": len(ids),
+        "cut": cut,
+        **views,
+    }

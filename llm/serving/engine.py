@@ -11,7 +11,9 @@ so a seeded request gives the same text alone or in a crowd (up to float roundin
 kernels).
 
 The web side (:mod:`llm.serving.app`) hands in :class:`Job` objects and reads their events
-from an asyncio queue; the engine never blocks on a client.
+from an asyncio queue; the engine never blocks on a client. Other work on the model (the page's
+inspect view) is handed in with :meth:`Engine.call`: it runs on the same thread between two
+decode steps, so no two forward passes ever share the model at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +118,28 @@ def async_emitter(events: asyncio.Queue[Any]) -> Callable[[Any], None]:
     return emit
 
 
+class _Call:
+    """A function to run on the engine's thread (between decode steps), and its result."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.future: Future[Any] = Future()
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():  # its caller gave up waiting
+            return
+        try:
+            result = self.fn()
+        except BaseException as e:  # the caller's to report, not the engine's
+            self.future.set_exception(e)
+        else:
+            self.future.set_result(result)
+
+    def refuse(self) -> None:
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(RuntimeError("the server is shutting down"))
+
+
 class _Row:
     """A job in the running batch: its tokens, its text so far, its stopping state."""
 
@@ -146,7 +171,7 @@ class Engine:
         self.block_size = model.config.block_size
         # a sliding window drops cached tokens, which rows cannot be regrouped around
         self.max_batch = 1 if model.config.sliding_window is not None else max_batch
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job | _Call | None] = queue.Queue()
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None
         self._pad = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -186,6 +211,17 @@ class Engine:
             raise RuntimeError("the server is shutting down")
         self._queue.put(job)
 
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn()`` on the engine's thread, between two decode steps (in the queue's
+        order, like a request), and give its result or exception through the future.
+
+        The model's other users (the inspect view) go through here: one thread owns it."""
+        if self._stopping.is_set():
+            raise RuntimeError("the server is shutting down")
+        work = _Call(fn)
+        self._queue.put(work)
+        return work.future
+
     # the engine's thread ---------------------------------------------------------------
 
     def _run(self) -> None:
@@ -204,7 +240,9 @@ class Engine:
                 self._finish(row, "abort")
             while not self._queue.empty():
                 job = self._queue.get_nowait()
-                if job is not None:
+                if isinstance(job, _Call):
+                    job.refuse()
+                elif job is not None:
                     job.emit(Finish(job.index, "abort", len(job.ids), 0))
 
     def _admit(self, block: bool) -> None:
@@ -215,6 +253,12 @@ class Engine:
             except queue.Empty:
                 return
             block = False
+            if isinstance(job, _Call):
+                if self._stopping.is_set():
+                    job.refuse()
+                    return
+                job.run()
+                continue
             if job is None or self._stopping.is_set():
                 if job is not None:
                     job.emit(Finish(job.index, "abort", len(job.ids), 0))

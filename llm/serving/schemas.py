@@ -103,3 +103,21 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     tokens: list[int]
+
+
+MAX_INSPECT_TOKENS = 256  # positions the next-token view and the lens show at most
+MAX_ATTENTION_TOKENS = 64  # attention is T x T per head: fewer
+
+
+class InspectRequest(BaseModel):
+    """``POST /inspect`` (this server's own, not OpenAI's): the page's inspect view of a
+    conversation's last exchange (``messages``, its last one the reply), or of a ``prompt``
+    text as it is."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt: str | None = None
+    top_k: int = Field(5, ge=1, le=MAX_LOGPROBS)
+    last: int = Field(64, ge=1, le=MAX_INSPECT_TOKENS)
+    attention_last: int = Field(32, ge=0, le=MAX_ATTENTION_TOKENS)
