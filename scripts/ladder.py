@@ -6,8 +6,8 @@ data) by greedy exact match:
 
 1. pretrain: ``llm train`` on lines ``a+b=c`` of the training problems;
 2. instruct: ``llm finetune task=instruct`` on Alpaca records ``{instruction: "a+b=", output}``;
-3. prefer: ``llm finetune task=dpo`` from 2, on pairs made from 2 (the right answer chosen,
-   the model's own wrong answer rejected);
+3. prefer: ``llm finetune task=dpo`` from 2, on pairs (the right answer chosen, a near miss
+   rejected);
 4. reinforce: ``llm rl reward=arithmetic`` from 2, on the generated problems' training share.
 
     python scripts/ladder.py                    # 3 seeds, docs/post_training.md's table
@@ -31,7 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm.checkpoint import LanguageModel, load_language_model  # noqa: E402
 from llm.finetuning.arithmetic import Problem, problems  # noqa: E402
 from llm.prompts import format_prompt  # noqa: E402
 
@@ -53,31 +52,16 @@ def write_data(folder: Path, train: list[Problem], seed: int) -> dict[str, Path]
     text = format_prompt({"instruction": "", "input": ""}) + "\n" + "\n".join(lines) + "\n"
     (folder / "pretrain.txt").write_text(text, encoding="utf-8")
     instruct = [{"instruction": p.prompt, "input": "", "output": str(p.answer)} for p in train]
-    paths = {"pretrain": folder / "pretrain.txt", "instruct": folder / "instruct.jsonl"}
-    write_jsonl(paths["instruct"], instruct)
-    return paths
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
-def preference_pairs(ckpt: Path, train: list[Problem], seed: int, samples: int = 8) -> list[dict]:
-    """DPO's pairs made from the instruct model itself (on-policy, as DPO is practised): the
-    right answer chosen, the model's own wrong answer rejected (its greedy one if wrong, else a
-    wrong one of ``samples`` drawn at temperature 1). A problem it always solves gives no pair."""
-    import torch
-
-    torch.manual_seed(seed)
-    lm = load_language_model(ckpt)
-    greedy = completions(lm, train, 1, 0.0)
-    drawn = completions(lm, train, samples, 1.0)
     pairs = []
-    for p, first, others in zip(train, greedy, drawn, strict=True):
-        wrong = [c for c in [*first, *others] if c.strip() != str(p.answer)]
-        if wrong:
-            pairs.append({"prompt": p.prompt, "chosen": str(p.answer), "rejected": wrong[0]})
-    return pairs
+    for p in train:
+        delta = rng.choice([-10, -2, -1, 1, 2, 10])
+        wrong = p.answer + (delta if p.answer + delta >= 0 else -delta)  # digits only
+        pairs.append({"prompt": p.prompt, "chosen": str(p.answer), "rejected": str(wrong)})
+    paths = {"pretrain": folder / "pretrain.txt"}
+    for name, rows in (("instruct", instruct), ("dpo", pairs)):
+        paths[name] = folder / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return paths
 
 
 def llm(run: Path, verb: str, *args: str) -> float:
@@ -97,53 +81,25 @@ def llm(run: Path, verb: str, *args: str) -> float:
     return seconds
 
 
-def completions(
-    lm: LanguageModel, problems: list[Problem], n: int, temperature: float
-) -> list[list[str]]:
-    """``n`` completions (up to the first newline or end of text) of each problem's prompt,
-    rendered with the checkpoint's template; prompts of one length are decoded as one batch."""
+def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
+    """Greedy exact match on the held-out problems, each prompt rendered with the
+    checkpoint's template (the plain text ``a+b=`` for the pretrained model)."""
     import torch
 
+    from llm.checkpoint import load_language_model
+    from llm.finetuning.rewards import arithmetic
     from llm.prompts import render
 
-    tok = lm.tokenizer
-    ids = [
-        tok.encode(render(lm.template, [{"role": "user", "content": p.prompt}], tok))
-        for p in problems
-    ]
-    out: list[list[str]] = [[] for _ in problems]
-    for length in sorted({len(i) for i in ids}):
-        rows = [k for k, i in enumerate(ids) if len(i) == length]
-        idx = torch.tensor([ids[k] for k in rows for _ in range(n)])
-        new = lm.model.generate(idx, 6, temperature=temperature, stop_token=tok.eot_id)
-        for j, row in enumerate(new[:, length:].tolist()):
-            row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
-            out[rows[j // n]].append(tok.decode(row).split("\n")[0])
-    return out
-
-
-def write_pairs(ckpt: Path, train: list[Problem], path: Path, seed: int) -> float:
-    """DPO's pairs from the instruct checkpoint into ``path``; the seconds it took (part of the
-    DPO rung's wall time)."""
-    if path.is_file():
-        return 0.0
-    start = time.perf_counter()
-    rows = preference_pairs(ckpt, train, seed)
-    tmp = path.with_suffix(".tmp")
-    write_jsonl(tmp, rows)
-    tmp.replace(path)
-    return time.perf_counter() - start
-
-
-def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
-    """Greedy exact match on the held-out problems (the plain text ``a+b=`` for the pretrained
-    model, the instruct template for the rest)."""
-    from llm.finetuning.rewards import arithmetic
-
-    answers = completions(load_language_model(ckpt), held_out, 1, 0.0)
-    solved = sum(
-        arithmetic(p.prompt, a, p.record()) for p, (a,) in zip(held_out, answers, strict=True)
-    )
+    lm = load_language_model(ckpt)
+    tok, solved = lm.tokenizer, 0
+    for p in held_out:
+        text = render(lm.template, [{"role": "user", "content": p.prompt}], tok)
+        idx = torch.tensor([tok.encode(text)])
+        out = lm.model.generate(idx, 6, temperature=0.0, stop_token=tok.eot_id)
+        new = out[0, idx.size(1) :].tolist()
+        new = new[: new.index(tok.eot_id)] if tok.eot_id in new else new
+        completion = tok.decode(new)
+        solved += arithmetic(p.prompt, completion.split("\n")[0], p.record())
     return solved / len(held_out)
 
 
@@ -151,7 +107,6 @@ def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
     """One seed's four rungs: {rung: {accuracy, seconds}}."""
     train, held_out = problems(MAX_OPERAND, OPS, held_out=0.1, seed=0)
     data = write_data(out / "data", list(train), seed)
-    data["dpo"] = out / "data" / "dpo.jsonl"
     runs = {r: out / r for r in RUNGS}
     ckpt = {r: runs[r] / "checkpoints" / "last.ckpt" for r in RUNGS}
     common = [
@@ -192,8 +147,7 @@ def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
             "task.max_new_tokens=4",
             *common,
         ),
-        "dpo": write_pairs(ckpt["instruct"], train, data["dpo"], seed)
-        + llm(
+        "dpo": llm(
             runs["dpo"],
             "finetune",
             "task=dpo",

@@ -257,9 +257,7 @@ def recorder(result: dict[str, Any]) -> LossRecorder:
     return next(c for c in result["trainer"].callbacks if isinstance(c, LossRecorder))
 
 
-def char_checkpoint(
-    path: Path, block_size: int = 64, seed: int = 0, alphabet: str = ALPHABET, **model: Any
-) -> Path:
+def char_checkpoint(path: Path, block_size: int = 64, seed: int = 0, **model: Any) -> Path:
     """A randomly initialised language-model checkpoint with a char tokenizer (no training)."""
     import torch
 
@@ -269,7 +267,7 @@ def char_checkpoint(
 
     torch.manual_seed(seed)
     tok = CharTokenizer()
-    tok.fit([alphabet])
+    tok.fit([ALPHABET])
     module = GPTLitModule(
         model={**TINY, "block_size": block_size, "vocab_size": tok.vocab_size, **model},
         tokenizer=tok.to_dict(),

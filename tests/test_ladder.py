@@ -1,6 +1,6 @@
 """scripts/ladder.py: every rung's data comes from the training problems only (the held-out ones
-appear in none), the preference pairs are the model's own wrong answers against the right ones,
-and the table reports what the rungs measured."""
+appear in none), the preference pairs are encodable and differ, and the table reports what
+the rungs measured."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from helpers import ROOT, char_checkpoint
+from helpers import ROOT
 
 from llm.finetuning.arithmetic import problems
 
@@ -26,8 +26,15 @@ def test_no_rung_sees_a_held_out_problem(tmp_path: Path) -> None:
     assert all(f"{p.prompt}{p.answer}" in lines for p in train)
     assert not any(line.startswith(p.prompt) for p in held_out for line in lines)
     instruct = [json.loads(x) for x in paths["instruct"].read_text().splitlines()]
-    assert len(instruct) == len(train)
-    assert not {p.prompt for p in held_out} & {r["instruction"] for r in instruct}
+    pairs = [json.loads(x) for x in paths["dpo"].read_text().splitlines()]
+    held = {p.prompt for p in held_out}
+    assert len(instruct) == len(pairs) == len(train)
+    assert not held & {r["instruction"] for r in instruct} and not held & {
+        r["prompt"] for r in pairs
+    }
+    for pair in pairs:
+        assert pair["chosen"] != pair["rejected"] and pair["rejected"].isdigit()
+        assert abs(int(pair["rejected"]) - int(pair["chosen"])) in (1, 2, 10)
     # the template's characters are in the pretraining text: the char vocabulary encodes rung 2
     assert set(ladder.format_prompt({"instruction": "1+2=", "input": ""})) <= set(text)
 
@@ -44,19 +51,3 @@ def test_the_table_reports_each_rung_and_seed() -> None:
     assert table[0] == "| rung | seed 0 | seed 1 | mean | wall time (mean) |"
     assert table[5] == "| grpo | 50.0% | 51.0% | 50.5% | 15 s |"
     assert table[-1].endswith("seed 0: 0.50 -> 0.80, seed 1: 0.50 -> 0.90")
-
-
-def test_preference_pairs_reject_what_the_model_itself_answers(tmp_path: Path) -> None:
-    """On-policy pairs: the rejected response is the model's own greedy answer when it is wrong
-    (a random model is wrong everywhere); the chosen one is the right answer."""
-    ckpt = char_checkpoint(tmp_path / "random.ckpt", alphabet="0123456789+*=\n")
-    from llm.checkpoint import load_language_model
-
-    train, _ = problems(ladder.MAX_OPERAND, ladder.OPS, held_out=0.1, seed=0)
-    some = list(train[:12])
-    pairs = ladder.preference_pairs(ckpt, some, seed=0, samples=2)
-    greedy = ladder.completions(load_language_model(ckpt), some, 1, 0.0)
-    assert [p["prompt"] for p in pairs] == [p.prompt for p in some]
-    assert [p["chosen"] for p in pairs] == [str(p.answer) for p in some]
-    assert [p["rejected"] for p in pairs] == [g for (g,) in greedy]
-    assert all(p["rejected"] != p["chosen"] for p in pairs)
