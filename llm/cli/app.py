@@ -431,6 +431,18 @@ def model_source(cfg: DictConfig) -> tuple[str, str]:
     return given[0]
 
 
+def load_model_source(key: str, value: str, device: Any = "cpu") -> Any:
+    """The LanguageModel that ``model_source`` names: an llm checkpoint, or Hugging Face
+    weights (a folder or a hub name)."""
+    if key == "ckpt_path":
+        from llm.checkpoint import load_language_model
+
+        return load_language_model(value, device)
+    from llm.initial_weights import init_language_model
+
+    return init_language_model(value, device)
+
+
 def beside_model(key: str, value: str, name: str, setting: str) -> Path:
     """Where a verb writes what it made of a model: ``<run folder>/<name>`` for a checkpoint
     (its own folder when it is not in a run's checkpoints/), ``<folder>/<name>`` for an init=

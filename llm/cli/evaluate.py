@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm import checks
-from llm.cli.app import beside_model, hydra_app, model_source, resolve_device
+from llm.cli.app import beside_model, hydra_app, load_model_source, model_source, resolve_device
 
 
 def _tasks(cfg: DictConfig) -> list[str]:
@@ -50,14 +50,7 @@ def harness(cfg: DictConfig, key: str, value: str, tasks: list[str]) -> dict[str
     h = cfg.harness
     out = _output_dir(cfg, key, value)
     device = resolve_device(str(cfg.device))
-    if key == "ckpt_path":
-        from llm.checkpoint import load_language_model
-
-        lm = load_language_model(value, device)
-    else:
-        from llm.initial_weights import init_language_model
-
-        lm = init_language_model(value, device)
+    lm = load_model_source(key, value, device)
     model = HarnessLM(lm.model, lm.tokenizer, int(h.batch_size), int(h.max_gen_toks))
     limit = None if h.limit is None else int(h.limit)
     if limit is not None and limit < 1:

@@ -15,7 +15,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm import checks
-from llm.cli.app import beside_model, hydra_app, model_source, read_free_text, resolve_device
+from llm.cli.app import (
+    beside_model,
+    hydra_app,
+    load_model_source,
+    model_source,
+    read_free_text,
+    resolve_device,
+)
 
 VIEWS = ("next_token", "lens", "attention", "ablation", "patching")
 
@@ -118,14 +125,7 @@ def main(cfg: DictConfig) -> dict[str, dict]:
     prompt = read_free_text(cfg, "prompt")
     folder = out_dir(cfg, key, value)
     device = resolve_device(str(cfg.device))
-    if key == "ckpt_path":
-        from llm.checkpoint import load_language_model
-
-        lm = load_language_model(value, device)
-    else:
-        from llm.initial_weights import init_language_model
-
-        lm = init_language_model(value, device)
+    lm = load_model_source(key, value, device)
     ids = encode(lm.model, lm.tokenizer, prompt)
     results = run_views(cfg, lm, ids, views)
     written = write_figures(results, folder, tensorboard=bool(cfg.tensorboard))

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from llm import checks
-from llm.cli.app import hydra_app, model_source, resolve_device
+from llm.cli.app import hydra_app, load_model_source, model_source, resolve_device
 
 
 def _model_name(cfg: DictConfig, key: str, value: str) -> str:
@@ -75,14 +75,7 @@ def main(cfg: DictConfig) -> int:
         raise ValueError(f"port={port} is not a port: use 0-65535 (0: any free port)")
     max_batch = checks.integer("max_batch", cfg.max_batch, minimum=1, example=16)
     device = resolve_device(str(cfg.device))
-    if key == "ckpt_path":
-        from llm.checkpoint import load_language_model
-
-        lm = load_language_model(value, device)
-    else:
-        from llm.initial_weights import init_language_model
-
-        lm = init_language_model(value, device)
+    lm = load_model_source(key, value, device)
     template = choose_template(cfg.template, lm)
     name = _model_name(cfg, key, value)
     api_key = None if cfg.api_key is None else str(cfg.api_key)

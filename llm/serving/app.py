@@ -390,12 +390,8 @@ async def _completions(server: Server, body: CompletionRequest) -> JSONResponse 
     )
 
 
-def _chat_prompt(server: Server, body: ChatRequest) -> list[int]:
-    """The conversation rendered with the checkpoint's template, as ids."""
-    return _rendered_ids(server, body.messages)
-
-
 def _rendered_ids(server: Server, chat: list[ChatMessage]) -> list[int]:
+    """The conversation rendered with the checkpoint's template, as ids."""
     messages: list[Message] = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in chat
     ]
@@ -407,7 +403,7 @@ def _rendered_ids(server: Server, chat: list[ChatMessage]) -> list[int]:
 
 
 async def _chat(server: Server, body: ChatRequest) -> JSONResponse | StreamingResponse:
-    ids = _chat_prompt(server, body)
+    ids = _rendered_ids(server, body.messages)
     limit = body.token_limit()
     max_tokens = limit if limit is not None else server.engine.block_size
     jobs, events = await server.run(
