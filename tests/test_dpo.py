@@ -17,6 +17,7 @@ from llm.cli.finetune import finetune
 from llm.finetuning.logprobs import IGNORE, token_logps
 from llm.finetuning.preference import (
     PreferenceDataModule,
+    check_pair_records,
     collate_pairs,
     encode_pair,
     preference_loss,
@@ -113,6 +114,18 @@ def test_pairs_mask_the_prompt_and_padding_and_nothing_masked_counts(tok: CharTo
     assert (token_logps(logits, y)[y == IGNORE] == 0).all()
 
 
+def test_an_empty_response_is_end_of_text_alone_not_a_missing_field(tok: CharTokenizer) -> None:
+    """A model's own empty answer (it stopped at once) is a fair rejected response: its
+    log-probability is that of end-of-text right after the prompt."""
+    record = {"prompt": "say cat:", "chosen": " cat", "rejected": ""}
+    check_pair_records([record], "pairs.jsonl")
+    pair = encode_pair(tok, record, None, 64)
+    assert pair.rejected == [*tok.encode("say cat:"), tok.eot_id]
+    assert pair.chosen == [*tok.encode("say cat: cat"), tok.eot_id]
+    y = collate_pairs([pair], tok.eot_id)["y"]
+    assert y[1][y[1] != IGNORE].tolist() == [tok.eot_id]
+
+
 def _cfg(tmp: Path, steps: int, *extra: str) -> Any:
     init = tmp / "init.ckpt"
     if not init.is_file():
@@ -180,6 +193,11 @@ def test_bad_records_and_settings_are_refused_by_name(tmp_path: Path, tok: CharT
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=r"bad.jsonl:4: a preference record lacks \['rejected'\]"):
         PreferenceDataModule(tok, str(path), block_size=64).prepare_data()
+    null = write_jsonl(tmp_path / "null.jsonl", [{"prompt": "a", "chosen": "b", "rejected": None}])
+    with pytest.raises(
+        ValueError, match=r"null\.jsonl:1: a preference record lacks \['rejected'\]"
+    ):
+        PreferenceDataModule(tok, str(null), block_size=64).prepare_data()
     same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "b"}])
     with pytest.raises(ValueError, match=r"same\.jsonl:1: chosen and rejected are the same"):
         PreferenceDataModule(tok, str(same), block_size=64).prepare_data()

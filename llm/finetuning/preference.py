@@ -74,10 +74,15 @@ def response_text(record: dict[str, Any], field: str) -> str:
 
 def check_pair_records(rows: Sequence[dict[str, Any]], path: Any) -> None:
     """Every record needs a prompt and both responses, the responses different (a pair
-    whose responses are the same teaches nothing and has a zero gradient)."""
+    whose responses are the same teaches nothing and has a zero gradient). An empty response
+    string is a response (the model stopping at once: end-of-text alone), not a missing one."""
     for i, row in enumerate(rows):
         where = row.get(SOURCE, f"{path} record {i}")
-        missing = [k for k in ("prompt", "chosen", "rejected") if row.get(k) in (None, "", [])]
+        missing = [
+            k
+            for k in ("prompt", "chosen", "rejected")
+            if row.get(k) is None or row[k] == [] or (k == "prompt" and row[k] == "")
+        ]
         if missing:
             found = sorted(k for k in row if k != SOURCE)
             raise ValueError(
