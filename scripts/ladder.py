@@ -1,13 +1,14 @@
 """The post-training ladder on a CPU: pretrain -> instruct -> prefer (DPO) -> reinforce (GRPO).
 
-A tiny char model learns arithmetic (``a+b=``, ``a*b=``) in four rungs, each an ``llm`` command
-run as a user would run it, and each scored on the same held-out problems (never in any rung's
-data) by greedy exact match:
+A tiny char model learns two-digit addition, its answers written least-significant digit first
+(``57+68=521``: the order a carry flows, so the model learns the algorithm instead of a table),
+in four rungs, each an ``llm`` command run as a user would run it, and each scored on the same
+held-out problems (never in any rung's data) by greedy exact match:
 
 1. pretrain: ``llm train`` on lines ``a+b=c`` of the training problems;
 2. instruct: ``llm finetune task=instruct`` on Alpaca records ``{instruction: "a+b=", output}``;
-3. prefer: ``llm finetune task=dpo`` from 2, on pairs (the right answer chosen, a near miss
-   rejected);
+3. prefer: ``llm finetune task=dpo`` from 2, on pairs (the right answer chosen, the answer
+   with a carry slip rejected: see ``carry_slip``);
 4. reinforce: ``llm rl reward=arithmetic`` from 2, on the generated problems' training share.
 
     python scripts/ladder.py                    # 3 seeds, docs/post_training.md's table
@@ -31,13 +32,56 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm.finetuning.arithmetic import Problem, problems  # noqa: E402
+from llm.finetuning.arithmetic import Problem, problems, reverse_digits  # noqa: E402
 from llm.prompts import format_prompt  # noqa: E402
 
-MAX_OPERAND = 20
-OPS = "+*"
+MAX_OPERAND = 99
+OPS = "+"
+REVERSE = True
 RUNGS = ("pretrain", "instruct", "dpo", "grpo")
-MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=128", "model.block_size=160"]
+# each rung's schedule (its other settings are in climb)
+RECIPE = {
+    "pretrain": [
+        "optim.lr=3e-3",
+        "optim.min_lr=3e-4",
+        "trainer.max_steps=3000",
+        "trainer.val_check_interval=500",
+    ],
+    "instruct": [
+        "optim.lr=2e-3",
+        "optim.min_lr=2e-4",
+        "trainer.max_steps=600",
+        "trainer.val_check_interval=200",
+    ],
+    "dpo": [
+        "optim.lr=1e-4",
+        "optim.min_lr=1e-4",
+        "trainer.max_steps=300",
+        "trainer.val_check_interval=150",
+    ],
+    "grpo": [
+        "task.group_size=8",
+        "data.batch_size=8",
+        "optim.lr=1e-4",
+        "optim.min_lr=1e-4",
+        "trainer.max_steps=300",
+        "trainer.val_check_interval=150",
+    ],
+}
+MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=160"]
+
+
+def carry_slip(p: Problem) -> str:
+    """The answer with the carry into its most significant digit flipped, written as ``p``
+    writes it: the mistake of a model learning to add (57+68: 25, the carry out dropped;
+    40+43: 93). Least-significant digit first, chosen and rejected then differ in their last
+    digit only, so DPO's gradient falls on the carry (a slip in an earlier digit leaves the
+    right digits after it in the rejected answer, and DPO pushes those down too)."""
+    assert p.op == "+", "the ladder's problems are additions"
+    k = len(str(p.answer)) - 1
+    carried = p.a % 10**k + p.b % 10**k >= 10**k
+    wrong = str(p.answer - 10**k if carried else p.answer + 10**k)
+    return reverse_digits(wrong) if p.reverse else wrong
 
 
 def write_data(folder: Path, train: list[Problem], seed: int) -> dict[str, Path]:
@@ -47,16 +91,12 @@ def write_data(folder: Path, train: list[Problem], seed: int) -> dict[str, Path]
     lines = []
     for _ in range(20):  # 20 shuffled passes over the problems
         rng.shuffle(train)
-        lines += [f"{p.prompt}{p.answer}" for p in train]
+        lines += [f"{p.prompt}{p.text}" for p in train]
     # the template's characters once, so the char vocabulary can encode the instruct rung
     text = format_prompt({"instruction": "", "input": ""}) + "\n" + "\n".join(lines) + "\n"
     (folder / "pretrain.txt").write_text(text, encoding="utf-8")
-    instruct = [{"instruction": p.prompt, "input": "", "output": str(p.answer)} for p in train]
-    pairs = []
-    for p in train:
-        delta = rng.choice([-10, -2, -1, 1, 2, 10])
-        wrong = p.answer + (delta if p.answer + delta >= 0 else -delta)  # digits only
-        pairs.append({"prompt": p.prompt, "chosen": str(p.answer), "rejected": str(wrong)})
+    instruct = [{"instruction": p.prompt, "input": "", "output": p.text} for p in train]
+    pairs = [{"prompt": p.prompt, "chosen": p.text, "rejected": carry_slip(p)} for p in train]
     paths = {"pretrain": folder / "pretrain.txt"}
     for name, rows in (("instruct", instruct), ("dpo", pairs)):
         paths[name] = folder / f"{name}.jsonl"
@@ -105,7 +145,7 @@ def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
 
 def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
     """One seed's four rungs: {rung: {accuracy, seconds}}."""
-    train, held_out = problems(MAX_OPERAND, OPS, held_out=0.1, seed=0)
+    train, held_out = problems(MAX_OPERAND, OPS, held_out=0.1, seed=0, reverse=REVERSE)
     data = write_data(out / "data", list(train), seed)
     runs = {r: out / r for r in RUNGS}
     ckpt = {r: runs[r] / "checkpoints" / "last.ckpt" for r in RUNGS}
@@ -126,10 +166,7 @@ def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
             *MODEL,
             "data.block_size=64",
             "data.batch_size=32",
-            "optim.lr=3e-3",
-            "optim.min_lr=3e-4",
-            "trainer.max_steps=1500",
-            "trainer.val_check_interval=500",
+            *RECIPE["pretrain"],
             f"paths.data_dir={out / 'cache'}",
             *common,
         ),
@@ -140,10 +177,7 @@ def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
             f"init={ckpt['pretrain']}",
             f"data.path={data['instruct']}",
             "data.batch_size=32",
-            "optim.lr=2e-3",
-            "optim.min_lr=2e-4",
-            "trainer.max_steps=1200",
-            "trainer.val_check_interval=400",
+            *RECIPE["instruct"],
             "task.max_new_tokens=4",
             *common,
         ),
@@ -155,10 +189,7 @@ def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
             f"data.path={data['dpo']}",
             "data.batch_size=16",
             "task.beta=0.1",
-            "optim.lr=1e-4",
-            "optim.min_lr=1e-4",
-            "trainer.max_steps=300",
-            "trainer.val_check_interval=150",
+            *RECIPE["dpo"],
             *common,
         ),
         "grpo": llm(
@@ -168,14 +199,10 @@ def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
             "reward=arithmetic",
             f"data.max_operand={MAX_OPERAND}",
             f"data.ops={OPS}",
+            f"data.reverse={REVERSE}",
             "data.val_limit=64",
-            "task.group_size=8",
             "task.max_new_tokens=4",
-            "data.batch_size=8",
-            "optim.lr=1e-4",
-            "optim.min_lr=1e-4",
-            "trainer.max_steps=300",
-            "trainer.val_check_interval=150",
+            *RECIPE["grpo"],
             *common,
         ),
     }

@@ -14,8 +14,9 @@ from helpers import char_checkpoint, compose, fast_overrides, recorder, run_cli,
 
 from llm.cli.finetune import finetune
 from llm.finetuning import rewards
-from llm.finetuning.arithmetic import problems
-from llm.finetuning.grpo import group_advantages, grpo_loss, score
+from llm.finetuning.arithmetic import Problem, problems, reverse_digits
+from llm.finetuning.grpo import PromptDataModule, group_advantages, grpo_loss, score
+from llm.tokenizers import CharTokenizer
 
 WORDS = ["cat", "dog", "sun", "sky", "red", "map", "cup", "pen"]
 
@@ -89,6 +90,34 @@ def test_arithmetic_holds_out_the_same_problems_never_trained_on() -> None:
     assert p.record() == {"prompt": f"{p.a}*{p.b}=", "answer": str(p.a * p.b)}
     with pytest.raises(ValueError, match=r"data\.ops='/'"):
         problems(ops="/")
+
+
+def test_reversed_answers_are_written_and_scored_least_significant_digit_first() -> None:
+    assert reverse_digits("125") == "521" and reverse_digits("-120") == "-021"
+    assert reverse_digits(reverse_digits("-4070")) == "-4070"
+    _, held = problems(max_operand=99, ops="+", held_out=0.1, seed=0, reverse=True)
+    plain = problems(max_operand=99, ops="+", held_out=0.1, seed=0)
+    assert [p.prompt for p in held] == [p.prompt for p in plain[1]]  # the same split
+    p = Problem(57, "+", 68, reverse=True)
+    assert p.answer == 125 and p.record() == {"prompt": "57+68=", "answer": "521", "reversed": True}
+    hundred = Problem(50, "+", 50, reverse=True).record()
+    assert hundred["answer"] == "001"
+    # read least-significant digit first: "001" is 100, "1" and "100" are not
+    assert rewards.arithmetic("", "001", hundred) == 1.0
+    assert (
+        rewards.arithmetic("", "1", hundred) == 0.0 and rewards.arithmetic("", "100", hundred) == 0
+    )
+    assert rewards.arithmetic("", "0010", hundred) == 1.0  # a trailing zero is a leading one
+    tokenizer = CharTokenizer()
+    tokenizer.fit(["0123456789+=\n"])
+    module = PromptDataModule(
+        tokenizer, generator="arithmetic", max_operand=9, ops="+", reverse=True
+    )
+    module.prepare_data()
+    records = [e["record"] for e in module.examples["train"] + module.examples["val"]]
+    sums = [sum(map(int, r["prompt"][:-1].split("+"))) for r in records]
+    assert len(records) == 100 and all(r["reversed"] for r in records)
+    assert [r["answer"] for r in records] == [str(n)[::-1] for n in sums]
 
 
 def test_a_reward_that_raises_or_is_not_a_number_names_the_example() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from helpers import ROOT
 
-from llm.finetuning.arithmetic import problems
+from llm.finetuning.arithmetic import Problem, problems, reverse_digits
 
 _spec = importlib.util.spec_from_file_location("ladder", ROOT / "scripts" / "ladder.py")
 assert _spec is not None and _spec.loader is not None
@@ -19,11 +19,14 @@ _spec.loader.exec_module(ladder)
 
 
 def test_no_rung_sees_a_held_out_problem(tmp_path: Path) -> None:
-    train, held_out = problems(ladder.MAX_OPERAND, ladder.OPS, held_out=0.1, seed=0)
+    train, held_out = problems(
+        ladder.MAX_OPERAND, ladder.OPS, held_out=0.1, seed=0, reverse=ladder.REVERSE
+    )
     paths = ladder.write_data(tmp_path, list(train), seed=0)
     text = paths["pretrain"].read_text(encoding="utf-8")
     lines = set(text.splitlines())
-    assert all(f"{p.prompt}{p.answer}" in lines for p in train)
+    assert all(f"{p.prompt}{p.text}" in lines for p in train)
+    assert "57+68=521" in lines or "57+68=" in {p.prompt for p in held_out}  # digits reversed
     assert not any(line.startswith(p.prompt) for p in held_out for line in lines)
     instruct = [json.loads(x) for x in paths["instruct"].read_text().splitlines()]
     pairs = [json.loads(x) for x in paths["dpo"].read_text().splitlines()]
@@ -32,11 +35,24 @@ def test_no_rung_sees_a_held_out_problem(tmp_path: Path) -> None:
     assert not held & {r["instruction"] for r in instruct} and not held & {
         r["prompt"] for r in pairs
     }
+    answers = {p.prompt: p for p in train}
     for pair in pairs:
-        assert pair["chosen"] != pair["rejected"] and pair["rejected"].isdigit()
-        assert abs(int(pair["rejected"]) - int(pair["chosen"])) in (1, 2, 10)
+        p = answers[pair["prompt"]]
+        assert pair["chosen"] == p.text != pair["rejected"] and pair["rejected"].isdigit()
+        # the carry into the most significant digit flipped: off by that digit's place value
+        place = 10 ** (len(str(p.answer)) - 1)
+        assert abs(int(reverse_digits(pair["rejected"])) - p.answer) == place
     # the template's characters are in the pretraining text: the char vocabulary encodes rung 2
     assert set(ladder.format_prompt({"instruction": "1+2=", "input": ""})) <= set(text)
+
+
+def test_a_carry_slip_is_the_mistake_of_a_model_learning_to_add() -> None:
+    slip = ladder.carry_slip
+    assert slip(Problem(57, "+", 68, reverse=True)) == "52"  # 125, the carry out dropped
+    assert slip(Problem(40, "+", 43, reverse=True)) == "39"  # 83, a carry that was not there
+    assert slip(Problem(45, "+", 54, reverse=True)) == "901"  # 99 + 10
+    assert slip(Problem(3, "+", 4, reverse=True)) == "8" and slip(Problem(3, "+", 4)) == "8"
+    assert slip(Problem(57, "+", 68)) == "25"
 
 
 def test_the_table_reports_each_rung_and_seed() -> None:

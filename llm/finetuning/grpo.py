@@ -62,6 +62,7 @@ class PromptDataModule(ExampleSplits, L.LightningDataModule):
         max_operand: int = 30,
         ops: str = "+*",
         held_out: float = 0.1,
+        reverse: bool = False,
         val_limit: int | None = None,
         block_size: int | None = None,
         batch_size: int = 8,
@@ -83,6 +84,7 @@ class PromptDataModule(ExampleSplits, L.LightningDataModule):
             "max_operand": int(max_operand),
             "ops": str(ops),
             "held_out": float(held_out),
+            "reverse": bool(reverse),
         }
         self.val_limit = val_limit
         self.block_size = block_size

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from llm.finetuning.arithmetic import reverse_digits
+
 _INTEGER = re.compile(r"\s*(-?\d+)")
 
 
@@ -25,9 +27,15 @@ def exact_match(
 
 
 def arithmetic(prompt: str, completion: str, example: dict[str, Any]) -> float:
-    """1.0 when the completion starts with the answer's integer and nothing else on its line."""
+    """1.0 when the completion's line is the answer's integer and nothing else; a record with
+    ``reversed: true`` has its digits least-significant first, and the completion is read so."""
     match = _INTEGER.fullmatch(first_line(completion))
-    return float(match is not None and int(match[1]) == int(example["answer"]))
+    if match is None:
+        return 0.0
+    said, answer = match[1], str(example["answer"]).strip()
+    if example.get("reversed"):
+        said, answer = reverse_digits(said), reverse_digits(answer)
+    return float(int(said) == int(answer))
 
 
 def format_reward(
