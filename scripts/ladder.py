@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm.finetuning.arithmetic import Problem, problems, reverse_digits  # noqa: E402
+from llm.finetuning.arithmetic import Problem, problems  # noqa: E402
 from llm.prompts import format_prompt  # noqa: E402
 
 MAX_OPERAND = 99
@@ -80,8 +80,7 @@ def carry_slip(p: Problem) -> str:
     assert p.op == "+", "the ladder's problems are additions"
     k = len(str(p.answer)) - 1
     carried = p.a % 10**k + p.b % 10**k >= 10**k
-    wrong = str(p.answer - 10**k if carried else p.answer + 10**k)
-    return reverse_digits(wrong) if p.reverse else wrong
+    return p.write(p.answer - 10**k if carried else p.answer + 10**k)
 
 
 def write_data(folder: Path, train: list[Problem], seed: int) -> dict[str, Path]:

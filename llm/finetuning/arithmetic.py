@@ -35,7 +35,11 @@ class Problem:
     @property
     def text(self) -> str:
         """The answer as the model writes it."""
-        return reverse_digits(str(self.answer)) if self.reverse else str(self.answer)
+        return self.write(self.answer)
+
+    def write(self, number: int) -> str:
+        """``number`` written as this problem writes its answers (a wrong answer, say)."""
+        return reverse_digits(str(number)) if self.reverse else str(number)
 
     def record(self) -> dict[str, Any]:
         """The ``{prompt, answer}`` record the RL task and the exact-match rewards read
