@@ -263,6 +263,36 @@ def test_echo_and_logprobs_score_the_prompt_as_a_forward_pass(server: ThreadServ
     del load_language_model
 
 
+def test_chat_logprobs_are_the_sampled_tokens_own(server: ThreadServer) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "First Citizen"}]
+    kwargs = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0,
+              "logprobs": True, "top_logprobs": 3}  # fmt: skip
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    content = choice.logprobs.content
+    assert len(content) == 6 and "".join(c.token for c in content) == choice.message.content
+    ids = server.tokenizer.encode("First Citizen")  # a base model: the text itself
+    with torch.no_grad():
+        logp = torch.log_softmax(server.engine.model(torch.tensor([ids]))[0][0, -1].float(), -1)
+    first = content[0]
+    assert first.token == server.tokenizer.decode([int(logp.argmax())])
+    assert first.logprob == pytest.approx(float(logp.max()), abs=1e-5)
+    assert first.bytes == list(first.token.encode("utf-8"))
+    for c in content:  # greedy: each token is its own first alternative, of 3 in order
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob == c.logprob >= c.top_logprobs[2].logprob
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.content]  # fmt: skip
+    assert [(t.token, t.logprob) for t in streamed] == [(c.token, c.logprob) for c in content]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+    alone = httpx.post(f"{server.url}/v1/chat/completions",
+                       json={"messages": messages, "top_logprobs": 2})  # fmt: skip
+    assert alone.status_code == 400 and alone.json()["error"]["param"] == "top_logprobs"
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

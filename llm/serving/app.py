@@ -181,8 +181,10 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def _sampling(body: CompletionRequest | ChatRequest, max_tokens: int, choice: int) -> Sampling:
     seed = None if body.seed is None else body.seed + choice
-    logprobs = body.logprobs if isinstance(body, CompletionRequest) else None
-    echo = body.echo if isinstance(body, CompletionRequest) else False
+    if isinstance(body, CompletionRequest):
+        logprobs, echo = body.logprobs, body.echo
+    else:  # chat: a yes/no and a count of alternatives apart
+        logprobs, echo = (body.top_logprobs or 0) if body.logprobs else None, False
     return Sampling(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -205,6 +207,20 @@ def _logprobs_object(entries: Iterable[TokenLogprob], start: int = 0) -> dict[st
         offsets.append(at)
         at += len(e.token)
     return {"tokens": tokens, "token_logprobs": logps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(entries: Iterable[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: each token with its logprob, UTF-8 bytes and alternatives."""
+
+    def item(token: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**item(e.token, e.logprob), "top_logprobs": [item(*t) for t in (e.top or {}).items()]}
+            for e in entries
+        ]
+    }
 
 
 def create_app(
@@ -424,10 +440,11 @@ async def _chat(server: Server, body: ChatRequest) -> JSONResponse | StreamingRe
                 yield _sse({**head, "choices": [choice]})
             async for ev in _events(jobs, events):
                 if isinstance(ev, Delta):
-                    if not ev.text:
+                    if not ev.text and not (body.logprobs and ev.logprobs):
                         continue
+                    lp = _chat_logprobs(ev.logprobs) if body.logprobs else None
                     choice = {"index": ev.index, "delta": {"content": ev.text},
-                              "logprobs": None, "finish_reason": None}  # fmt: skip
+                              "logprobs": lp, "finish_reason": None}  # fmt: skip
                 else:
                     completion_tokens += ev.completion_tokens
                     choice = {"index": ev.index, "delta": {}, "logprobs": None,
@@ -441,14 +458,17 @@ async def _chat(server: Server, body: ChatRequest) -> JSONResponse | StreamingRe
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     texts = [""] * body.n
+    entries: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
     finish: list[Finish | None] = [None] * body.n
     async for ev in _events(jobs, events):
         if isinstance(ev, Delta):
             texts[ev.index] += ev.text
+            entries[ev.index] += ev.logprobs
         else:
             finish[ev.index] = ev
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+        {"index": i, "message": {"role": "assistant", "content": texts[i]},
+         "logprobs": _chat_logprobs(entries[i]) if body.logprobs else None,
          "finish_reason": f.reason if f else "abort"}
         for i, f in enumerate(finish)
     ]  # fmt: skip
