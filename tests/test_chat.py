@@ -383,7 +383,10 @@ def test_a_turn_the_tokenizer_cannot_read_leaves_the_conversation_as_it_was(
     with pytest.raises(TurnRefused, match="unknown character '☺'"):
         list(session.send("hi ☺"))
     assert session.messages == [] and session.ids == []
-    assert "".join(session.send("hi")) is not None and len(session.messages) == 2
+    reply = "".join(session.send("hi"))  # the refused turn left nothing behind it
+    assert session.messages[0] == {"role": "user", "content": "hi"}
+    assert len(session.messages) == 2 and session.messages[1]["content"] == reply
+    assert session.ids[:2] == char_tokenizer.encode("hi") and len(session.ids) <= 2 + 4
 
 
 @pytest.mark.slow
