@@ -14,7 +14,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,31 @@ async def _events(jobs: list[Job], events: asyncio.Queue[Any]) -> AsyncIterator[
     finally:
         for job in jobs:
             job.cancel()
+
+
+async def _gather(
+    jobs: list[Job], events: asyncio.Queue[Any], starts: list[str]
+) -> tuple[list[str], list[list[TokenLogprob]], list[Finish | None]]:
+    """Each choice whole, once every job has finished: its text (from ``starts``: an echoed
+    prompt, say), its sampled tokens' logprobs and its finish."""
+    texts = list(starts)
+    finish: list[Finish | None] = [None] * len(starts)
+    entries: list[list[TokenLogprob]] = [[] for _ in starts]
+    async for ev in _events(jobs, events):
+        if isinstance(ev, Delta):
+            texts[ev.index] += ev.text
+            entries[ev.index] += ev.logprobs
+        else:
+            finish[ev.index] = ev
+    return texts, entries, finish
+
+
+def _stream_end(head: dict[str, Any], body: CompletionRequest | ChatRequest,
+                prompt_tokens: int, completion_tokens: int) -> Iterator[str]:  # fmt: skip
+    """A stream's last chunks: the counts when ``stream_options.include_usage``, then DONE."""
+    if body.include_usage():
+        yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    yield "data: [DONE]\n\n"
 
 
 def _sse(obj: Any) -> str:
@@ -375,22 +400,12 @@ async def _completions(server: Server, body: CompletionRequest) -> JSONResponse 
                     choice = {"index": ev.index, "text": "", "logprobs": None,
                               "finish_reason": ev.reason}  # fmt: skip
                 yield _sse({**head, "choices": [choice]})
-            if body.include_usage():
-                usage = _usage(prompt_tokens, completion_tokens)
-                yield _sse({**head, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+            for line in _stream_end(head, body, prompt_tokens, completion_tokens):
+                yield line
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    texts = list(echo)
-    entries: list[list[TokenLogprob]] = [[] for _ in expanded]
-    finish: list[Finish | None] = [None] * len(expanded)
-    async for ev in _events(jobs, events):
-        if isinstance(ev, Delta):
-            texts[ev.index] += ev.text
-            entries[ev.index] += ev.logprobs
-        else:
-            finish[ev.index] = ev
+    texts, entries, finish = await _gather(jobs, events, echo)
     choices = []
     for i, fin in enumerate(finish):
         assert fin is not None
@@ -450,22 +465,12 @@ async def _chat(server: Server, body: ChatRequest) -> JSONResponse | StreamingRe
                     choice = {"index": ev.index, "delta": {}, "logprobs": None,
                               "finish_reason": ev.reason}  # fmt: skip
                 yield _sse({**head, "choices": [choice]})
-            if body.include_usage():
-                usage = _usage(prompt_tokens, completion_tokens)
-                yield _sse({**head, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+            for line in _stream_end(head, body, prompt_tokens, completion_tokens):
+                yield line
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    texts = [""] * body.n
-    entries: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
-    finish: list[Finish | None] = [None] * body.n
-    async for ev in _events(jobs, events):
-        if isinstance(ev, Delta):
-            texts[ev.index] += ev.text
-            entries[ev.index] += ev.logprobs
-        else:
-            finish[ev.index] = ev
+    texts, entries, finish = await _gather(jobs, events, [""] * body.n)
     choices = [
         {"index": i, "message": {"role": "assistant", "content": texts[i]},
          "logprobs": _chat_logprobs(entries[i]) if body.logprobs else None,
