@@ -54,8 +54,8 @@ RECIPE = {
         "trainer.val_check_interval=200",
     ],
     "dpo": [
-        "optim.lr=1e-4",
-        "optim.min_lr=1e-4",
+        "optim.lr=3e-4",
+        "optim.min_lr=3e-4",
         "trainer.max_steps=300",
         "trainer.val_check_interval=150",
     ],
@@ -122,7 +122,8 @@ def llm(run: Path, verb: str, *args: str) -> float:
 
 def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
     """Greedy exact match on the held-out problems, each prompt rendered with the
-    checkpoint's template (the plain text ``a+b=`` for the pretrained model)."""
+    checkpoint's template (the plain text ``a+b=`` for the pretrained model); prompts of one
+    length are decoded together."""
     import torch
 
     from llm.checkpoint import load_language_model
@@ -131,14 +132,16 @@ def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
 
     lm = load_language_model(ckpt)
     tok, solved = lm.tokenizer, 0
+    by_length: dict[int, list[tuple[Problem, list[int]]]] = {}
     for p in held_out:
-        text = render(lm.template, [{"role": "user", "content": p.prompt}], tok)
-        idx = torch.tensor([tok.encode(text)])
+        ids = tok.encode(render(lm.template, [{"role": "user", "content": p.prompt}], tok))
+        by_length.setdefault(len(ids), []).append((p, ids))
+    for length, group in by_length.items():
+        idx = torch.tensor([ids for _, ids in group])
         out = lm.model.generate(idx, 6, temperature=0.0, stop_token=tok.eot_id)
-        new = out[0, idx.size(1) :].tolist()
-        new = new[: new.index(tok.eot_id)] if tok.eot_id in new else new
-        completion = tok.decode(new)
-        solved += arithmetic(p.prompt, completion.split("\n")[0], p.record())
+        for (p, _), row in zip(group, out[:, length:].tolist(), strict=True):
+            new = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
+            solved += arithmetic(p.prompt, tok.decode(new).split("\n")[0], p.record())
     return solved / len(held_out)
 
 
@@ -244,15 +247,20 @@ def plot(per_seed: dict[int, dict[str, dict[str, float]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for seed, results in sorted(per_seed.items()):
-        ax.plot(
-            RUNGS, [100 * results[r]["accuracy"] for r in RUNGS], marker="o", label=f"seed {seed}"
-        )
+    seeds = sorted(per_seed)
+    width = 0.8 / len(seeds)
+    for k, seed in enumerate(seeds):  # bars, not lines: DPO and GRPO both start from instruct
+        x = [i + (k - (len(seeds) - 1) / 2) * width for i in range(len(RUNGS))]
+        accs = [100 * per_seed[seed][r]["accuracy"] for r in RUNGS]
+        ax.bar(x, accs, width, label=f"seed {seed}")
+    labels = {"dpo": "dpo\n(from instruct)", "grpo": "grpo\n(from instruct)"}
+    ax.set_xticks(range(len(RUNGS)), [labels.get(r, r) for r in RUNGS])
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("the post-training ladder, tiny char model, CPU")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_ylim(0, 115)  # room above 100% for the legend
+    ax.set_yticks(range(0, 101, 20))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(ncol=len(seeds), loc="upper center", frameon=False)
     fig.tight_layout()
     fig.savefig(path)
 

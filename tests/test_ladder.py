@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from helpers import ROOT
 
 from llm.finetuning.arithmetic import Problem, problems, reverse_digits
@@ -68,3 +69,40 @@ def test_the_table_reports_each_rung_and_seed() -> None:
     assert table[0] == "| rung | seed 0 | seed 1 | mean | wall time (mean) |"
     assert table[5] == "| grpo | 50.0% | 51.0% | 50.5% | 15 s |"
     assert table[-1].endswith("seed 0: 0.50 -> 0.80, seed 1: 0.50 -> 0.90")
+
+
+def test_the_score_decodes_prompts_of_one_length_together_as_each_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from llm.checkpoint import load_language_model, save_checkpoint
+    from llm.finetuning import rewards
+    from llm.tokenizers import CharTokenizer
+    from llm.training.module import GPTLitModule
+
+    torch.manual_seed(8)  # a random model whose greedy answers differ: some end at once
+    tok = CharTokenizer()
+    tok.fit(["0123456789+=\n"])
+    model = {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0, "block_size": 32}
+    module = GPTLitModule(model={**model, "vocab_size": tok.vocab_size}, tokenizer=tok.to_dict())
+    ckpt = save_checkpoint(module, tmp_path / "random.ckpt")
+    pairs = ((3, 4), (12, 5), (57, 68), (9, 91), (40, 43))  # prompts of 4, 5 and 6 characters
+    held = [Problem(a, "+", b, reverse=True) for a, b in pairs]
+    said: dict[str, str] = {}
+
+    def spy(prompt: str, completion: str, example: dict) -> float:
+        said[prompt] = completion
+        return float(prompt in ("12+5=", "9+91="))
+
+    monkeypatch.setattr(rewards, "arithmetic", spy)
+    assert ladder.accuracy(ckpt, held) == 2 / 5  # the share the reward calls right
+    lm = load_language_model(ckpt)
+    eot = lm.tokenizer.eot_id
+    for p in held:  # each prompt decoded alone, greedy, gives what the batch gave
+        idx = torch.tensor([lm.tokenizer.encode(p.prompt)])
+        new = lm.model.generate(idx, 6, temperature=0.0, stop_token=eot)[0, idx.size(1) :]
+        new = new.tolist()
+        new = new[: new.index(eot)] if eot in new else new
+        assert said[p.prompt] == lm.tokenizer.decode(new).split("\n")[0]
+    assert len(set(said.values())) == 3  # '=', '' (end-of-text first) and '======'
