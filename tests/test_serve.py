@@ -291,6 +291,26 @@ def test_chat_logprobs_are_the_sampled_tokens_own(server: ThreadServer) -> None:
     alone = httpx.post(f"{server.url}/v1/chat/completions",
                        json={"messages": messages, "top_logprobs": 2})  # fmt: skip
     assert alone.status_code == 400 and alone.json()["error"]["param"] == "top_logprobs"
+    null = httpx.post(f"{server.url}/v1/chat/completions",
+                      json={"messages": messages, "max_tokens": 1, "logprobs": None})  # fmt: skip
+    assert null.status_code == 200 and null.json()["choices"][0]["logprobs"] is None
+
+
+def test_the_end_of_text_that_ends_a_reply_is_not_in_its_chat_logprobs() -> None:
+    from llm.serving.app import _chat_logprobs
+    from llm.serving.engine import TokenLogprob
+
+    eot = 7
+    taken = [
+        TokenLogprob("é", -0.25, {"é": -0.25, "e": -2.0}, 3),
+        TokenLogprob("<eot>", -0.5, None, eot),
+    ]
+    assert _chat_logprobs(taken, eot) == {"content": [{
+        "token": "é", "logprob": -0.25, "bytes": [0xC3, 0xA9],
+        "top_logprobs": [{"token": "é", "logprob": -0.25, "bytes": [0xC3, 0xA9]},
+                         {"token": "e", "logprob": -2.0, "bytes": [0x65]}],
+    }]}  # fmt: skip
+    assert [c["token"] for c in _chat_logprobs(taken, None)["content"]] == ["é", "<eot>"]
 
 
 @pytest.mark.parametrize(

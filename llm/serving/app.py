@@ -234,8 +234,9 @@ def _logprobs_object(entries: Iterable[TokenLogprob], start: int = 0) -> dict[st
     return {"tokens": tokens, "token_logprobs": logps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_logprobs(entries: Iterable[TokenLogprob]) -> dict[str, Any]:
-    """OpenAI's chat ``logprobs``: each token with its logprob, UTF-8 bytes and alternatives."""
+def _chat_logprobs(entries: Iterable[TokenLogprob], eot: int | None) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: each token of the message with its logprob, UTF-8 bytes and
+    alternatives (the end-of-text token ``eot`` that ended it is not in the message)."""
 
     def item(token: str, logprob: float | None) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
@@ -244,6 +245,7 @@ def _chat_logprobs(entries: Iterable[TokenLogprob]) -> dict[str, Any]:
         "content": [
             {**item(e.token, e.logprob), "top_logprobs": [item(*t) for t in (e.top or {}).items()]}
             for e in entries
+            if eot is None or e.id != eot
         ]
     }
 
@@ -440,6 +442,7 @@ async def _chat(server: Server, body: ChatRequest) -> JSONResponse | StreamingRe
     jobs, events = await server.run(
         [ids] * body.n, [_sampling(body, max_tokens, i) for i in range(body.n)]
     )
+    eot = server.tokenizer.eot_id  # ends a reply, and is not part of its message
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     head = {"id": rid, "created": created, "model": server.model_name}
     prompt_tokens = len(ids)
@@ -455,9 +458,9 @@ async def _chat(server: Server, body: ChatRequest) -> JSONResponse | StreamingRe
                 yield _sse({**head, "choices": [choice]})
             async for ev in _events(jobs, events):
                 if isinstance(ev, Delta):
-                    if not ev.text and not (body.logprobs and ev.logprobs):
+                    lp = _chat_logprobs(ev.logprobs, eot) if body.logprobs else None
+                    if not ev.text and not (lp and lp["content"]):
                         continue
-                    lp = _chat_logprobs(ev.logprobs) if body.logprobs else None
                     choice = {"index": ev.index, "delta": {"content": ev.text},
                               "logprobs": lp, "finish_reason": None}  # fmt: skip
                 else:
@@ -473,7 +476,7 @@ async def _chat(server: Server, body: ChatRequest) -> JSONResponse | StreamingRe
     texts, entries, finish = await _gather(jobs, events, [""] * body.n)
     choices = [
         {"index": i, "message": {"role": "assistant", "content": texts[i]},
-         "logprobs": _chat_logprobs(entries[i]) if body.logprobs else None,
+         "logprobs": _chat_logprobs(entries[i], eot) if body.logprobs else None,
          "finish_reason": f.reason if f else "abort"}
         for i, f in enumerate(finish)
     ]  # fmt: skip

@@ -58,6 +58,7 @@ class TokenLogprob:
     token: str
     logprob: float | None
     top: dict[str, float] | None
+    id: int | None = None  # the token's id (None: not known)
 
 
 @dataclass
@@ -387,7 +388,7 @@ class Engine:
 
     def _token_logprob(self, logits: torch.Tensor, token: int, n: int) -> TokenLogprob:
         logp = torch.log_softmax(logits.float(), dim=-1)
-        return TokenLogprob(self._piece(token), float(logp[token]), self._top(logp, n))
+        return TokenLogprob(self._piece(token), float(logp[token]), self._top(logp, n), token)
 
     def _prompt_logprobs(self, ids: list[int], logits: torch.Tensor, n: int) -> list[TokenLogprob]:
         """Each prompt token's log-probability given the ones before it (the first has none),
