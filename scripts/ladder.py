@@ -141,7 +141,7 @@ def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
         out = lm.model.generate(idx, 6, temperature=0.0, stop_token=tok.eot_id)
         for (p, _), row in zip(group, out[:, length:].tolist(), strict=True):
             new = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
-            solved += arithmetic(p.prompt, tok.decode(new).split("\n")[0], p.record())
+            solved += arithmetic(p.prompt, tok.decode(new), p.record())  # reads line one
     return solved / len(held_out)
 
 
