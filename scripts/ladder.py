@@ -6,7 +6,9 @@ in four rungs, each an ``llm`` command run as a user would run it, and each scor
 held-out problems (never in any rung's data) by greedy exact match:
 
 1. pretrain: ``llm train`` on lines ``a+b=c`` of the training problems;
-2. instruct: ``llm finetune task=instruct`` on Alpaca records ``{instruction: "a+b=", output}``;
+2. instruct: ``llm finetune task=instruct`` on Alpaca records ``{instruction: "a+b=", output}``
+   written by a sloppy annotator, who drops the carry out of the tens (``57+68=52``) in
+   ``SLIP`` of the sums past 99, as human demonstrations hold mistakes;
 3. prefer: ``llm finetune task=dpo`` from 2, on pairs (the right answer chosen, the answer
    with a carry slip rejected: see ``carry_slip``);
 4. reinforce: ``llm rl reward=arithmetic`` from 2, on the generated problems' training share.
@@ -38,20 +40,21 @@ from llm.prompts import format_prompt  # noqa: E402
 MAX_OPERAND = 99
 OPS = "+"
 REVERSE = True
+SLIP = 0.6  # the share of sums past 99 whose demonstration drops the carry out of the tens
 RUNGS = ("pretrain", "instruct", "dpo", "grpo")
 # each rung's schedule (its other settings are in climb)
 RECIPE = {
     "pretrain": [
         "optim.lr=3e-3",
         "optim.min_lr=3e-4",
-        "trainer.max_steps=3000",
+        "trainer.max_steps=1500",
         "trainer.val_check_interval=500",
     ],
     "instruct": [
         "optim.lr=2e-3",
         "optim.min_lr=2e-4",
-        "trainer.max_steps=600",
-        "trainer.val_check_interval=200",
+        "trainer.max_steps=1200",
+        "trainer.val_check_interval=400",
     ],
     "dpo": [
         "optim.lr=3e-4",
@@ -83,6 +86,13 @@ def carry_slip(p: Problem) -> str:
     return p.write(p.answer - 10**k if carried else p.answer + 10**k)
 
 
+def sloppy(p: Problem, rng: random.Random) -> str:
+    """A demonstration's answer: the carry out of the tens dropped in ``SLIP`` of the sums past
+    99 (``57+68=52``, reversed), else right. The instruct rung imitates it: its greedy answer
+    to such a sum slips while a right one is still sampled, what preferences and rewards fix."""
+    return carry_slip(p) if p.answer >= 100 and rng.random() < SLIP else p.text
+
+
 def write_data(folder: Path, train: list[Problem], seed: int) -> dict[str, Path]:
     """Every rung's data from the training problems only."""
     rng = random.Random(seed)
@@ -94,7 +104,7 @@ def write_data(folder: Path, train: list[Problem], seed: int) -> dict[str, Path]
     # the template's characters once, so the char vocabulary can encode the instruct rung
     text = format_prompt({"instruction": "", "input": ""}) + "\n" + "\n".join(lines) + "\n"
     (folder / "pretrain.txt").write_text(text, encoding="utf-8")
-    instruct = [{"instruction": p.prompt, "input": "", "output": p.text} for p in train]
+    instruct = [{"instruction": p.prompt, "input": "", "output": sloppy(p, rng)} for p in train]
     pairs = [{"prompt": p.prompt, "chosen": p.text, "rejected": carry_slip(p)} for p in train]
     paths = {"pretrain": folder / "pretrain.txt"}
     for name, rows in (("instruct", instruct), ("dpo", pairs)):

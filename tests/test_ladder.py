@@ -1,6 +1,6 @@
 """scripts/ladder.py: every rung's data comes from the training problems only (the held-out ones
-appear in none), the preference pairs are encodable and differ, and the table reports what
-the rungs measured."""
+appear in none), the demonstrations slip as the recipe says, the preference pairs are encodable
+and differ, and the table reports what the rungs measured."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def test_no_rung_sees_a_held_out_problem(tmp_path: Path) -> None:
         r["prompt"] for r in pairs
     }
     answers = {p.prompt: p for p in train}
+    slipped = [r["output"] != answers[r["instruction"]].text for r in instruct]
+    for record, slip in zip(instruct, slipped, strict=True):  # right, or the carry out dropped
+        p = answers[record["instruction"]]
+        assert record["output"] == (ladder.carry_slip(p) if slip else p.text)
+        assert not slip or p.answer >= 100
+    past_99 = sum(p.answer >= 100 for p in train)
+    assert abs(sum(slipped) / past_99 - ladder.SLIP) < 0.03  # 4,475 sums: 4 sigma
     for pair in pairs:
         p = answers[pair["prompt"]]
         assert pair["chosen"] == p.text != pair["rejected"] and pair["rejected"].isdigit()
