@@ -223,6 +223,23 @@ def test_a_character_the_vocabulary_lacks_names_the_file_and_row(
     assert f"{path}:3, field 'text': unknown character '☺'" in err
 
 
+@pytest.mark.parametrize(
+    ("template", "named"),
+    [
+        ("jinja", "task.template='jinja' is not a prompt template; use one of ['alpaca', 'chat']"),
+        ("chat", "template=chat needs a tokenizer with a chat template, but this CharTokenizer"),
+    ],
+)  # a char checkpoint has no chat template (an error raised while encoding the first record
+# once went on to read an `input` field the record did not have: KeyError)
+def test_an_instruct_template_the_checkpoint_cannot_render_is_named(
+    template: str, named: str, tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([{"instruction": "say hi", "output": "hi"}] * 4))
+    args = _finetune(tmp_path, "instruct", path, f"task.template={template}")
+    assert named in _fails(llm_main, capsys, "finetune", *args)
+
+
 @pytest.mark.slow
 def test_a_template_the_vocabulary_cannot_write_is_named(
     tmp_path: Path, llm_main: Any, capsys: pytest.CaptureFixture

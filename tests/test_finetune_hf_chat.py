@@ -84,14 +84,20 @@ def test_text_finetune_from_hf_folder_uses_its_tokenizer(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_instruct_finetune_from_qwen3_folder_closes_examples_with_im_end(
-    tmp_path: Path, llm_main: Any
+    tmp_path: Path, llm_main: Any, template: str
 ) -> None:
+    """Alpaca records rendered with the Alpaca template (the default) or the folder's own chat
+    template (task.template=chat), which the checkpoint then names for `llm chat`."""
+    from llm.prompts import format_prompt, render_chat_template
+
     init = qwen3_folder(tmp_path / "hf")
     data = write_jsonl(tmp_path / "records.jsonl", RECORDS * 4)
     args = [
         f"init={init}",
         "task=instruct",
+        f"task.template={template}",
         f"data.path={data}",
         "data.batch_size=4",
         "optim.lr=3e-3",
@@ -106,8 +112,15 @@ def test_instruct_finetune_from_qwen3_folder_closes_examples_with_im_end(
     assert module.config.block_size == 256  # the folder's context, uncropped
     losses = _losses(tmp_path / "run")
     assert len(losses) == 20 and losses[-1] < losses[0] - 1.0, losses
-    ids, n_prompt = encode_example(module.tokenizer, RECORDS[0], 256)
-    assert ids[-1] == 2 and module.tokenizer.decode(ids[n_prompt:-1]) == "the fox the fox"
+    assert module.hparams["template"] == template
+    tok = module.tokenizer
+    ids, n_prompt = encode_example(tok, RECORDS[0], 256, template)
+    assert ids[-1] == 2 and tok.decode(ids[n_prompt:-1]) == "the fox the fox"
+    user = [{"role": "user", "content": "Say fox"}]
+    prompt = format_prompt(RECORDS[0]) if template == "alpaca" else render_chat_template(tok, user)
+    assert tok.decode(ids[:n_prompt]) == prompt
+    if template == "chat":  # the test folder's template has no generation prompt
+        assert prompt == "<|im_start|>user\nSay fox<|im_end|>\n"
     responses = json.loads((tmp_path / "run" / "checkpoints" / "responses.json").read_text())
     assert len(responses) >= 1 and all("response" in r for r in responses)
 

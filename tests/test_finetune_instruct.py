@@ -1,4 +1,4 @@
-"""`task=instruct`: Alpaca template, exact prompt masking, training, responses.json."""
+"""`task=instruct`: the prompt templates, exact prompt masking, training, responses.json."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from llm.finetuning.instruct import (
     collate,
     encode_example,
     format_prompt,
+    generate_responses,
 )
 from llm.tokenizers import CharTokenizer
 
@@ -37,6 +38,40 @@ def test_alpaca_template_exact() -> None:
     assert format_prompt({"instruction": "Translate", "input": "hola"}) == (
         f"{preamble}\n\n### Instruction:\nTranslate\n\n### Input:\nhola\n\n### Response:\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("template", "prompt"),
+    [
+        ("alpaca", format_prompt(RECORDS[1])),
+        (None, "Repeat dog\n\ntwice"),  # no template: the instruction, then its input
+    ],
+)
+def test_the_prompt_is_rendered_with_the_task_template(
+    template: str | None, prompt: str, char_tokenizer: CharTokenizer
+) -> None:
+    tok = char_tokenizer
+    ids, n_prompt = encode_example(tok, RECORDS[1], 256, template)
+    assert ids[:n_prompt] == tok.encode(prompt)
+    assert tok.decode(ids[n_prompt:-1]) == "dog dog" and ids[-1] == tok.eot_id
+    ids, n_prompt = encode_example(tok, RECORDS[0], 256, None)  # an empty input adds nothing
+    assert tok.decode(ids[:n_prompt]) == "Repeat cat"
+
+
+@pytest.mark.parametrize(
+    ("override", "init_template", "rendered"),
+    [("alpaca", None, "alpaca"), ("none", "alpaca", None), ("auto", "chat", "chat")],
+)
+def test_task_template_names_one_or_takes_the_inits(
+    override: str, init_template: str | None, rendered: str | None
+) -> None:
+    """``none`` is plain text, as `llm chat template=none` spells it; ``auto`` the init's."""
+    from types import SimpleNamespace
+
+    from llm.finetuning.tasks import InstructFinetune
+
+    init = SimpleNamespace(template=init_template)
+    assert InstructFinetune("instruct", template=override).template_of(init) == rendered
 
 
 def test_collate_masks_exactly_the_prompt_and_padding(char_tokenizer: CharTokenizer) -> None:
@@ -94,7 +129,8 @@ def test_records_whose_prompt_fills_max_length_are_left_out_or_refused(
 
 
 @pytest.mark.slow
-def test_instruct_overfits_and_writes_responses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("template", ["alpaca", None])
+def test_instruct_overfits_and_writes_responses(tmp_path: Path, template: str | None) -> None:
     init = char_checkpoint(tmp_path / "init.ckpt", block_size=160)
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(RECORDS))
@@ -103,6 +139,7 @@ def test_instruct_overfits_and_writes_responses(tmp_path: Path) -> None:
         [
             f"init={init}",
             "task=instruct",
+            f"task.template={template or 'null'}",
             f"data.path={data}",
             "data.val_fraction=0.25",
             "task.max_new_tokens=12",
@@ -122,8 +159,14 @@ def test_instruct_overfits_and_writes_responses(tmp_path: Path) -> None:
     assert all(set(r) == {"instruction", "input", "output", "response"} for r in responses)
     assert all(isinstance(r["response"], str) and len(r["response"]) <= 12 for r in responses)
     assert not list(responses_path.parent.glob(".*.tmp"))
+    best = load_checkpoint(result["best_model_path"])
+    again = generate_responses(best, val, max_new_tokens=12, template=template)
+    assert [r["response"] for r in again] == [r["response"] for r in responses]
     module = load_checkpoint(result["last_model_path"])  # no LoRA: a plain LM checkpoint
     assert module.config.block_size == 160
-    # the checkpoint says how to render prompts, so `llm chat` uses the Alpaca template
-    assert module.hparams["template"] == "alpaca"
-    assert load_language_model(result["last_model_path"]).template == "alpaca"
+    # the checkpoint says how to render prompts, so `llm chat` renders as the run trained
+    assert module.hparams["template"] == template
+    assert load_language_model(result["last_model_path"]).template == template
+    n_prompt = [n for _, n in result["datamodule"].examples["train"]]
+    longest = {"alpaca": 170, None: 20}[template]  # the Alpaca preamble alone is 120 chars
+    assert max(n_prompt) < longest and (template is None or min(n_prompt) > 120)

@@ -1,6 +1,8 @@
 """Instruction finetuning on Alpaca-format records (instruction, input, output).
 
-Prompts use the Alpaca template (:mod:`llm.prompts`, which ``llm chat`` renders with too); the
+Prompts use the task's template (:mod:`llm.prompts`, which the checkpoint records so that ``llm
+chat`` and the post-training tasks render alike): Alpaca by default, the tokenizer's own chat
+template, or none (the instruction as plain text, the response right after it); the
 collate function pads with end-of-text and sets targets to -100 on padding (the first eot stays:
 it teaches the model to stop) and, by default, on the prompt, so the loss is over response tokens
 only.
@@ -26,7 +28,7 @@ from llm.finetuning.records import (
     train_and_val,
 )
 from llm.io import atomic_write_json
-from llm.prompts import format_prompt
+from llm.prompts import chat_template_source, check_template, format_prompt, render
 
 REQUIRED = ("instruction", "output")
 
@@ -45,24 +47,36 @@ def check_records(rows: Sequence[dict[str, Any]], path: Any) -> None:
             )
 
 
+def prompt_text(record: dict[str, Any], template: str | None, tokenizer: Any) -> str:
+    """The text a record's response follows. Alpaca has an Input section; the other templates
+    take one user message, the input after the instruction."""
+    if template == "alpaca":
+        return format_prompt(record)
+    content = record["instruction"]
+    if record.get("input"):
+        content += "\n\n" + record["input"]
+    return render(template, [{"role": "user", "content": content}], tokenizer)
+
+
 def encode_example(
-    tokenizer: Any, record: dict[str, Any], max_length: int
+    tokenizer: Any, record: dict[str, Any], max_length: int, template: str | None = "alpaca"
 ) -> tuple[list[int], int]:
     """(prompt + response + eot ids truncated to max_length + 1, prompt length).
 
     A text the tokenizer cannot encode is named by its file, line and field.
     """
     try:
-        prompt = list(tokenizer.encode(format_prompt(record)))
+        prompt = list(tokenizer.encode(prompt_text(record, template, tokenizer)))
     except ValueError:
         for key in ("instruction", "input"):  # which field: the template itself encodes
-            encode_field(tokenizer, record, key)
+            if key in record:
+                encode_field(tokenizer, record, key)
         raise
     ids = prompt + encode_field(tokenizer, record, "output") + [tokenizer.eot_id]
     return ids[: max_length + 1], len(prompt)
 
 
-def check_template(tokenizer: Any) -> None:
+def check_alpaca_encodes(tokenizer: Any) -> None:
     """The Alpaca template must encode: a char vocabulary fitted on another text may lack its
     characters ('#', ':', ...), which no record could then work around."""
     template = format_prompt({"instruction": "", "input": ""}) + format_prompt(
@@ -124,6 +138,7 @@ class InstructDataModule(ExampleSplits, L.LightningDataModule):
         mask_prompt: bool = True,
         num_workers: int = 0,
         seed: int = 1337,
+        template: str | None = "alpaca",
     ) -> None:
         super().__init__()
         if tokenizer.eot_id is None:
@@ -139,6 +154,7 @@ class InstructDataModule(ExampleSplits, L.LightningDataModule):
         self.mask_prompt = bool(mask_prompt)
         self.num_workers = int(num_workers)
         self.seed = int(seed)
+        self.template = check_template(template, "task.template")
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.examples: dict[str, list[tuple[list[int], int]]] = {}
 
@@ -155,13 +171,18 @@ class InstructDataModule(ExampleSplits, L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.examples:
             return
-        check_template(self.tokenizer)
+        if self.template == "alpaca":
+            check_alpaca_encodes(self.tokenizer)
+        elif self.template == "chat":
+            chat_template_source(self.tokenizer)  # a tokenizer without one is named now
         train, val = train_and_val(
             self.path, self.val_path, self.val_fraction, self.seed, self._read
         )
         self.records, self.examples = {}, {}
         for split, records in (("train", train), ("val", val)):
-            encoded = [encode_example(self.tokenizer, r, self.max_length) for r in records]
+            encoded = [
+                encode_example(self.tokenizer, r, self.max_length, self.template) for r in records
+            ]
             keep = [i for i, ex in enumerate(encoded) if self._has_targets(ex)]
             self._report_dropped(split, len(records) - len(keep), len(records), encoded)
             self.records[split] = [records[i] for i in keep]
@@ -199,16 +220,20 @@ class InstructDataModule(ExampleSplits, L.LightningDataModule):
 
 @torch.no_grad()
 def generate_responses(
-    module: Any, records: Sequence[dict[str, Any]], max_new_tokens: int = 256
+    module: Any,
+    records: Sequence[dict[str, Any]],
+    max_new_tokens: int = 256,
+    template: str | None = "alpaca",
 ) -> list[dict[str, Any]]:
-    """Greedy response per record, stopping at end-of-text; prompt cropped to fit the context."""
+    """Greedy response per record, stopping at end-of-text; prompt (in the template it trained
+    with) cropped to fit the context."""
     tok, model = module.tokenizer, module.model
     module.eval()
     device = next(module.parameters()).device
     block = model.config.block_size
     out = []
     for rec in records:
-        ids = list(tok.encode(format_prompt(rec)))[-(block - 1) :]
+        ids = list(tok.encode(prompt_text(rec, template, tok)))[-(block - 1) :]
         n_new = max(0, min(int(max_new_tokens), block - len(ids)))
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         new: list[int] = []

@@ -167,18 +167,37 @@ class TextFinetune(Finetune):
         return GPTLitModule(**common, sample=sample_settings(cfg))
 
 
-class InstructFinetune(Finetune):
+class TemplatedFinetune(Finetune):
+    """A task whose prompts are rendered with a template: ``task.template`` names one
+    (alpaca, chat, or null / none: plain text, as `llm chat` spells it), ``auto`` takes the
+    init's own."""
+
+    def __init__(self, name: str, template: str | None = "auto") -> None:
+        super().__init__(name)
+        self.template = None if template == "none" else template
+
+    def template_of(self, init: Any) -> str | None:
+        from llm.prompts import check_template
+
+        if self.template == "auto":
+            return init.template
+        return check_template(self.template, "task.template")
+
+
+class InstructFinetune(TemplatedFinetune):
     """Follow instructions (Alpaca records; the loss on the responses only), then write the
     val set's greedy responses (responses.json) for a look at what it learnt."""
 
-    def __init__(self, name: str, max_new_tokens: int = 256) -> None:
-        super().__init__(name)
+    def __init__(
+        self, name: str, max_new_tokens: int = 256, template: str | None = "alpaca"
+    ) -> None:
+        super().__init__(name, template)
         self.max_new_tokens = int(max_new_tokens)
 
     def build_module(self, cfg: DictConfig, common: dict[str, Any], dm: Any) -> Any:
         from llm.training.module import GPTLitModule
 
-        return GPTLitModule(**common, template="alpaca")  # how llm chat renders prompts
+        return GPTLitModule(**common, template=dm.template)  # how llm chat renders prompts
 
     def after_fit(self, cfg: DictConfig, built: Built, trainer: Any, result: dict) -> None:
         super().after_fit(cfg, built, trainer, result)
@@ -193,6 +212,7 @@ class InstructFinetune(Finetune):
             built.datamodule.records["val"],
             folder / "responses.json",
             max_new_tokens=self.max_new_tokens,
+            template=built.datamodule.template,
         )
 
     def outcome_lines(self, result: dict[str, Any]) -> list[str]:
@@ -202,22 +222,11 @@ class InstructFinetune(Finetune):
         return lines
 
 
-class PolicyFinetune(Finetune):
+class PolicyFinetune(TemplatedFinetune):
     """A post-training task: a language model tuned against its frozen initial self, prompts
     rendered with the init's template (``task.template=auto``) or the one named."""
 
     metric = "val/loss"  # the val metric the summary shows before and after
-
-    def __init__(self, name: str, template: str | None = "auto") -> None:
-        super().__init__(name)
-        self.template = template
-
-    def template_of(self, init: Any) -> str | None:
-        from llm.prompts import check_template
-
-        if self.template == "auto":
-            return init.template
-        return check_template(self.template, "task.template")
 
     def loaded(self, module: Any) -> None:
         module.freeze_reference()
