@@ -6,9 +6,11 @@ in four rungs, each an ``llm`` command run as a user would run it, and each scor
 held-out problems (never in any rung's data) by greedy exact match:
 
 1. pretrain: ``llm train`` on lines ``a+b=c`` of the training problems;
-2. instruct: ``llm finetune task=instruct`` on Alpaca records ``{instruction: "a+b=", output}``
-   written by a sloppy annotator, who drops the carry out of the tens (``57+68=52``) in
-   ``SLIP`` of the sums past 99, as human demonstrations hold mistakes;
+2. instruct: ``llm finetune task=instruct task.template=null`` on records ``{instruction:
+   "a+b=", output}`` (the prompt is the problem itself, in the context pretraining taught; the
+   loss on the answer and the end-of-text after it) written by a sloppy annotator, who drops the
+   carry out of the tens (``57+68=52``) in ``SLIP`` of the sums past 99, as human
+   demonstrations hold mistakes;
 3. prefer: ``llm finetune task=dpo`` from 2, on pairs (the right answer chosen, the answer
    with a carry slip rejected: see ``carry_slip``);
 4. reinforce: ``llm rl reward=arithmetic`` from 2, on the generated problems' training share.
@@ -35,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llm.finetuning.arithmetic import Problem, problems  # noqa: E402
-from llm.prompts import format_prompt  # noqa: E402
 
 MAX_OPERAND = 99
 OPS = "+"
@@ -53,8 +54,8 @@ RECIPE = {
     "instruct": [
         "optim.lr=2e-3",
         "optim.min_lr=2e-4",
-        "trainer.max_steps=1200",
-        "trainer.val_check_interval=400",
+        "trainer.max_steps=5000",
+        "trainer.val_check_interval=1000",
     ],
     "dpo": [
         "optim.lr=3e-4",
@@ -101,9 +102,7 @@ def write_data(folder: Path, train: list[Problem], seed: int) -> dict[str, Path]
     for _ in range(20):  # 20 shuffled passes over the problems
         rng.shuffle(train)
         lines += [f"{p.prompt}{p.text}" for p in train]
-    # the template's characters once, so the char vocabulary can encode the instruct rung
-    text = format_prompt({"instruction": "", "input": ""}) + "\n" + "\n".join(lines) + "\n"
-    (folder / "pretrain.txt").write_text(text, encoding="utf-8")
+    (folder / "pretrain.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     instruct = [{"instruction": p.prompt, "input": "", "output": sloppy(p, rng)} for p in train]
     pairs = [{"prompt": p.prompt, "chosen": p.text, "rejected": carry_slip(p)} for p in train]
     paths = {"pretrain": folder / "pretrain.txt"}
@@ -130,10 +129,10 @@ def llm(run: Path, verb: str, *args: str) -> float:
     return seconds
 
 
-def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
-    """Greedy exact match on the held-out problems, each prompt rendered with the
-    checkpoint's template (the plain text ``a+b=`` for the pretrained model); prompts of one
-    length are decoded together."""
+def solved(ckpt: Path, held_out: list[Problem]) -> list[bool]:
+    """Greedy exact match on each held-out problem, its prompt rendered with the checkpoint's
+    template (the plain text ``a+b=`` for a base model); prompts of one length are decoded
+    together."""
     import torch
 
     from llm.checkpoint import load_language_model
@@ -141,7 +140,7 @@ def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
     from llm.prompts import render
 
     lm = load_language_model(ckpt)
-    tok, solved = lm.tokenizer, 0
+    tok, right = lm.tokenizer, {}
     by_length: dict[int, list[tuple[Problem, list[int]]]] = {}
     for p in held_out:
         ids = tok.encode(render(lm.template, [{"role": "user", "content": p.prompt}], tok))
@@ -151,8 +150,30 @@ def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
         out = lm.model.generate(idx, 6, temperature=0.0, stop_token=tok.eot_id)
         for (p, _), row in zip(group, out[:, length:].tolist(), strict=True):
             new = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
-            solved += arithmetic(p.prompt, tok.decode(new), p.record())  # reads line one
-    return solved / len(held_out)
+            right[p] = arithmetic(p.prompt, tok.decode(new), p.record()) == 1.0  # line one
+    return [right[p] for p in held_out]
+
+
+def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
+    """The share of the held-out problems answered right (greedy exact match)."""
+    right = solved(ckpt, held_out)
+    return sum(right) / len(right)
+
+
+def score(ckpt: Path, held_out: list[Problem]) -> dict[str, float]:
+    """Exact match on all held-out problems, and apart on the sums past 99 (where the
+    annotator slips) and below 100 (where the demonstrations are right)."""
+    right = solved(ckpt, held_out)
+
+    def share(keep: list[bool]) -> float:
+        return sum(r for r, k in zip(right, keep, strict=True) if k) / max(sum(keep), 1)
+
+    past_99 = [p.answer >= 100 for p in held_out]
+    return {
+        "accuracy": sum(right) / len(right),
+        "past_99": share(past_99),
+        "below_100": share([not k for k in past_99]),
+    }
 
 
 def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
@@ -186,6 +207,7 @@ def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
             runs["instruct"],
             "finetune",
             "task=instruct",
+            "task.template=null",  # the problem as plain text (why: docs/post_training.md)
             f"init={ckpt['pretrain']}",
             f"data.path={data['instruct']}",
             "data.batch_size=32",
@@ -218,7 +240,7 @@ def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
             *common,
         ),
     }
-    results = {r: {"accuracy": accuracy(ckpt[r], held_out), "seconds": seconds[r]} for r in RUNGS}
+    results = {r: {**score(ckpt[r], held_out), "seconds": seconds[r]} for r in RUNGS}
     import torch
 
     history = torch.load(ckpt["dpo"], map_location="cpu", weights_only=True)["val_history"]
@@ -237,6 +259,15 @@ def table(per_seed: dict[int, dict[str, dict[str, float]]]) -> str:
         cells = " | ".join(f"{a:.1%}" for a in accs)
         rows.append(
             f"| {r} | {cells} | {sum(accs) / len(accs):.1%} | {sum(secs) / len(secs):.0f} s |"
+        )
+    rows += ["", "| rung | " + " | ".join(f"seed {s}: past 99 / below 100" for s in seeds) + " |"]
+    rows.append("|" + "---|" * (len(seeds) + 1))
+    for r in RUNGS:
+        cells = [per_seed[s][r] for s in seeds]
+        rows.append(
+            f"| {r} | "
+            + " | ".join(f"{c['past_99']:.1%} / {c['below_100']:.1%}" for c in cells)
+            + " |"
         )
     dpo = [per_seed[s]["dpo"] for s in seeds]
     rows.append("")

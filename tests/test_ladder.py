@@ -51,8 +51,8 @@ def test_no_rung_sees_a_held_out_problem(tmp_path: Path) -> None:
         # the carry into the most significant digit flipped: off by that digit's place value
         place = 10 ** (len(str(p.answer)) - 1)
         assert abs(int(reverse_digits(pair["rejected"])) - p.answer) == place
-    # the template's characters are in the pretraining text: the char vocabulary encodes rung 2
-    assert set(ladder.format_prompt({"instruction": "1+2=", "input": ""})) <= set(text)
+    assert lines == {f"{p.prompt}{p.text}" for p in train}  # the problems and nothing else
+    assert len(text.splitlines()) == 20 * len(train)  # 20 shuffled passes
 
 
 def test_a_carry_slip_is_the_mistake_of_a_model_learning_to_add() -> None:
@@ -67,7 +67,15 @@ def test_a_carry_slip_is_the_mistake_of_a_model_learning_to_add() -> None:
 def test_the_table_reports_each_rung_and_seed() -> None:
     rungs = {"pretrain": 0.3, "instruct": 0.25, "dpo": 0.2, "grpo": 0.5}
     per_seed = {
-        s: {r: {"accuracy": a + s / 100, "seconds": 10.0 * (s + 1)} for r, a in rungs.items()}
+        s: {
+            r: {
+                "accuracy": a + s / 100,
+                "past_99": a / 2,
+                "below_100": 1.5 * a + s / 100,
+                "seconds": 10.0 * (s + 1),
+            }
+            for r, a in rungs.items()
+        }
         for s in (0, 1)
     }
     for s in per_seed:
@@ -75,6 +83,8 @@ def test_the_table_reports_each_rung_and_seed() -> None:
     table = ladder.table(per_seed).splitlines()
     assert table[0] == "| rung | seed 0 | seed 1 | mean | wall time (mean) |"
     assert table[5] == "| grpo | 50.0% | 51.0% | 50.5% | 15 s |"
+    assert table[7] == "| rung | seed 0: past 99 / below 100 | seed 1: past 99 / below 100 |"
+    assert table[10] == "| instruct | 12.5% / 37.5% | 12.5% / 38.5% |"
     assert table[-1].endswith("seed 0: 0.50 -> 0.80, seed 1: 0.50 -> 0.90")
 
 
@@ -105,6 +115,8 @@ def test_the_score_decodes_prompts_of_one_length_together_as_each_alone(
 
     monkeypatch.setattr(rewards, "arithmetic", spy)
     assert ladder.accuracy(ckpt, held) == 2 / 6  # the share the reward calls right
+    # apart: 57+68 and 9+91 are past 99 (9+91 right), the other four below 100 (12+5 right)
+    assert ladder.score(ckpt, held) == {"accuracy": 2 / 6, "past_99": 1 / 2, "below_100": 1 / 4}
     lm = load_language_model(ckpt)
     eot = lm.tokenizer.eot_id
     for p in held:  # each prompt decoded alone, greedy, gives what the batch gave
