@@ -237,8 +237,9 @@ class LanguageModel:
 
     @property
     def template(self) -> str | None:
-        """How it wants prompts rendered (:mod:`llm.prompts`): "alpaca" after instruction
-        finetuning, None for base models (and checkpoints older than the setting)."""
+        """How it wants prompts rendered (:mod:`llm.prompts`): the instruct task's template
+        ("alpaca" unless named), None for base models (and checkpoints older than the
+        setting)."""
         return self.hparams.get("template")
 
 
@@ -347,7 +348,7 @@ def check_resumable(
             f"tokenizer: checkpoint {theirs.get('kind')!r} ({theirs.get('name', '')}), "
             f"this run {mine.get('kind')!r} ({mine.get('name', '')}) or a different vocabulary"
         )
-    for key in ("labels", "lora"):
+    for key in ("labels", "lora", "template"):  # a template renders other prompts
         if hp.get(key) != module.hparams.get(key):
             diffs.append(f"{key}: checkpoint {hp.get(key)!r}, this run {module.hparams.get(key)!r}")
     if diffs:

@@ -29,11 +29,14 @@ Message = dict[str, Any]
 
 
 def check_template(template: str | None, key: str = "template") -> str | None:
-    """``template`` if it is one we render, else an error naming the choices."""
+    """``template`` if it is one we render (``none`` is None, as `llm chat` spells it), else an
+    error naming the choices."""
+    if template == "none":
+        return None
     if template is not None and template not in TEMPLATES:
         raise ValueError(
             f"{key}={template!r} is not a prompt template; use one of {list(TEMPLATES)} or "
-            "null (a base model: continue the text)"
+            "null / none (a base model: continue the text)"
         )
     return template
 

@@ -18,8 +18,9 @@ held-out problems (never in any rung's data) by greedy exact match:
     python scripts/ladder.py                    # 3 seeds, docs/post_training.md's table
     python scripts/ladder.py --seeds 0 --out /tmp/ladder
 
-Prints a table (accuracy per rung and seed, wall time per rung) and writes it with a plot to
-``--out``.
+Prints two tables (accuracy per rung and seed with the wall time per rung; the same split into
+the sums past 99 and below 100) and writes them with a plot to ``--out``. A rung finished
+before with the same command is not run again (rerun the ladder to complete a killed one).
 """
 
 from __future__ import annotations
@@ -114,10 +115,17 @@ def write_data(folder: Path, train: list[Problem], seed: int) -> dict[str, Path]
 
 def llm(run: Path, verb: str, *args: str) -> float:
     """Run one ``llm`` command into ``run``; its wall time in seconds (an error stops the
-    ladder). A rung that finished before (its ``seconds.json``) is not run again."""
+    ladder). A rung that finished before (its ``seconds.json``) with the same command is not
+    run again; one of another command (another recipe) stops the ladder."""
     done_file = run / "seconds.json"
     if done_file.is_file() and (run / "checkpoints" / "last.ckpt").is_file():
-        return float(json.loads(done_file.read_text())["seconds"])
+        done = json.loads(done_file.read_text())
+        if done.get("argv") != [verb, *args]:
+            sys.exit(
+                f"{run} holds a rung run by another command ({done.get('argv')}): remove "
+                "it, or give the ladder another --out"
+            )
+        return float(done["seconds"])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     argv = [sys.executable, "-m", "llm", verb, *args, f"hydra.run.dir={run}"]
@@ -125,7 +133,7 @@ def llm(run: Path, verb: str, *args: str) -> float:
     if done.returncode != 0:
         sys.exit(f"llm {verb} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     seconds = time.perf_counter() - start
-    done_file.write_text(json.dumps({"seconds": seconds}))
+    done_file.write_text(json.dumps({"seconds": seconds, "argv": [verb, *args]}))
     return seconds
 
 
@@ -154,12 +162,6 @@ def solved(ckpt: Path, held_out: list[Problem]) -> list[bool]:
     return [right[p] for p in held_out]
 
 
-def accuracy(ckpt: Path, held_out: list[Problem]) -> float:
-    """The share of the held-out problems answered right (greedy exact match)."""
-    right = solved(ckpt, held_out)
-    return sum(right) / len(right)
-
-
 def score(ckpt: Path, held_out: list[Problem]) -> dict[str, float]:
     """Exact match on all held-out problems, and apart on the sums past 99 (where the
     annotator slips) and below 100 (where the demonstrations are right)."""
@@ -177,7 +179,7 @@ def score(ckpt: Path, held_out: list[Problem]) -> dict[str, float]:
 
 
 def climb(seed: int, out: Path) -> dict[str, dict[str, float]]:
-    """One seed's four rungs: {rung: {accuracy, seconds}}."""
+    """One seed's four rungs: {rung: {accuracy, past_99, below_100, seconds}}."""
     train, held_out = problems(MAX_OPERAND, OPS, held_out=0.1, seed=0, reverse=REVERSE)
     data = write_data(out / "data", list(train), seed)
     runs = {r: out / r for r in RUNGS}

@@ -65,13 +65,19 @@ def test_the_prompt_is_rendered_with_the_task_template(
 def test_task_template_names_one_or_takes_the_inits(
     override: str, init_template: str | None, rendered: str | None
 ) -> None:
-    """``none`` is plain text, as `llm chat template=none` spells it; ``auto`` the init's."""
+    """``none`` is plain text, as `llm chat template=none` spells it; ``auto`` the init's.
+    The same for the post-training tasks, which render prompts as the instruct run did."""
     from types import SimpleNamespace
 
-    from llm.finetuning.tasks import InstructFinetune
+    from llm.finetuning.tasks import InstructFinetune, PreferenceFinetune, RLFinetune
 
     init = SimpleNamespace(template=init_template)
-    assert InstructFinetune("instruct", template=override).template_of(init) == rendered
+    tasks = [
+        InstructFinetune("instruct", template=override),
+        PreferenceFinetune("dpo", template=override),
+        RLFinetune("grpo", template=override),
+    ]
+    assert [task.template_of(init) for task in tasks] == [rendered] * 3
 
 
 def test_collate_masks_exactly_the_prompt_and_padding(char_tokenizer: CharTokenizer) -> None:
@@ -168,5 +174,27 @@ def test_instruct_overfits_and_writes_responses(tmp_path: Path, template: str | 
     assert module.hparams["template"] == template
     assert load_language_model(result["last_model_path"]).template == template
     n_prompt = [n for _, n in result["datamodule"].examples["train"]]
-    longest = {"alpaca": 170, None: 20}[template]  # the Alpaca preamble alone is 120 chars
+    longest = {"alpaca": 170, None: 20}[template]  # an empty Alpaca prompt is 140 chars
     assert max(n_prompt) < longest and (template is None or min(n_prompt) > 120)
+
+
+def test_resuming_with_another_template_is_refused(tmp_path: Path) -> None:
+    """A run resumed with another task.template would train on prompts of two forms."""
+    from llm.checkpoint import CheckpointError, check_resumable
+
+    ckpt = char_checkpoint(tmp_path / "plain.ckpt")
+    module = load_checkpoint(ckpt)
+    check_resumable(ckpt, module, max_steps=5)
+    module.hparams["template"] = "alpaca"
+    with pytest.raises(CheckpointError, match=r"template: checkpoint None, this run 'alpaca'"):
+        check_resumable(ckpt, module, max_steps=5)
+
+
+def test_a_prompt_the_vocabulary_cannot_join_is_named_by_its_record() -> None:
+    """Each field encodes, but the blank line the plain template puts before the input does
+    not: the record is named, not a bare tokenizer error."""
+    tok = CharTokenizer()
+    tok.fit(["abc xyz"])
+    record = {"instruction": "abc", "input": "xyz", "output": "a", "_source": "f.json:3"}
+    with pytest.raises(ValueError, match=r"^f.json:3: its prompt \(template None\) cannot be"):
+        encode_example(tok, record, 64, None)

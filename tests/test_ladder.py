@@ -114,8 +114,8 @@ def test_the_score_decodes_prompts_of_one_length_together_as_each_alone(
         return float(prompt in ("12+5=", "9+91="))
 
     monkeypatch.setattr(rewards, "arithmetic", spy)
-    assert ladder.accuracy(ckpt, held) == 2 / 6  # the share the reward calls right
-    # apart: 57+68 and 9+91 are past 99 (9+91 right), the other four below 100 (12+5 right)
+    # the share the reward calls right; apart: 57+68 and 9+91 are past 99 (9+91 right), the
+    # other four below 100 (12+5 right)
     assert ladder.score(ckpt, held) == {"accuracy": 2 / 6, "past_99": 1 / 2, "below_100": 1 / 4}
     lm = load_language_model(ckpt)
     eot = lm.tokenizer.eot_id
@@ -126,3 +126,19 @@ def test_the_score_decodes_prompts_of_one_length_together_as_each_alone(
         new = new[: new.index(eot)] if eot in new else new
         assert said[p.prompt] == lm.tokenizer.decode(new)
     assert said["12+5="] == "" and said["28+0="] == "======"  # one batch, rows of two lengths
+
+
+def test_a_rung_run_before_is_reused_only_for_the_same_command(tmp_path: Path) -> None:
+    """A finished rung is not run again, but a folder from another recipe (the instruct rung
+    on the Alpaca template, say) is not taken for this one's."""
+    run = tmp_path / "instruct"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    done = {"seconds": 12.5, "argv": ["finetune", "task=instruct", "task.template=null"]}
+    (run / "seconds.json").write_text(json.dumps(done))
+    assert ladder.llm(run, "finetune", "task=instruct", "task.template=null") == 12.5
+    with pytest.raises(SystemExit, match=r"holds a rung run by another command"):
+        ladder.llm(run, "finetune", "task=instruct")
+    (run / "seconds.json").write_text(json.dumps({"seconds": 12.5}))  # an older ladder's
+    with pytest.raises(SystemExit, match=r"remove it, or give the ladder another --out"):
+        ladder.llm(run, "finetune", "task=instruct", "task.template=null")

@@ -109,8 +109,9 @@ VERBS: dict[str, Verb] = {
         "chat",
         "talk to a checkpoint in the terminal, turn by turn",
         "A multi-turn conversation, replies streamed as they are sampled. Instruction-finetuned\n"
-        "checkpoints get their prompt template (Alpaca), base models continue your text; the\n"
-        "KV cache is kept across turns. /reset starts over, /quit (or end of input) exits.",
+        "checkpoints get the prompt template they trained with, base models continue your\n"
+        "text; the KV cache is kept across turns. /reset starts over, /quit (or end of input)\n"
+        "exits.",
         (
             "llm chat ckpt_path=logs/finetune/runs/<date>/checkpoints/last.ckpt",
             "llm chat ckpt_path=last.ckpt temperature=0.7 top_p=0.9 max_new_tokens=128",

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from llm.finetuning.records import (
+    SOURCE,
     ExampleSplits,
     encode_field,
     example_length,
@@ -67,11 +68,12 @@ def encode_example(
     """
     try:
         prompt = list(tokenizer.encode(prompt_text(record, template, tokenizer)))
-    except ValueError:
+    except ValueError as e:
         for key in ("instruction", "input"):  # which field: the template itself encodes
             if key in record:
                 encode_field(tokenizer, record, key)
-        raise
+        where = record.get(SOURCE, "a record")  # else what joins them (a "\n\n" before input)
+        raise ValueError(f"{where}: its prompt (template {template}) cannot be encoded: {e}") from e
     ids = prompt + encode_field(tokenizer, record, "output") + [tokenizer.eot_id]
     return ids[: max_length + 1], len(prompt)
 
@@ -89,8 +91,9 @@ def check_alpaca_encodes(tokenizer: Any) -> None:
         raise ValueError(
             f"the tokenizer cannot encode the Alpaca prompt template of task=instruct: its "
             f"vocabulary lacks {missing} ({e}). A char-level checkpoint only knows the "
-            "characters of its pretraining corpus: pretrain on text that has them, or use a "
-            "BPE tokenizer (tokenizer=gpt2, or init= Hugging Face weights)"
+            "characters of its pretraining corpus: pretrain on text that has them, use a "
+            "BPE tokenizer (tokenizer=gpt2, or init= Hugging Face weights), or render the "
+            "records as plain text (task.template=null)"
         ) from e
 
 

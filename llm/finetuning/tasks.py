@@ -113,7 +113,10 @@ class Finetune(Task):
             "task": OmegaConf.to_container(cfg.task, resolve=True),
             "model": init.model,
             "lora": lora or "none",
-            "data": data_params(cfg),
+            "data": {
+                **data_params(cfg),
+                **({"template": dm.template} if "template" in data else {}),
+            },
         }
         return Built(module, dm, params)
 
@@ -174,7 +177,14 @@ class TemplatedFinetune(Finetune):
 
     def __init__(self, name: str, template: str | None = "auto") -> None:
         super().__init__(name)
-        self.template = None if template == "none" else template
+        self.template = template
+
+    def validate(self, cfg: DictConfig) -> None:
+        super().validate(cfg)
+        if self.template != "auto":  # a typo is named before the weights load
+            from llm.prompts import check_template
+
+            check_template(self.template, "task.template")
 
     def template_of(self, init: Any) -> str | None:
         from llm.prompts import check_template

@@ -20,9 +20,9 @@ class GPTLitModule(TaskModule):
 
     Args (beyond `TaskModule`'s):
         sample: the sampling settings used during training, recorded for later generation.
-        template: how the model wants prompts rendered (`llm.prompts`): "alpaca" after
-            instruction finetuning, "chat" for its tokenizer's chat template, None for a base
-            model; `llm chat` reads it from the checkpoint.
+        template: how the model wants prompts rendered (`llm.prompts`): the instruct task's
+            `task.template` ("alpaca" by default), "chat" for its tokenizer's chat template,
+            None for a base model; `llm chat` reads it from the checkpoint.
         **task: a post-training task's own settings (DPO's, GRPO's), kept in the checkpoint;
             the weights stay a language model's, which every loader reads as one.
     """
