@@ -19,7 +19,7 @@ import torch
 from llm.inference import IncrementalDecoder
 from llm.model import GPT, KVCache
 from llm.model.generation import generate_stream
-from llm.prompts import Message, chat_template_source, check_template, render
+from llm.prompts import Message, check_template, render
 from llm.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,9 @@ class ChatSession:
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.template = check_template(template)
+        self.template = check_template(template, tokenizer=tokenizer)  # not at turn 1
         if system and template != "chat":
             raise ValueError(f"system= needs template=chat; this session's is {template!r}")
-        if template == "chat":
-            chat_template_source(tokenizer)  # refuse a tokenizer without one now, not at turn 1
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.system = system

@@ -28,9 +28,12 @@ _BOS_NAMES = ("<|begin_of_text|>", "<s>")
 Message = dict[str, Any]
 
 
-def check_template(template: str | None, key: str = "template") -> str | None:
+def check_template(
+    template: str | None, key: str = "template", tokenizer: Tokenizer | None = None
+) -> str | None:
     """``template`` if it is one we render (``none`` is None, as `llm chat` spells it), else an
-    error naming the choices."""
+    error naming the choices; given the tokenizer, ``chat`` needs one with a chat template
+    (refused now, not at the first prompt)."""
     if template == "none":
         return None
     if template is not None and template not in TEMPLATES:
@@ -38,6 +41,8 @@ def check_template(template: str | None, key: str = "template") -> str | None:
             f"{key}={template!r} is not a prompt template; use one of {list(TEMPLATES)} or "
             "null / none (a base model: continue the text)"
         )
+    if template == "chat" and tokenizer is not None:
+        chat_template_source(tokenizer)
     return template
 
 

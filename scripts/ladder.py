@@ -117,10 +117,10 @@ def llm(run: Path, verb: str, *args: str) -> float:
     """Run one ``llm`` command into ``run``; its wall time in seconds (an error stops the
     ladder). A rung that finished before (its ``seconds.json``) with the same command is not
     run again; one of another command (another recipe) stops the ladder."""
-    done_file = run / "seconds.json"
+    done_file, command = run / "seconds.json", [verb, *args]
     if done_file.is_file() and (run / "checkpoints" / "last.ckpt").is_file():
         done = json.loads(done_file.read_text())
-        if done.get("argv") != [verb, *args]:
+        if done.get("argv") != command:
             sys.exit(
                 f"{run} holds a rung run by another command ({done.get('argv')}): remove "
                 "it, or give the ladder another --out"
@@ -128,12 +128,12 @@ def llm(run: Path, verb: str, *args: str) -> float:
         return float(done["seconds"])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    argv = [sys.executable, "-m", "llm", verb, *args, f"hydra.run.dir={run}"]
+    argv = [sys.executable, "-m", "llm", *command, f"hydra.run.dir={run}"]
     done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"llm {verb} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     seconds = time.perf_counter() - start
-    done_file.write_text(json.dumps({"seconds": seconds, "argv": [verb, *args]}))
+    done_file.write_text(json.dumps({"seconds": seconds, "argv": command}))
     return seconds
 
 

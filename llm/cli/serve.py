@@ -34,12 +34,7 @@ def choose_template(choice: Any, lm: Any) -> str | None:
         if lm.template is not None:
             return str(lm.template)
         return "chat" if getattr(lm.tokenizer, "chat_template", None) else None
-    template = None if choice == "none" else check_template(choice)
-    if template == "chat":  # refused now, not at every request
-        from llm.prompts import chat_template_source
-
-        chat_template_source(lm.tokenizer)
-    return template
+    return check_template(choice, tokenizer=lm.tokenizer)  # a chat template it lacks: now
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -29,7 +29,7 @@ from llm.finetuning.records import (
     train_and_val,
 )
 from llm.io import atomic_write_json
-from llm.prompts import chat_template_source, check_template, format_prompt, render
+from llm.prompts import check_template, format_prompt, render
 
 REQUIRED = ("instruction", "output")
 
@@ -157,7 +157,7 @@ class InstructDataModule(ExampleSplits, L.LightningDataModule):
         self.mask_prompt = bool(mask_prompt)
         self.num_workers = int(num_workers)
         self.seed = int(seed)
-        self.template = check_template(template, "task.template")
+        self.template = check_template(template, "task.template", tokenizer)
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.examples: dict[str, list[tuple[list[int], int]]] = {}
 
@@ -176,8 +176,6 @@ class InstructDataModule(ExampleSplits, L.LightningDataModule):
             return
         if self.template == "alpaca":
             check_alpaca_encodes(self.tokenizer)
-        elif self.template == "chat":
-            chat_template_source(self.tokenizer)  # a tokenizer without one is named now
         train, val = train_and_val(
             self.path, self.val_path, self.val_fraction, self.seed, self._read
         )
